@@ -1,0 +1,118 @@
+"""The method plug-in interface (DomainBed's ``update(minibatches) -> dict``, made task-generic).
+
+A method sees a model, a task and one batch per training environment per step. It never sees the dataset:
+anything else it needs (a frozen reference model, a second data stream) comes through ``setup(context)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from .data import Batch, Split
+from .hparams import HParam, collect, log_uniform, log_uniform_int
+from .tasks import Task
+
+
+@dataclass
+class MethodContext:
+    """What the trainer offers a method before training starts.
+
+    Attributes:
+        train_env_names: names of the training environments, in the order of ``update``'s minibatches.
+        splits: every named split of the dataset (``env{i}_in``...), for methods that need a second stream;
+            a method must only draw from training environments.
+        stream: ``stream(split_name, batch_size)`` -> an infinite, seeded iterator of batches on the device.
+        train_reference: trains a model with another registered method on the training streams and returns it
+            (e.g. CBFT's cue-trained reference), cached in ``workdir``.
+        device: where the model lives.
+        workdir: the trial folder, for the method's own files.
+        seed: the trial seed.
+    """
+
+    train_env_names: list[str]
+    splits: dict[str, Split]
+    stream: Callable[[str, int], Iterator[Batch]]
+    device: torch.device
+    workdir: Path
+    seed: int
+    train_reference: Callable[..., nn.Module] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def concat_batches(batches: list[Batch]) -> Batch:
+    """One batch from several (same keys), for a single forward pass over all environments."""
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+class Algorithm(nn.Module):
+    """Base class of every method.
+
+    Args:
+        model: featurizer + head, already on the device.
+        task: decides scores and losses.
+        n_envs: number of training environments (the length of ``update``'s list).
+        hparams: the resolved hyperparameters (every key of ``hparam_space``).
+    """
+
+    HPARAMS: ClassVar[dict[str, HParam]] = {
+        # DomainBed's ranges for small images: lr 10^U(-4.5,-2.5), batch 2^U(3,9), weight decay 10^U(-6,-2).
+        "lr": HParam(1e-3, log_uniform(-4.5, -2.5)),
+        "weight_decay": HParam(0.0, log_uniform(-6, -2)),
+        "batch_size": HParam(64, log_uniform_int(3, 9, base=2)),
+    }
+
+    def __init__(self, model: nn.Module, task: Task, n_envs: int, hparams: dict):
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.n_envs = n_envs
+        self.hparams = dict(hparams)
+        self.optimizer = self.make_optimizer()
+
+    @classmethod
+    def hparam_space(cls, dataset_hparams: dict[str, HParam] | None = None) -> dict[str, HParam]:
+        """Every hyperparameter along the class hierarchy, base first, then the dataset's overrides of them
+        (and the dataset's model hyperparameters)."""
+        spaces = [k.__dict__["HPARAMS"] for k in reversed(cls.__mro__) if "HPARAMS" in k.__dict__]
+        return collect(*spaces, dataset_hparams or {})
+
+    def make_optimizer(self, params=None) -> torch.optim.Optimizer:
+        return torch.optim.Adam(
+            self.model.parameters() if params is None else params,
+            lr=self.hparams["lr"],
+            weight_decay=self.hparams["weight_decay"],
+        )
+
+    def setup(self, context: MethodContext) -> None:
+        """Called once before the first step (and again on resume, before the checkpoint is loaded)."""
+
+    def update(self, minibatches: list[Batch], step: int) -> dict[str, torch.Tensor]:
+        """One optimisation step; returns detached scalars (``loss`` at least) for the records."""
+        raise NotImplementedError
+
+    def scores(self, batch: Batch) -> torch.Tensor:
+        """Scores used for evaluation (logits, reward differences)."""
+        return self.task.scores(self.model, batch)
+
+    def env_scores(self, minibatches: list[Batch]) -> list[torch.Tensor]:
+        """Scores of every environment's batch from one forward pass."""
+        scores = self.task.scores(self.model, concat_batches(minibatches))
+        sizes = [len(b["idx"]) for b in minibatches]
+        return list(torch.split(scores, sizes))
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Optimizers whose state goes into checkpoints."""
+        return {"optimizer": self.optimizer}
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"module": self.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()}}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state["module"])
+        for k, o in self.optimizers().items():
+            o.load_state_dict(state["optimizers"][k])

@@ -1,0 +1,176 @@
+"""The dataset plug-in interface: named environments of examples, split into ``in`` and ``out``.
+
+A batch is a dict of tensors. Every task needs ``idx`` (a stable example id); classification adds ``x`` and
+``y``; preference adds ``chosen`` and ``rejected``; any other key is metadata (group, colour, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from .hparams import HParam, seed_hash
+
+Batch = dict[str, torch.Tensor]
+
+
+class Split:
+    """A finite set of examples that can be sampled for training and walked once for evaluation."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def batch_at(self, k: int, batch_size: int, seed: int) -> Batch:
+        """The k-th training batch of the infinite stream for ``seed``: a pure function of (k, seed), so a
+        resumed trial sees exactly the batches an uninterrupted one would."""
+        raise NotImplementedError
+
+    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def to(self, device: torch.device) -> "Split":
+        return self
+
+
+class TensorSplit(Split):
+    """Examples held as tensors (all of them fit in memory); batches are index gathers, no DataLoader."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        n = {len(t) for t in tensors.values()}
+        if len(n) != 1:
+            raise ValueError(f"tensors of unequal length: { {k: len(v) for k, v in tensors.items()} }")
+        self.tensors = dict(tensors)
+        self.n = n.pop()
+        self._perm_cache: tuple[int, int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def to(self, device: torch.device) -> "TensorSplit":
+        return TensorSplit({k: v.to(device) for k, v in self.tensors.items()})
+
+    def _perm(self, seed: int, epoch: int) -> torch.Tensor:
+        if self._perm_cache is None or self._perm_cache[:2] != (seed, epoch):
+            g = torch.Generator().manual_seed(seed_hash(seed, epoch))
+            self._perm_cache = (seed, epoch, torch.randperm(self.n, generator=g).to(self.device))
+        return self._perm_cache[2]
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
+
+    def batch_at(self, k: int, batch_size: int, seed: int) -> Batch:
+        bs = min(batch_size, self.n)
+        per_epoch = self.n // bs
+        epoch, pos = divmod(k, per_epoch)
+        idx = self._perm(seed, epoch)[pos * bs : (pos + 1) * bs]
+        return {key: t[idx] for key, t in self.tensors.items()}
+
+    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
+        for i in range(0, self.n, batch_size):
+            yield {key: t[i : i + batch_size] for key, t in self.tensors.items()}
+
+
+@dataclass
+class Environment:
+    """One domain or group, with DomainBed's ``in`` (train / test) and ``out`` (validation) parts."""
+
+    name: str
+    splits: dict[str, Split]
+
+
+def holdout_split(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """DomainBed's in/out split: a seeded permutation, the first ``holdout_fraction`` of it is ``out``."""
+    perm = np.random.RandomState(seed).permutation(n)
+    n_out = int(round(n * holdout_fraction))
+    return np.sort(perm[n_out:]), np.sort(perm[:n_out])
+
+
+def tensor_digest(tensors: Mapping[str, Any]) -> str:
+    """sha256 over named arrays in a fixed order: the content version of generated data."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        a = np.ascontiguousarray(torch.as_tensor(tensors[k]).cpu().numpy())
+        h.update(k.encode())
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+class ShiftDataset:
+    """Base class of every dataset plug-in.
+
+    A subclass sets the class attributes and fills ``self.environments`` in ``__init__``. It owns its
+    evaluation: ``evaluate`` turns one split's outputs into metrics (WILDS datasets call WILDS' evaluator).
+
+    Args:
+        root: folder with real data (None for generated datasets).
+        options: dataset options, resolved against ``OPTIONS``.
+        download: whether the loader may fetch missing files.
+    """
+
+    TASK: ClassVar[str] = "classification"
+    ENVIRONMENTS: ClassVar[tuple[str, ...]] = ()
+    DEFAULT_TEST_ENVS: ClassVar[tuple[int, ...]] = (0,)
+    DEFAULT_MODEL: ClassVar[str] = "mlp"
+    N_STEPS: ClassVar[int] = 5001
+    EVAL_EVERY: ClassVar[int] = 100
+    OPTIONS: ClassVar[dict[str, Any]] = {}
+    HPARAMS: ClassVar[dict[str, HParam]] = {}
+    """Overrides of method hyperparameters for this dataset (e.g. a learning-rate range)."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    environments: list[Environment]
+
+    def __init__(self, root: str | None = None, options: Mapping[str, Any] | None = None, download: bool = False):
+        self.root = root
+        self.download = download
+        self.options = self.resolve_options(options or {})
+
+    @classmethod
+    def resolve_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        from .errors import UserError
+        from .hparams import coerce
+
+        unknown = set(options) - set(cls.OPTIONS)
+        if unknown:
+            raise UserError(
+                f"unknown option(s) {sorted(unknown)} for dataset {getattr(cls, 'registry_name', cls.__name__)}; "
+                f"known: {sorted(cls.OPTIONS) or 'none'}"
+            )
+        return {k: coerce(options.get(k, v), v, k) for k, v in cls.OPTIONS.items()}
+
+    @property
+    def env_names(self) -> list[str]:
+        return [e.name for e in self.environments]
+
+    def train_splits(self, test_envs: tuple[int, ...]) -> list[tuple[str, Split]]:
+        """The training streams: the ``in`` part of every environment not held out."""
+        return [(e.name, e.splits["in"]) for i, e in enumerate(self.environments) if i not in test_envs]
+
+    def eval_splits(self) -> dict[str, Split]:
+        """Every split that gets evaluated, keyed ``env{i}_{in|out}`` as in DomainBed's records."""
+        return {f"env{i}_{s}": split for i, e in enumerate(self.environments) for s, split in e.splits.items()}
+
+    def version(self) -> str:
+        """Content hash of the data (sha256); changes whenever any example does."""
+        raise NotImplementedError
+
+    def evaluate(self, split_name: str, outputs: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Metrics of one split from the task's per-example outputs (``correct``, ``loss``, ...)."""
+        return {"acc": float(np.mean(outputs["correct"])), "loss": float(np.mean(outputs["loss"]))}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "task": self.TASK,
+            "environments": self.env_names,
+            "sizes": {k: len(v) for k, v in self.eval_splits().items()},
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "options": self.options,
+        }

@@ -1,0 +1,1 @@
+"""Built-in trial callbacks (extra evaluations, drift statistics, attestations), registered by name."""
