@@ -1,0 +1,320 @@
+"""Specs: frozen, validated once at the edge (CLI or suite YAML), content-hashed.
+
+``SweepSpec`` -> ``TrialSpec`` x N. A trial's hash is the sha256 of its canonical JSON; its folder is named by
+the first 16 hex digits, which makes relaunching a sweep idempotent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import UserError
+from .hparams import resolve, seed_hash
+from .registry import DATASETS, METHODS, MODELS
+
+SUITES_DIR = Path(__file__).parent / "suites"
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def dataset_class(name: str):
+    return DATASETS.get(name)
+
+
+def env_names_of(dataset: str, options: Mapping[str, Any]) -> list[str]:
+    cls = DATASETS.get(dataset)
+    names = getattr(cls, "environment_names", None)
+    return list(names(options) if callable(names) else cls.ENVIRONMENTS)
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One training run. Everything that changes its numbers is here (and in its hash); where it runs is not."""
+
+    dataset: str
+    """Registered dataset name."""
+    method: str
+    """Registered method name."""
+    test_envs: tuple[int, ...]
+    """Held-out environment indices (never trained on)."""
+    seed: int = 0
+    """Trial seed: initialisation, batch order, hyperparameter draws."""
+    hparams_seed: int = 0
+    """Index of the random-search draw; 0 means the declared defaults."""
+    hparams: dict = field(default_factory=dict)
+    """Every resolved hyperparameter of the method, model and dataset."""
+    steps: int = 5001
+    """Training steps (one batch per training environment each)."""
+    eval_every: int = 100
+    """Evaluate (and checkpoint) every this many steps, and after the last."""
+    model: str = "mlp"
+    """Registered model name."""
+    dataset_options: dict = field(default_factory=dict)
+    """Resolved dataset options."""
+    callbacks: tuple[str, ...] = ()
+    """Registered trial callbacks (extra evaluations, drift, attestation)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["test_envs"] = list(self.test_envs)
+        d["callbacks"] = list(self.callbacks)
+        return d
+
+    @property
+    def hash(self) -> str:
+        return sha256_json(self.to_dict())
+
+    @property
+    def short_hash(self) -> str:
+        return self.hash[:16]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrialSpec":
+        d = dict(d)
+        d["test_envs"] = tuple(d["test_envs"])
+        d["callbacks"] = tuple(d.get("callbacks", ()))
+        return cls(**d)
+
+    @classmethod
+    def resolve(
+        cls,
+        dataset: str,
+        method: str,
+        test_envs: tuple[int, ...] | None = None,
+        seed: int = 0,
+        hparams_seed: int = 0,
+        steps: int | None = None,
+        eval_every: int | None = None,
+        hparams: Mapping[str, Any] | None = None,
+        dataset_options: Mapping[str, Any] | None = None,
+        model: str | None = None,
+        callbacks: tuple[str, ...] = (),
+    ) -> "TrialSpec":
+        """Validates names and values and draws the hyperparameters.
+
+        Raises:
+            UserError: unknown names, out-of-range environments, non-positive steps.
+        """
+        dcls = DATASETS.get(dataset)
+        mcls = METHODS.get(method)
+        options = dcls.resolve_options(dataset_options or {})
+        names = env_names_of(dataset, options)
+        test_envs = tuple(dcls.DEFAULT_TEST_ENVS if test_envs is None else test_envs)
+        for i in test_envs:
+            if not 0 <= i < len(names):
+                raise UserError(
+                    f"test environment {i} is out of range for {dataset}: it has {len(names)} environments "
+                    f"(0..{len(names) - 1}: {', '.join(names)})"
+                )
+        if len(set(test_envs)) != len(test_envs) or len(test_envs) >= len(names):
+            raise UserError(f"test environments {list(test_envs)} must be distinct and leave one to train on")
+        steps = dcls.N_STEPS if steps is None else steps
+        eval_every = dcls.EVAL_EVERY if eval_every is None else eval_every
+        if steps <= 0 or eval_every <= 0:
+            raise UserError(f"steps and eval_every must be positive (got steps={steps}, eval_every={eval_every})")
+        model = model or dcls.DEFAULT_MODEL
+        MODELS.get(model)
+        for cb in callbacks:
+            from .registry import CALLBACKS
+
+            CALLBACKS.get(cb)
+        space = mcls.hparam_space(dcls.HPARAMS)
+        # DomainBed draws a fresh search per trial seed: each seed replicates the whole random search.
+        draw_seed = 0 if hparams_seed == 0 else seed_hash(hparams_seed, seed)
+        hp = resolve(space, draw_seed, hparams)
+        return cls(
+            dataset=dataset,
+            method=method,
+            test_envs=tuple(sorted(test_envs)),
+            seed=seed,
+            hparams_seed=hparams_seed,
+            hparams=hp,
+            steps=steps,
+            eval_every=eval_every,
+            model=model,
+            dataset_options=options,
+            callbacks=tuple(callbacks),
+        )
+
+
+TEST_ENV_MODES = ("default", "each", "each+pairs")
+
+SWEEP_KEYS = {
+    "name": "a label for the sweep",
+    "datasets": "dataset names",
+    "methods": "method names",
+    "test_envs": "'default', 'each' (every single environment), 'each+pairs' (adds pairs, for leave-one-domain-out) "
+    "or a list of lists of indices",
+    "n_hparams": "random-search draws per (dataset, method, test envs); draw 0 is the defaults",
+    "n_seeds": "trial seeds",
+    "steps": "training steps (default: the dataset's)",
+    "eval_every": "evaluation period (default: the dataset's)",
+    "hparams": "fixed hyperparameters for every trial, or {method: {...}} per method",
+    "dataset_options": "{dataset: {option: value}}",
+    "model": "model name (default: the dataset's)",
+    "callbacks": "trial callbacks for every trial",
+}
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A grid of trials: datasets x methods x test environments x hyperparameter draws x seeds."""
+
+    datasets: tuple[str, ...]
+    """Dataset names."""
+    methods: tuple[str, ...]
+    """Method names."""
+    name: str = "sweep"
+    """A label (experiment name in MLflow)."""
+    test_envs: Any = "each"
+    """'default', 'each', 'each+pairs' or a tuple of tuples."""
+    n_hparams: int = 1
+    """Random-search draws; draw 0 is the defaults."""
+    n_seeds: int = 1
+    """Trial seeds 0..n_seeds-1."""
+    steps: int | None = None
+    """Training steps (None: each dataset's default)."""
+    eval_every: int | None = None
+    """Evaluation period (None: each dataset's default)."""
+    hparams: dict = field(default_factory=dict)
+    """Fixed hyperparameters: {name: value} for all methods, or {method: {name: value}}."""
+    dataset_options: dict = field(default_factory=dict)
+    """{dataset: {option: value}}."""
+    model: str | None = None
+    """Model name (None: each dataset's default)."""
+    callbacks: tuple[str, ...] = ()
+    """Trial callbacks for every trial."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("datasets", "methods", "callbacks"):
+            d[k] = list(d[k])
+        if not isinstance(self.test_envs, str):
+            d["test_envs"] = [list(t) for t in self.test_envs]
+        return d
+
+    @property
+    def hash(self) -> str:
+        return sha256_json(self.to_dict())
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], where: str = "sweep") -> "SweepSpec":
+        """Builds a spec from YAML/CLI values; unknown keys and bad values raise a one-line UserError."""
+        if not isinstance(raw, Mapping):
+            raise UserError(f"{where}: expected a mapping of sweep keys, got {type(raw).__name__}")
+        for k in raw:
+            if k not in SWEEP_KEYS:
+                near = difflib.get_close_matches(str(k), SWEEP_KEYS, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise UserError(f"{where}: unknown key {k!r}{hint}; known: {', '.join(SWEEP_KEYS)}")
+        d = dict(raw)
+        for k in ("datasets", "methods"):
+            v = d.get(k)
+            if isinstance(v, str):
+                v = [s.strip() for s in v.split(",") if s.strip()]
+            if not v:
+                raise UserError(f"{where}: '{k}' must name at least one")
+            d[k] = tuple(v)
+        d["callbacks"] = tuple(d.get("callbacks") or ())
+        te = d.get("test_envs", "each")
+        if isinstance(te, str):
+            if te not in TEST_ENV_MODES:
+                raise UserError(f"{where}: test_envs {te!r} must be one of {TEST_ENV_MODES} or a list of lists")
+        else:
+            try:
+                te = tuple(tuple(int(i) for i in ([t] if isinstance(t, int) else t)) for t in te)
+            except (TypeError, ValueError):
+                raise UserError(f"{where}: test_envs must be a mode name or a list of lists of integers") from None
+        d["test_envs"] = te
+        for k in ("n_hparams", "n_seeds", "steps", "eval_every"):
+            if d.get(k) is not None and (not isinstance(d[k], int) or d[k] <= 0):
+                raise UserError(f"{where}: {k} must be a positive integer (got {d[k]!r})")
+        for k in ("hparams", "dataset_options"):
+            if d.get(k) is None:
+                d[k] = {}
+            elif not isinstance(d[k], Mapping):
+                raise UserError(f"{where}: {k} must be a mapping")
+        spec = cls(**d)
+        spec.trials()  # validates every name and value now, before anything runs
+        return spec
+
+    def _test_env_sets(self, dataset: str) -> list[tuple[int, ...]]:
+        if not isinstance(self.test_envs, str):
+            return [tuple(t) for t in self.test_envs]
+        if self.test_envs == "default":
+            return [tuple(DATASETS.get(dataset).DEFAULT_TEST_ENVS)]
+        n = len(env_names_of(dataset, self.dataset_options.get(dataset, {})))
+        sets = [(i,) for i in range(n)]
+        if self.test_envs == "each+pairs":
+            sets += list(itertools.combinations(range(n), 2))
+        return sets
+
+    def _hparams_for(self, method: str) -> dict:
+        if any(isinstance(v, Mapping) for v in self.hparams.values()):
+            return dict(self.hparams.get(method, {}))
+        return dict(self.hparams)
+
+    def trials(self) -> list[TrialSpec]:
+        out = []
+        for dataset, method in itertools.product(self.datasets, self.methods):
+            for te in self._test_env_sets(dataset):
+                for h, s in itertools.product(range(self.n_hparams), range(self.n_seeds)):
+                    out.append(
+                        TrialSpec.resolve(
+                            dataset,
+                            method,
+                            te,
+                            seed=s,
+                            hparams_seed=h,
+                            steps=self.steps,
+                            eval_every=self.eval_every,
+                            hparams=self._hparams_for(method),
+                            dataset_options=self.dataset_options.get(dataset, {}),
+                            model=self.model,
+                            callbacks=self.callbacks,
+                        )
+                    )
+        return out
+
+
+def suite_names() -> list[str]:
+    return sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+
+
+def load_suite(name_or_path: str, **overrides: Any) -> SweepSpec:
+    """A named suite (``shiftbench list suites``) or a YAML file; CLI overrides replace its keys."""
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = SUITES_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            near = difflib.get_close_matches(name_or_path, suite_names(), n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise UserError(f"unknown suite {name_or_path!r}: {hint}known: {', '.join(suite_names())}, or a YAML path")
+    if not path.exists():
+        raise UserError(f"suite file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}: malformed YAML{at}: {getattr(e, 'problem', e)}") from None
+    raw = dict(raw or {}) if isinstance(raw, Mapping) else raw
+    if isinstance(raw, dict):
+        raw.setdefault("name", path.stem)
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+    return SweepSpec.from_mapping(raw, where=str(path))

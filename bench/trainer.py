@@ -1,0 +1,360 @@
+"""One trial: dataset -> environments -> streams; method.update every step; evaluation, checkpoints, records.
+
+The trainer knows nothing of sweeps. Everything method- or workload-specific enters through the plug-in
+interfaces (``Algorithm``, ``ShiftDataset``, ``Task``) or a ``Callback``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .algorithm import Algorithm, MethodContext
+from .config import TrialSpec, canonical_json
+from .data import ShiftDataset, Split
+from .errors import TrialFailed, UserError
+from .hparams import seed_hash
+from .io import atomic_write, read_json, write_json, write_jsonl
+from .models import build_model
+from .provenance import code_version
+from .registry import CALLBACKS, DATASETS, METHODS, TASKS
+
+FINAL, FAILED, SPEC, CHECKPOINT, RESULTS, PREDICTIONS, WEIGHTS = (
+    "final.json", "failed.json", "spec.json", "checkpoint.pt", "results.jsonl", "predictions.npz", "model.pt",
+)  # fmt: skip
+
+
+@dataclass
+class RunOptions:
+    """Where and how a trial runs; none of it enters the trial's hash."""
+
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cpu' or 'cuda[:i]'."""
+    amp: bool = False
+    """bfloat16 autocast on CUDA."""
+    data_root: str | None = None
+    """Folder with real datasets."""
+    download: bool = False
+    """Allow loaders to download missing files."""
+    eval_batch_size: int = 2048
+    """Batch size of evaluation passes."""
+    retry_failed: bool = False
+    """Run a trial again even if it failed before."""
+    stop_after: int | None = None
+    """Stop (as if killed) right after the checkpoint at this step; for resume tests."""
+
+
+class Interrupted(Exception):
+    """Raised by ``stop_after``: the trial stopped after a checkpoint, as if its process had been killed."""
+
+
+class Callback:
+    """Trial hooks. Register with ``@CALLBACKS.register(name)`` and name it in the spec's ``callbacks``."""
+
+    def on_start(self, run: "TrialRun") -> None:
+        pass
+
+    def on_eval(self, run: "TrialRun", record: dict[str, Any]) -> None:
+        """May add keys to ``record`` (e.g. robust accuracies)."""
+
+    def on_end(self, run: "TrialRun", final: dict[str, Any]) -> None:
+        """After predictions and weights are written, before the done marker; may add keys to ``final``."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA, but torch sees no CUDA device; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use auto, cpu or cuda[:index]") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _load_dataset(name: str, options_json: str, root: str | None, download: bool) -> ShiftDataset:
+    import json
+
+    return DATASETS.get(name)(root=root, options=json.loads(options_json), download=download)
+
+
+def load_dataset(name: str, options: dict, root: str | None = None, download: bool = False) -> ShiftDataset:
+    """Builds (or reuses, within a process) a dataset."""
+    return _load_dataset(name, canonical_json(options), root, download)
+
+
+def trial_status(trial_dir: Path) -> str:
+    """'done', 'failed', 'partial' (has a checkpoint) or 'new'."""
+    trial_dir = Path(trial_dir)
+    if (trial_dir / FINAL).exists():
+        return "done"
+    if (trial_dir / FAILED).exists():
+        return "failed"
+    return "partial" if (trial_dir / CHECKPOINT).exists() else "new"
+
+
+@dataclass
+class TrialRun:
+    """A trial while it runs: what callbacks see."""
+
+    spec: TrialSpec
+    dir: Path
+    dataset: ShiftDataset
+    algorithm: Algorithm
+    device: torch.device
+    options: RunOptions
+    records: list[dict] = field(default_factory=list)
+    final_outputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def task(self):
+        return self.algorithm.task
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.algorithm.model
+
+
+class Trainer:
+    """Runs one trial in ``trial_dir`` (resuming from its checkpoint if there is one)."""
+
+    def __init__(self, spec: TrialSpec, trial_dir: Path, options: RunOptions | None = None, callbacks=()):
+        self.spec = spec
+        self.dir = Path(trial_dir)
+        self.opt = options or RunOptions()
+        self.extra_callbacks = list(callbacks)
+
+    # -- setup ---------------------------------------------------------------------------------------------------
+    def _build(self) -> TrialRun:
+        spec = self.spec
+        device = resolve_device(self.opt.device)
+        dataset = load_dataset(spec.dataset, spec.dataset_options, self.opt.data_root, self.opt.download)
+        task = TASKS.get(dataset.TASK)()
+        torch.manual_seed(seed_hash(spec.seed, "init"))
+        model = build_model(spec.model, dataset.input_shape, task.n_outputs(dataset.num_classes), spec.hparams)
+        model.to(device)
+        train = dataset.train_splits(spec.test_envs)
+        algorithm = METHODS.get(spec.method)(model, task, len(train), spec.hparams).to(device)
+        self._moved: dict[int, Split] = {}
+        self.train_names = [n for n, _ in train]
+        self.train_splits = [self._on_device(s, device) for _, s in train]
+        self.eval_splits = {k: self._on_device(s, device) for k, s in dataset.eval_splits().items()}
+        self.stream_seeds = [seed_hash(spec.seed, "stream", n) for n in self.train_names]
+        run = TrialRun(spec, self.dir, dataset, algorithm, device, self.opt)
+        context = MethodContext(
+            train_env_names=self.train_names,
+            splits=self.eval_splits,
+            stream=self._stream_fn,
+            device=device,
+            workdir=self.dir,
+            seed=spec.seed,
+            train_reference=functools.partial(self._train_reference, run),
+        )
+        algorithm.setup(context)
+        self.callbacks = [CALLBACKS.get(n)() for n in spec.callbacks] + self.extra_callbacks
+        return run
+
+    def _on_device(self, split: Split, device: torch.device) -> Split:
+        if id(split) not in self._moved:
+            self._moved[id(split)] = split.to(device)
+        return self._moved[id(split)]
+
+    def _stream_fn(self, split_name: str, batch_size: int) -> Callable[[int], dict]:
+        """k -> the k-th batch of a named split: pure in k, so methods resume exactly."""
+        split = self.eval_splits[split_name]
+        seed = seed_hash(self.spec.seed, "extra-stream", split_name)
+        return lambda k: split.batch_at(k, batch_size, seed)
+
+    def _train_reference(self, run: TrialRun, method: str = "erm", steps: int = 1000, hparams=None, name=None):
+        """Trains a model with another method on this trial's training streams (cached in the trial folder)."""
+        name = name or f"reference_{method}_{steps}"
+        path = self.dir / f"{name}.pt"
+        task, spec = run.task, self.spec
+        torch_state = torch.get_rng_state()
+        torch.manual_seed(seed_hash(spec.seed, name))
+        model = build_model(spec.model, run.dataset.input_shape, task.n_outputs(run.dataset.num_classes), spec.hparams)
+        model.to(run.device)
+        if path.exists():
+            model.load_state_dict(torch.load(path, map_location=run.device, weights_only=True))
+        else:
+            mcls = METHODS.get(method)
+            hp = {k: v.default for k, v in mcls.hparam_space(run.dataset.HPARAMS).items()}
+            hp.update({k: spec.hparams[k] for k in ("lr", "weight_decay", "batch_size") if k in spec.hparams})
+            hp.update(hparams or {})
+            alg = mcls(model, task, len(self.train_splits), hp).to(run.device)
+            for k in range(steps):
+                alg.update(self._minibatches(k, hp["batch_size"], salt=name), k)
+            atomic_write(path, lambda f: torch.save(model.state_dict(), f), mode="wb")
+        torch.set_rng_state(torch_state)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    def _minibatches(self, step: int, batch_size: int, salt: str = "") -> list[dict]:
+        return [
+            s.batch_at(step, batch_size, sd if not salt else seed_hash(sd, salt))
+            for s, sd in zip(self.train_splits, self.stream_seeds)
+        ]
+
+    def _autocast(self, device: torch.device):
+        if self.opt.amp and device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+    def evaluate(self, run: TrialRun, keep_outputs: bool = False) -> dict[str, float]:
+        alg, task = run.algorithm, run.task
+        alg.eval()
+        record: dict[str, float] = {}
+        with torch.inference_mode(), self._autocast(run.device):
+            for name, split in self.eval_splits.items():
+                parts: dict[str, list[torch.Tensor]] = {}
+                for b in split.eval_batches(self.opt.eval_batch_size):
+                    out = task.outputs(alg.scores(b), b)
+                    out["idx"] = b["idx"]
+                    if "y" in b:
+                        out["label"] = b["y"]
+                    for k, v in out.items():
+                        parts.setdefault(k, []).append(v)
+                outputs = {k: torch.cat(v).float().cpu().numpy() if k in ("loss", "correct", "score")
+                           else torch.cat(v).cpu().numpy() for k, v in parts.items()}  # fmt: skip
+                for metric, value in run.dataset.evaluate(name, outputs).items():
+                    record[f"{name}_{metric}"] = value
+                if keep_outputs:
+                    run.final_outputs[name] = outputs
+        alg.train()
+        return record
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Runs (or resumes, or skips) the trial; returns the final record or the failure."""
+        status = trial_status(self.dir)
+        if status == "done":
+            return read_json(self.dir / FINAL)
+        if status == "failed":
+            if not self.opt.retry_failed:
+                return read_json(self.dir / FAILED)
+            (self.dir / FAILED).unlink()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        spec_path = self.dir / SPEC
+        if spec_path.exists() and read_json(spec_path).get("hash") != self.spec.hash:
+            raise UserError(f"{self.dir} holds a different trial (its spec.json hash differs); use another folder")
+        t0 = time.time()
+        run = self._build()
+        if not spec_path.exists():
+            write_json(spec_path, {
+                "hash": self.spec.hash, "spec": self.spec.to_dict(), "data_version": run.dataset.version(),
+                "code_version": code_version(), "task": run.dataset.TASK, "env_names": run.dataset.env_names,
+                "train_envs": self.train_names, "dataset": run.dataset.describe(),
+            })  # fmt: skip
+        start = 0
+        ckpt_path = self.dir / CHECKPOINT
+        if ckpt_path.exists():
+            ckpt = torch.load(ckpt_path, map_location=run.device, weights_only=True)
+            run.algorithm.load_checkpoint_state(ckpt["algorithm"])
+            torch.set_rng_state(ckpt["rng"])
+            if run.device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(ckpt["cuda_rng"], run.device)
+            run.records = list(ckpt["records"])
+            start = ckpt["step"]
+            t0 -= ckpt.get("elapsed", 0.0)
+        else:
+            torch.manual_seed(seed_hash(self.spec.seed, "train"))
+        for cb in self.callbacks:
+            cb.on_start(run)
+        try:
+            self._loop(run, start, t0)
+        except TrialFailed as e:
+            write_json(self.dir / FAILED, {"status": "failed", "hash": self.spec.hash, "reason": str(e),
+                                           "records": run.records})  # fmt: skip
+            ckpt_path.unlink(missing_ok=True)
+            return read_json(self.dir / FAILED)
+        return self._finish(run, t0)
+
+    def _loop(self, run: TrialRun, start: int, t0: float) -> None:
+        spec, alg = self.spec, run.algorithm
+        bs = int(spec.hparams["batch_size"])
+        sums: dict[str, torch.Tensor] = {}
+        n, t_last = 0, time.time()
+        for step in range(start, spec.steps):
+            minibatches = self._minibatches(step, bs)
+            with self._autocast(run.device):
+                stats = alg.update(minibatches, step)
+            for k, v in stats.items():
+                sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
+            n += 1
+            last = step == spec.steps - 1
+            if step % spec.eval_every == 0 or last:
+                record: dict[str, Any] = {"step": step}
+                for k, v in sums.items():
+                    record[k] = float(v) / n
+                bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+                if bad:
+                    raise TrialFailed(
+                        f"non-finite training {bad[0]} ({record[bad[0]]}) by step {step}; "
+                        f"lower the learning rate (lr={spec.hparams.get('lr')}) or check the data"
+                    )
+                record["step_time"] = (time.time() - t_last) / n
+                record.update(self.evaluate(run, keep_outputs=last))
+                for cb in self.callbacks:
+                    cb.on_eval(run, record)
+                record["elapsed"] = time.time() - t0
+                run.records.append(record)
+                write_jsonl(self.dir / RESULTS, run.records)
+                if not last:
+                    self._checkpoint(run, step + 1, t0)
+                sums, n, t_last = {}, 0, time.time()
+                if self.opt.stop_after is not None and step >= self.opt.stop_after and not last:
+                    raise Interrupted(f"stopped after step {step}")
+
+    def _checkpoint(self, run: TrialRun, next_step: int, t0: float) -> None:
+        state = {
+            "step": next_step,
+            "records": run.records,
+            "algorithm": run.algorithm.checkpoint_state(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
+            "elapsed": time.time() - t0,
+        }
+        atomic_write(self.dir / CHECKPOINT, lambda f: torch.save(state, f), mode="wb")
+
+    def _finish(self, run: TrialRun, t0: float) -> dict[str, Any]:
+        arrays: dict[str, list[np.ndarray]] = {}
+        for name, out in run.final_outputs.items():
+            n = len(out["idx"])
+            arrays.setdefault("split", []).append(np.array([name] * n))
+            for k in ("idx", "label", "pred", "score", "correct", "loss"):
+                if k in out:
+                    arrays.setdefault(k, []).append(out[k])
+        atomic_write(self.dir / PREDICTIONS, lambda f: np.savez(f, **{k: np.concatenate(v) for k, v in arrays.items()}),
+                     mode="wb")  # fmt: skip
+        weights = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
+        atomic_write(self.dir / WEIGHTS, lambda f: torch.save(weights, f), mode="wb")
+        final = {
+            "status": "done",
+            "hash": self.spec.hash,
+            "record": run.records[-1],
+            "wall_time": time.time() - t0,
+            "device": str(run.device),
+            "code_version": code_version(),
+        }
+        for cb in self.callbacks:
+            cb.on_end(run, final)
+        write_json(self.dir / FINAL, final)
+        (self.dir / CHECKPOINT).unlink(missing_ok=True)
+        return final
+
+
+def run_trial(spec: TrialSpec, trial_dir: Path, options: RunOptions | None = None, callbacks=()) -> dict[str, Any]:
+    """Runs one trial to completion (or failure); see ``Trainer``."""
+    return Trainer(spec, trial_dir, options, callbacks).run()
