@@ -1,0 +1,43 @@
+"""Group distributionally robust optimisation (online, over training environments)."""
+
+from __future__ import annotations
+
+import torch
+
+from shiftbench.hparams import HParam, log_uniform
+from shiftbench.methods.erm import ERM
+from shiftbench.registry import METHODS
+
+
+def groupdro_weights(q: torch.Tensor, risks: torch.Tensor, eta: float) -> torch.Tensor:
+    """One exponentiated-gradient ascent step on the environment weights: ``q_e ∝ q_e * exp(eta * risk_e)``.
+
+    Computed as ``softmax(log q + eta * risk)``, which is the same quantity without overflow of ``exp``.
+    """
+    return torch.softmax(q.log() + eta * risks.detach().to(q.dtype), dim=0)
+
+
+@METHODS.register("groupdro")
+class GroupDRO(ERM):
+    """Group DRO (Sagawa, Koh, Hashimoto & Liang, "Distributionally Robust Neural Networks for Group Shifts",
+    ICLR 2020), Algorithm 1 with the training environments as groups.
+
+    Weights ``q`` over environments start uniform; every step they move to ``q_e ∝ q_e * exp(eta * risk_e)``
+    (``eta`` = ``groupdro_eta``) and the model descends ``sum_e q_e * risk_e`` with ``q`` held fixed. ``q`` is a
+    buffer, so it is saved in checkpoints. Defaults and ranges are DomainBed's.
+    """
+
+    HPARAMS = {"groupdro_eta": HParam(1e-2, log_uniform(-3, -1))}
+
+    def __init__(self, model, task, n_envs, hparams):
+        super().__init__(model, task, n_envs, hparams)
+        device = next(model.parameters()).device
+        self.register_buffer("q", torch.full((n_envs,), 1.0 / n_envs, device=device))
+
+    def update(self, minibatches, step):
+        risks = torch.stack(self.risks(minibatches))
+        with torch.no_grad():
+            self.q.copy_(groupdro_weights(self.q, risks, float(self.hparams["groupdro_eta"])))
+        loss = torch.dot(self.q.to(risks.dtype), risks)
+        self.step_on(loss)
+        return {"loss": loss.detach(), "nll": risks.mean().detach()}

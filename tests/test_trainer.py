@@ -1,0 +1,123 @@
+"""The trainer end to end: every method on every small dataset, resume equality, NaN handling, records."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from shiftbench.config import TrialSpec
+from shiftbench.errors import UserError
+from shiftbench.registry import METHODS
+from shiftbench.trainer import CHECKPOINT, FAILED, FINAL, Interrupted, RunOptions, run_trial, trial_status
+
+SMALL_DATASETS = ["colored_digits", "rotated_digits"]
+
+
+def spec_for(small, dataset="colored_digits", method="erm", steps=30, eval_every=10, **kw):
+    return TrialSpec.resolve(dataset, method, steps=steps, eval_every=eval_every, dataset_options=small[dataset], **kw)
+
+
+@pytest.mark.parametrize("dataset", SMALL_DATASETS)
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_method_trains_on_every_small_dataset(method, dataset, small, tmp_path):
+    # Default hyperparameters: penalties stay at weight 1 this early, so every method must fit its training data.
+    spec = spec_for(small, dataset, method, steps=25, eval_every=8)
+    final = run_trial(spec, tmp_path / "t")
+    assert final["status"] == "done", final
+    records = [json.loads(line) for line in (tmp_path / "t" / "results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 8, 16, 24]
+    first, last = records[0], records[-1]
+    # Learning happened: training-environment accuracy rises above its value after one step.
+    train_envs = [i for i in range(3) if i not in spec.test_envs]
+    mean_acc = lambda r: np.mean([r[f"env{i}_in_acc"] for i in train_envs])  # noqa: E731
+    assert mean_acc(last) > mean_acc(first)
+    assert np.isfinite(last["loss"])
+    preds = np.load(tmp_path / "t" / "predictions.npz")
+    n_env2 = (preds["split"] == "env2_in").sum()
+    assert n_env2 > 0 and abs(preds["correct"][preds["split"] == "env2_in"].mean() - last["env2_in_acc"]) < 1e-6
+    state = torch.load(tmp_path / "t" / "model.pt", weights_only=True)
+    assert any(k.startswith("head.") for k in state)
+    assert not (tmp_path / "t" / CHECKPOINT).exists()
+
+
+@pytest.mark.parametrize("method", ["erm", "groupdro", "irm"])
+def test_resume_after_kill_gives_the_same_final_metrics(method, small, tmp_path):
+    hp = {"irm_penalty_anneal_iters": 12} if method == "irm" else {}  # the switch happens after the kill
+    spec = spec_for(small, method=method, steps=31, eval_every=10, hparams=hp)
+    whole = run_trial(spec, tmp_path / "whole")
+    with pytest.raises(Interrupted):
+        run_trial(spec, tmp_path / "cut", RunOptions(stop_after=10))
+    assert trial_status(tmp_path / "cut") == "partial"
+    assert not (tmp_path / "cut" / FINAL).exists()
+    resumed = run_trial(spec, tmp_path / "cut")
+    timing = {"elapsed", "step_time"}
+    a = {k: v for k, v in whole["record"].items() if k not in timing}
+    b = {k: v for k, v in resumed["record"].items() if k not in timing}
+    assert a == b
+    wa = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    wb = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_done_trial_is_skipped(small, tmp_path):
+    spec = spec_for(small, steps=5, eval_every=5)
+    first = run_trial(spec, tmp_path / "t")
+    mtime = (tmp_path / "t" / FINAL).stat().st_mtime_ns
+    again = run_trial(spec, tmp_path / "t")
+    assert again == first and (tmp_path / "t" / FINAL).stat().st_mtime_ns == mtime
+
+
+def test_nan_loss_marks_the_trial_failed_not_done(small, tmp_path):
+    spec = spec_for(small, steps=20, eval_every=5, hparams={"lr": 1e30})
+    result = run_trial(spec, tmp_path / "t")
+    assert result["status"] == "failed"
+    assert "non-finite training loss" in result["reason"] and "lower the learning rate" in result["reason"]
+    assert trial_status(tmp_path / "t") == "failed"
+    assert not (tmp_path / "t" / FINAL).exists() and (tmp_path / "t" / FAILED).exists()
+
+
+def test_seeds_make_cpu_runs_repeatable_and_distinct(small, tmp_path):
+    a = run_trial(spec_for(small, steps=10, eval_every=5), tmp_path / "a")["record"]
+    b = run_trial(spec_for(small, steps=10, eval_every=5), tmp_path / "b")["record"]
+    c = run_trial(spec_for(small, steps=10, eval_every=5, seed=1), tmp_path / "c")["record"]
+    assert a["env2_in_loss"] == b["env2_in_loss"]
+    assert a["env2_in_loss"] != c["env2_in_loss"]
+
+
+def test_trial_hash_is_content_addressed(small):
+    a, b = spec_for(small), spec_for(small)
+    assert a.hash == b.hash and len(a.hash) == 64
+    assert spec_for(small, seed=1).hash != a.hash
+    assert spec_for(small, hparams={"lr": 0.01}).hash != a.hash
+    assert TrialSpec.from_dict(a.to_dict()).hash == a.hash
+
+
+def test_hparam_draws_are_seeded_by_seed_and_name(small):
+    d0 = spec_for(small, method="irm", hparams_seed=0).hparams
+    d1 = spec_for(small, method="irm", hparams_seed=1).hparams
+    d1b = spec_for(small, method="irm", hparams_seed=1).hparams
+    assert d0["irm_lambda"] == 100.0 and d0["lr"] == 1e-3  # defaults
+    assert d1 == d1b and d1["irm_lambda"] != d0["irm_lambda"]
+    assert 10**-1 <= d1["irm_lambda"] <= 10**5 and 10**-4.5 <= d1["lr"] <= 10**-2.5
+    # The shared hyperparameters draw the same value for every method (seeded by name, not by method).
+    assert spec_for(small, method="vrex", hparams_seed=1).hparams["lr"] == d1["lr"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"method": "ircm"}, "unknown method 'ircm': did you mean 'irm'"),
+        ({"dataset": "colored_digit"}, "unknown dataset 'colored_digit': did you mean 'colored_digits'"),
+        ({"test_envs": (3,)}, "test environment 3 is out of range for colored_digits: it has 3 environments"),
+        ({"steps": 0}, "steps and eval_every must be positive"),
+        ({"hparams": {"learning_rate": 0.1}}, "unknown hyperparameter 'learning_rate'"),
+        ({"test_envs": (0, 1, 2)}, "must be distinct and leave one to train on"),
+    ],
+)
+def test_bad_trial_input_is_one_clear_error(kwargs, message):
+    args = {"dataset": "colored_digits", "method": "erm", **kwargs}
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        TrialSpec.resolve(args.pop("dataset"), args.pop("method"), **args)
