@@ -177,8 +177,9 @@ def cmd_sweep(a) -> int:
 
 
 def _sweep_and_print(sweep, out: Path, workers: int, options, track: bool, progress: bool) -> int:
-    from .sweep import run_sweep
+    from .sweep import prepare_out, run_sweep
 
+    prepare_out(out, sweep)
     n = len(sweep.trials())
     print(f"sweep {sweep.name}: {n} trials -> {out}  (hash {sweep.hash[:12]})", file=sys.stderr)
     counts = run_sweep(sweep, out, workers=workers, options=options, progress=progress, track=track)

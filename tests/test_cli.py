@@ -1,0 +1,114 @@
+"""The command line: bad input ends in one clear line and a non-zero exit, with nothing marked finished."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from shiftbench.cli import main
+
+SMALL_OPTS = ["--option", "env_size=120", "resolution=8"]
+
+
+def run_main(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line, got: {err!r}"
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["train", "--dataset", "colored_digits", "--method", "ircm"], "did you mean 'irm'"),
+        (["train", "--dataset", "rotated_digit", "--method", "erm"], "did you mean 'rotated_digits'"),
+        (["train", "--dataset", "colored_digits", "--method", "erm", "--test-envs", "7"], "test environment 7 is out"),
+        (["train", "--dataset", "colored_digits", "--method", "erm", "--steps", "-5"], "steps and eval_every must be"),
+        (["train", "--dataset", "colored_digits", "--method", "erm", "--hparams", "lr"], "must look like name=value"),
+        (["train", "--dataset", "colored_digits", "--method", "erm", "--option", "colour=1"], "unknown option"),
+        (["train", "--dataset", "colored_mnist", "--method", "erm", "--data-root", "/nonexistent-mnist"],
+         "train-images-idx3-ubyte"),
+        (["sweep", "--datasets", "colored_digits", "--methods", "erm", "--steps", "0"], "steps must be a positive"),
+        (["sweep", "--suite", "quickstrat"], "did you mean 'quickstart'"),
+        (["sweep", "--datasets", "colored_digits", "--methods", "erm", "--test-envs", "5"], "out of range"),
+    ],
+)
+def test_bad_input_one_line_nonzero(argv, expected, tmp_path, capsys):
+    code, _, err = run_main(capsys, *argv, "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert expected in one_line_error(err)
+    assert not list(tmp_path.rglob("final.json"))
+
+
+def test_malformed_suite_yaml(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("datasets: [colored_digits\nmethods: erm\n")
+    code, _, err = run_main(capsys, "sweep", "--suite", str(bad), "--out", str(tmp_path / "o"))
+    assert code == 2 and "malformed YAML at line" in one_line_error(err)
+
+
+def test_unknown_suite_key_suggests_the_right_one(tmp_path, capsys):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("datasets: [colored_digits]\nmethods: [erm]\nn_seed: 3\n")
+    code, _, err = run_main(capsys, "sweep", "--suite", str(bad), "--out", str(tmp_path / "o"))
+    line = one_line_error(err)
+    assert code == 2 and "unknown key 'n_seed'" in line and "did you mean 'n_seeds'" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_folder_holding_a_different_sweep_is_refused(tmp_path, capsys):
+    common = ["sweep", "--datasets", "colored_digits", "--methods", "erm", "--test-envs", "2", "--eval-every", "2",
+              "--no-mlflow", "--no-progress", "--out", str(tmp_path / "o")]  # fmt: skip
+    code, _, _ = run_main(capsys, *common, "--steps", "2")
+    assert code == 0
+    code, _, err = run_main(capsys, *common, "--steps", "3")
+    assert code == 2 and "holds a different sweep" in one_line_error(err)
+
+
+def test_nan_trial_fails_and_the_sweep_goes_on(tmp_path, capsys):
+    suite = tmp_path / "nan.yaml"
+    suite.write_text(
+        "datasets: [colored_digits]\nmethods: [erm, groupdro]\ntest_envs: default\nsteps: 6\neval_every: 3\n"
+        "hparams: {erm: {lr: 1.0e+30}}\ndataset_options: {colored_digits: {env_size: 120, resolution: 8}}\n"
+    )
+    code, _, err = run_main(capsys, "sweep", "--suite", str(suite), "--out", str(tmp_path / "o"), "--no-progress",
+                            "--no-mlflow")  # fmt: skip
+    assert code == 0
+    assert "1 finished now" in err and "1 failed" in err
+    failed = list((tmp_path / "o").rglob("failed.json"))
+    done = list((tmp_path / "o").rglob("final.json"))
+    assert len(failed) == 1 and len(done) == 1
+    assert "non-finite training loss" in json.loads(failed[0].read_text())["reason"]
+
+
+def test_console_script_bad_input_has_no_traceback(exe, cli_env, tmp_path):
+    out = subprocess.run([exe, "train", "--dataset", "colored_digits", "--method", "ermm", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=cli_env)  # fmt: skip
+    assert out.returncode == 2
+    assert one_line_error(out.stderr) == (
+        "shiftbench train: error: unknown method 'ermm': did you mean 'erm'? known: erm, groupdro, irm, vrex"
+    ) or "did you mean 'erm'" in out.stderr
+
+
+def test_list_shows_every_plugin(capsys):
+    code, out, _ = run_main(capsys, "list")
+    assert code == 0
+    for name in ("erm", "groupdro", "irm", "vrex", "colored_digits", "rotated_digits", "colored_mnist",
+                 "rotated_mnist", "quickstart", "domainbed", "mnist_cnn"):  # fmt: skip
+        assert name in out
+
+
+def test_train_prints_final_metrics(tmp_path, capsys):
+    code, out, err = run_main(capsys, "train", "--dataset", "colored_digits", "--method", "vrex", "--steps", "4",
+                              "--eval-every", "2", "--out", str(tmp_path / "t"), "--no-mlflow", *SMALL_OPTS)  # fmt: skip
+    assert code == 0, err
+    rec = json.loads(out)
+    assert rec["step"] == 3 and 0.0 <= rec["env2_in_acc"] <= 1.0
