@@ -1,0 +1,99 @@
+"""Sweeps: content-addressed trials, idempotent reruns (no duplicate trials, no duplicate MLflow runs)."""
+
+from __future__ import annotations
+
+import pytest
+
+from shiftbench.config import SweepSpec, load_suite
+from shiftbench.errors import UserError
+from shiftbench.sweep import prepare_out, run_sweep, trial_dir
+from shiftbench.trainer import FINAL, Interrupted, RunOptions, run_trial
+
+
+def tiny_sweep(small, **kw) -> SweepSpec:
+    raw = {"name": "tiny", "datasets": ["colored_digits"], "methods": ["erm", "vrex"], "test_envs": "default",
+           "n_hparams": 2, "n_seeds": 1, "steps": 6, "eval_every": 3,
+           "dataset_options": {"colored_digits": small["colored_digits"]}, **kw}  # fmt: skip
+    return SweepSpec.from_mapping(raw)
+
+
+def mlflow_runs(out):
+    from shiftbench.tracking import Tracker
+
+    t = Tracker(out, "shiftbench-tiny")
+    return t.client.search_runs([t.experiment_id], max_results=1000)
+
+
+def test_rerun_is_idempotent_with_no_duplicate_mlflow_runs(small, tmp_path):
+    sweep = tiny_sweep(small)
+    first = run_sweep(sweep, tmp_path, progress=False)
+    assert first["total"] == 4 and first["done"] == 4 and first["skipped_done"] == 0
+    runs = mlflow_runs(tmp_path)
+    trial_runs = [r for r in runs if "shiftbench.trial_hash" in r.data.tags]
+    parents = [r for r in runs if "shiftbench.sweep_hash" in r.data.tags]
+    assert len(trial_runs) == 4 and len(parents) == 1
+    assert {r.data.tags["mlflow.parentRunId"] for r in trial_runs} == {parents[0].info.run_id}
+    assert {r.data.tags["shiftbench.trial_hash"] for r in trial_runs} == {t.hash for t in sweep.trials()}
+    stamp = {t.hash: (trial_dir(tmp_path, t) / FINAL).stat().st_mtime_ns for t in sweep.trials()}
+
+    again = run_sweep(sweep, tmp_path, progress=False)
+    assert again["skipped_done"] == 4 and again["done"] == 0
+    assert len(list((tmp_path / "trials").iterdir())) == 4
+    assert {t.hash: (trial_dir(tmp_path, t) / FINAL).stat().st_mtime_ns for t in sweep.trials()} == stamp
+    runs2 = mlflow_runs(tmp_path)
+    assert sorted(r.info.run_id for r in runs2) == sorted(r.info.run_id for r in runs)
+    from shiftbench.tracking import Tracker
+
+    client = Tracker(tmp_path, "shiftbench-tiny").client
+    steps = [m.step for m in client.get_metric_history(trial_runs[0].info.run_id, "env2_in_acc")]
+    assert steps == [0, 3, 5]  # one value per evaluation, not duplicated by the rerun
+
+
+def test_rerun_resumes_a_partial_trial(small, tmp_path):
+    sweep = tiny_sweep(small, methods=["erm"], n_hparams=1)
+    (t,) = sweep.trials()
+    prepare_out(tmp_path, sweep)
+    with pytest.raises(Interrupted):
+        run_trial(t, trial_dir(tmp_path, t), RunOptions(stop_after=0))
+    counts = run_sweep(sweep, tmp_path, progress=False, track=False)
+    assert counts["resumed"] == 1 and counts["done"] == 1
+    reference = run_trial(t, tmp_path / "ref")
+    assert (trial_dir(tmp_path, t) / FINAL).exists()
+    got = run_trial(t, trial_dir(tmp_path, t))
+    assert got["record"]["env2_in_acc"] == reference["record"]["env2_in_acc"]
+
+
+@pytest.mark.slow
+def test_worker_pool_matches_sequential(small, tmp_path):
+    sweep = tiny_sweep(small)
+    run_sweep(sweep, tmp_path / "seq", progress=False, track=False)
+    run_sweep(sweep, tmp_path / "pool", workers=2, progress=False, track=False)
+    for t in sweep.trials():
+        a = run_trial(t, trial_dir(tmp_path / "seq", t))["record"]
+        b = run_trial(t, trial_dir(tmp_path / "pool", t))["record"]
+        # Workers use fewer threads, so float reductions differ in the last digits.
+        assert a["env2_in_loss"] == pytest.approx(b["env2_in_loss"], rel=1e-3)
+
+
+def test_grid_expansion_counts():
+    sweep = SweepSpec.from_mapping({"datasets": ["colored_digits", "rotated_digits"], "methods": ["erm", "irm"],
+                                    "test_envs": "each+pairs", "n_hparams": 3, "n_seeds": 2})  # fmt: skip
+    # colored: 3 singles + 3 pairs; rotated: 6 singles + 15 pairs; x 2 methods x 3 draws x 2 seeds
+    assert len(sweep.trials()) == (6 + 21) * 2 * 3 * 2
+    assert len({t.hash for t in sweep.trials()}) == len(sweep.trials())
+
+
+def test_named_suites_follow_their_protocols():
+    db = load_suite("domainbed")
+    assert (db.n_hparams, db.n_seeds, db.steps, db.eval_every, db.test_envs) == (20, 3, 5001, 100, "each+pairs")
+    qs = load_suite("quickstart")
+    assert set(qs.methods) == {"erm", "groupdro", "irm", "vrex"}
+    assert set(qs.datasets) == {"colored_digits", "rotated_digits"}
+    assert qs.n_seeds >= 2 and qs.n_hparams >= 2
+
+
+def test_suite_overrides_and_validation(tmp_path):
+    s = load_suite("quickstart", n_seeds=1, steps=10)
+    assert s.n_seeds == 1 and s.steps == 10
+    with pytest.raises(UserError, match="unknown method 'ermm'"):
+        SweepSpec.from_mapping({"datasets": ["colored_digits"], "methods": ["ermm"]})
