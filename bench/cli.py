@@ -196,28 +196,29 @@ def _sweep_and_print(sweep, out: Path, workers: int, options, track: bool, progr
 
 
 def cmd_report(a) -> int:
-    from .report import leaderboard_text, load_trials, write_report
-
     if not a.runs.exists():
         raise UserError(f"runs folder {a.runs} does not exist")
-    trials, failed = load_trials(a.runs)
-    if not trials:
-        raise UserError(f"{a.runs} holds no finished trial (looked for trials/*/final.json)")
-    write_report(trials, a.out, failed=failed)
-    print(leaderboard_text(trials))
-    print(f"reports written to {a.out}", file=sys.stderr)
+    _report(a.runs, a.out)
+    print(f"reports written to {a.out} (leaderboard.md/.html/.tex, metrics.json, plots/)", file=sys.stderr)
     return 0
+
+
+def _report(runs: Path, out: Path) -> None:
+    from .report import leaderboard_text, scan_runs, write_report
+
+    scan = scan_runs(runs)
+    if not scan.done:
+        raise UserError(f"{runs} holds no finished trial (looked for final.json in trials/*/)")
+    write_report(scan.done, out, failed=scan.failed, incomplete=len(scan.incomplete))
+    print(leaderboard_text(scan.done, scan.failed, len(scan.incomplete)))
 
 
 def cmd_demo(a) -> int:
     from .config import load_suite
-    from .report import leaderboard_text, load_trials, write_report
 
     sweep = load_suite("quickstart")
     _sweep_and_print(sweep, a.out, a.workers, _run_options(a), True, True)
-    trials, failed = load_trials(a.out)
-    write_report(trials, a.reports, failed=failed)
-    print(leaderboard_text(trials))
+    _report(a.out, a.reports)
     print(f"reports: {a.reports}/leaderboard.md (also .html, .tex, metrics.json, plots/)")
     from .tracking import ui_command
 

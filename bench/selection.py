@@ -195,13 +195,13 @@ def oracle(trials: Sequence[Trial], test_env: int) -> Selection | None:
 
 
 def leave_one_out_pool(trials: Sequence[Trial], test_env: int) -> list:
-    """The trials leave-one-domain-out looks at: those holding out ``test_env`` alone or with one more env."""
-    out = []
-    for t in trials:
-        envs = held_out_envs(t)
-        if envs == [test_env] or (len(envs) == 2 and test_env in envs and len(set(envs)) == 2):
-            out.append(t)
-    return out
+    """The trials leave-one-domain-out looks at: those holding out ``test_env`` alone, and those holding out
+    ``test_env`` and one more environment in a draw (hparams_seed) that has a trial holding out ``test_env`` alone."""
+    singles = single_test_env_pool(trials, test_env)
+    draws = {hparams_seed(t) for t in singles}
+    pairs = [t for t in trials if hparams_seed(t) in draws and len(set(held_out_envs(t))) == 2
+             and len(held_out_envs(t)) == 2 and test_env in held_out_envs(t)]
+    return singles + pairs
 
 
 @selection_rule("leave_one_domain_out", "leave-one-domain-out", pool=leave_one_out_pool)

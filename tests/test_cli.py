@@ -112,3 +112,29 @@ def test_train_prints_final_metrics(tmp_path, capsys):
     assert code == 0, err
     rec = json.loads(out)
     assert rec["step"] == 3 and 0.0 <= rec["env2_in_acc"] <= 1.0
+
+
+def test_sweep_then_report_writes_the_leaderboard(tmp_path, capsys):
+    suite = tmp_path / "s.yaml"
+    suite.write_text(
+        "datasets: [colored_digits]\nmethods: [erm, irm]\ntest_envs: each\nsteps: 4\neval_every: 2\nn_seeds: 2\n"
+        "dataset_options: {colored_digits: {env_size: 120, resolution: 8}}\n"
+    )
+    code, _, err = run_main(capsys, "sweep", "--suite", str(suite), "--out", str(tmp_path / "o"), "--no-progress")
+    assert code == 0, err
+    assert "mlflow ui --backend-store-uri" in err and "12 finished now" in err
+    code, out, err = run_main(capsys, "report", str(tmp_path / "o"), "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    assert "training-domain validation" in out and "irm" in out and "-90%" in out
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    cell = metrics["datasets"]["colored_digits"]["rules"]["oracle"]["methods"]["erm"]["env2"]
+    assert cell["n_seeds"] == 2 and 0 <= cell["mean"] <= 100
+    for f in ("leaderboard.md", "leaderboard.html", "leaderboard.tex"):
+        assert (tmp_path / "r" / f).stat().st_size > 200
+    assert list((tmp_path / "r" / "plots").glob("*.png"))
+
+
+def test_report_on_an_empty_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_main(capsys, "report", str(tmp_path / "empty"), "--out", str(tmp_path / "r"))
+    assert code == 2 and "holds no finished trial" in one_line_error(err)
