@@ -97,7 +97,7 @@ def tensor_digest(tensors: Mapping[str, Any]) -> str:
         a = np.ascontiguousarray(torch.as_tensor(tensors[k]).cpu().numpy())
         h.update(k.encode())
         h.update(str(a.dtype).encode() + str(a.shape).encode())
-        h.update(a.tobytes())
+        h.update(memoryview(a).cast("B"))
     return h.hexdigest()
 
 

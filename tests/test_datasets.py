@@ -1,0 +1,373 @@
+"""The digits and MNIST datasets: DomainBed's protocol statistics, leakage, determinism and the IDX loader."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shiftbench.data import TensorSplit
+from shiftbench.datasets import digits as digits_mod
+from shiftbench.datasets.digits import ColoredDigits, RotatedDigits, rotate
+from shiftbench.datasets.mnist import MNIST_FILES, ColoredMNIST, RotatedMNIST, read_idx
+from shiftbench.errors import UserError
+from shiftbench.registry import DATASETS
+
+SMALL = {"env_size": 300}
+
+
+def tensors(ds, env: int, part: str) -> dict[str, torch.Tensor]:
+    split = ds.environments[env].splits[part]
+    assert isinstance(split, TensorSplit)
+    return split.tensors
+
+
+def env_tensors(ds, env: int) -> dict[str, torch.Tensor]:
+    """``in`` and ``out`` of one environment concatenated."""
+    a, b = tensors(ds, env, "in"), tensors(ds, env, "out")
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+# --------------------------------------------------------------------------------------------- registry, shapes
+
+
+def test_registered_with_environment_names():
+    for name, cls in [("colored_digits", ColoredDigits), ("rotated_digits", RotatedDigits),
+                      ("colored_mnist", ColoredMNIST), ("rotated_mnist", RotatedMNIST)]:  # fmt: skip
+        assert DATASETS.get(name) is cls
+        assert cls.TASK == "classification"
+    assert ColoredDigits.ENVIRONMENTS == ColoredMNIST.ENVIRONMENTS == ("+90%", "+80%", "-90%")
+    assert RotatedDigits.ENVIRONMENTS == RotatedMNIST.ENVIRONMENTS == ("0°", "15°", "30°", "45°", "60°", "75°")
+    assert ColoredDigits.DEFAULT_TEST_ENVS == (2,)
+    assert ColoredMNIST.DEFAULT_MODEL == "mnist_cnn" and ColoredDigits.DEFAULT_MODEL == "mlp"
+
+
+def test_colored_digits_shapes_and_sizes():
+    ds = ColoredDigits(options=SMALL)
+    assert ds.env_names == list(ColoredDigits.ENVIRONMENTS)
+    assert ds.input_shape == (2, 16, 16) and ds.num_classes == 2
+    assert ds.describe()["sizes"] == {f"env{i}_{p}": n for i in range(3) for p, n in (("in", 240), ("out", 60))}
+    for i in range(3):
+        t = env_tensors(ds, i)
+        assert t["x"].dtype == torch.float32 and t["x"].shape == (300, 2, 16, 16)
+        assert 0.0 <= t["x"].min() and t["x"].max() <= 1.0
+        for k in ("y", "idx", "color", "digit", "clean_label", "base"):
+            assert t[k].dtype == torch.int64 and t[k].shape == (300,), k
+        assert set(t["y"].tolist()) == {0, 1}
+        assert sorted(t["idx"].tolist()) == list(range(300))  # unique within the environment
+
+
+def test_rotated_digits_shapes_and_sizes():
+    ds = RotatedDigits(options={"env_size": 100, "resolution": 12})
+    assert ds.env_names == list(RotatedDigits.ENVIRONMENTS) and ds.num_classes == 10
+    assert ds.input_shape == (1, 12, 12)
+    for i in range(6):
+        t = env_tensors(ds, i)
+        assert t["x"].shape == (100, 1, 12, 12) and t["x"].dtype == torch.float32
+        assert len(tensors(ds, i, "in")["y"]) == 80
+        assert t["y"].min() >= 0 and t["y"].max() <= 9
+        assert sorted(t["idx"].tolist()) == list(range(100))
+
+
+def test_default_sizes_and_model_fit():
+    from shiftbench.models import build_model
+
+    for cls, n_envs, size, shape in [(ColoredDigits, 3, 4000, (2, 16, 16)), (RotatedDigits, 6, 2000, (1, 16, 16))]:
+        ds = cls()
+        assert len(ds.environments) == n_envs
+        assert all(len(e.splits["in"]) + len(e.splits["out"]) == size for e in ds.environments)
+        hp = {k: v.default for k, v in cls.HPARAMS.items()}
+        model = build_model(ds.DEFAULT_MODEL, ds.input_shape, ds.num_classes, hp)
+        batch = ds.environments[0].splits["in"].batch_at(0, 32, seed=0)
+        assert model(batch["x"]).shape == (32, ds.num_classes)
+        assert tuple(batch["x"].shape[1:]) == shape
+
+
+def test_hparams_declared():
+    hp = ColoredDigits.HPARAMS
+    assert hp["mlp_width"].default == 256 and hp["mlp_depth"].default == 2 and hp["mlp_dropout"].default == 0.0
+    widths = {hp["mlp_width"].sample(np.random.RandomState(s)) for s in range(200)}
+    assert min(widths) >= 64 and max(widths) <= 1024 and len(widths) > 20
+    assert {hp["mlp_dropout"].sample(np.random.RandomState(s)) for s in range(50)} == {0.0, 0.1, 0.5}
+
+
+def test_base_digits_are_sklearns():
+    from sklearn.datasets import load_digits
+
+    images, digits = digits_mod.load_base_digits()
+    d = load_digits()
+    assert images.shape == (1797, 1, 8, 8) and images.dtype == torch.float32 and images.max() == 1.0
+    assert torch.equal(images[:, 0] * 16, torch.as_tensor(d.images, dtype=torch.float32))
+    assert torch.equal(digits, torch.as_tensor(d.target, dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------------------------- protocol statistics
+
+
+def test_colored_label_noise_and_color_agreement():
+    ds = ColoredDigits()  # defaults: 4000 examples per environment
+    for i, agree in enumerate((0.9, 0.8, 0.1)):
+        t = env_tensors(ds, i)
+        assert torch.equal(t["clean_label"], (t["digit"] < 5).long())
+        flipped = (t["y"] != t["clean_label"]).float().mean().item()
+        assert abs(flipped - 0.25) < 0.03, (i, flipped)
+        agreement = (t["color"] == t["y"]).float().mean().item()
+        assert abs(agreement - agree) < 0.03, (i, agreement)
+
+
+def test_colored_digit_channel_follows_color():
+    t = env_tensors(ColoredDigits(options=SMALL), 0)
+    rows = torch.arange(len(t["x"]))
+    assert (t["x"][rows, 1 - t["color"]] == 0).all()
+    assert (t["x"][rows, t["color"]].flatten(1).sum(1) > 1.0).all()
+
+
+def test_label_noise_option():
+    t = env_tensors(ColoredDigits(options={**SMALL, "label_noise": 0.0}), 1)
+    assert torch.equal(t["y"], t["clean_label"])
+
+
+def test_rotated_environments_are_rotated():
+    ds = RotatedDigits()
+    means = [env_tensors(ds, i)["x"].mean(0, keepdim=True) for i in range(6)]
+    assert (means[0] - means[5]).abs().max() > 0.1
+    # rotating env 0's mean image counter-clockwise by 75 degrees lands near env 5's, clockwise does not
+    ccw = (rotate(means[0], 75) - means[5]).abs().mean()
+    cw = (rotate(means[0], -75) - means[5]).abs().mean()
+    assert ccw < 0.5 * (means[0] - means[5]).abs().mean()
+    assert ccw < 0.5 * cw
+
+
+def test_rotate_matches_torchvision_direction():
+    from torchvision.transforms.functional import InterpolationMode
+    from torchvision.transforms.functional import rotate as tv_rotate
+
+    img = torch.zeros(1, 1, 15, 15)
+    img[0, 0, 2:5, 6:9] = 1.0  # a blob above the centre
+    ours = rotate(img, 90)
+    theirs = tv_rotate(img, 90.0, interpolation=InterpolationMode.BILINEAR)
+    assert (ours - theirs).abs().max() < 1e-4
+    assert ours[0, 0, 6:9, 2:5].min() > 0.99  # counter-clockwise: the blob moved to the left
+    assert torch.equal(rotate(img, 0), img)
+
+
+def test_copies_are_augmented():
+    t = env_tensors(ColoredDigits(options={"env_size": 1500, "label_noise": 0.0}), 0)
+    grey = t["x"].sum(1)
+    base = t["base"]
+    same = [(i, j) for i in range(200) for j in range(i + 1, len(base)) if base[i] == base[j]][:20]
+    assert len(same) == 20
+    for i, j in same:
+        assert (grey[i] - grey[j]).abs().max() > 0.05  # two copies of one base digit differ
+
+
+@pytest.mark.parametrize("noise", [0.05, 0.2])
+def test_noise_option_sets_pixel_noise(noise):
+    quiet = env_tensors(ColoredDigits(options={**SMALL, "noise": 0.0}), 0)
+    noisy = env_tensors(ColoredDigits(options={**SMALL, "noise": noise}), 0)
+    assert torch.equal(quiet["base"], noisy["base"])  # same copies and affine maps, only the noise differs
+    grey_q, grey_n = quiet["x"].sum(1), noisy["x"].sum(1)
+    mid = (grey_q > 0.3) & (grey_q < 0.7)  # away from the clipping at 0 and 1
+    assert mid.sum() > 1000
+    resid = (grey_n - grey_q)[mid]
+    assert abs(resid.std().item() - noise) < 0.15 * noise and abs(resid.mean().item()) < 0.2 * noise
+
+
+# --------------------------------------------------------------------------------------------- leakage
+
+
+@pytest.mark.parametrize("cls", [ColoredDigits, RotatedDigits])
+def test_base_digits_disjoint_between_environments_and_in_out(cls):
+    ds = cls()
+    seen: dict[int, tuple[int, str]] = {}
+    n_base_in_env = []
+    for i in range(len(ds.environments)):
+        bases = {p: set(tensors(ds, i, p)["base"].tolist()) for p in ("in", "out")}
+        assert not bases["in"] & bases["out"], f"env {i}: a base digit is in both in and out"
+        for p, ids in bases.items():
+            for b in ids:
+                assert b not in seen, f"base digit {b} in env {i}/{p} and {seen[b]}"
+                seen[b] = (i, p)
+        n_base_in_env.append(len(bases["in"]) + len(bases["out"]))
+        # the in/out split of base digits follows holdout_fraction
+        assert abs(len(bases["out"]) / n_base_in_env[-1] - 0.2) < 0.01
+    # every bundled digit is used (env_size exceeds the base count) and each environment gets an equal share
+    assert len(seen) == 1797
+    assert max(n_base_in_env) - min(n_base_in_env) <= 1
+    # metadata agrees with the source digit
+    _, digits = digits_mod.load_base_digits()
+    t = tensors(ds, 0, "in")
+    label = t["digit"] if "digit" in t else t["y"]
+    assert torch.equal(label, digits[t["base"]])
+
+
+# --------------------------------------------------------------------------------------------- determinism, cache
+
+
+def test_same_seed_same_version_after_rebuild():
+    a = ColoredDigits(options={**SMALL, "seed": 3})
+    va, xa = a.version(), tensors(a, 0, "in")["x"]
+    digits_mod._build_cached.cache_clear()
+    b = ColoredDigits(options={**SMALL, "seed": 3})
+    assert tensors(b, 0, "in")["x"] is not xa  # really rebuilt
+    assert b.version() == va and len(va) == 64 and int(va, 16) >= 0
+    assert torch.equal(tensors(b, 0, "in")["x"], xa)
+
+
+@pytest.mark.parametrize("change", [{"seed": 1}, {"noise": 0.1}, {"env_size": 301}, {"resolution": 12}])
+def test_changed_options_change_version(change):
+    base = ColoredDigits(options=SMALL).version()
+    assert ColoredDigits(options={**SMALL, **change}).version() != base
+
+
+def test_rotated_seed_changes_data():
+    a = RotatedDigits(options={"env_size": 60})
+    b = RotatedDigits(options={"env_size": 60, "seed": 1})
+    assert a.version() != b.version()
+    assert not torch.equal(tensors(a, 0, "in")["base"], tensors(b, 0, "in")["base"])
+
+
+def test_cache_shares_tensors_not_splits():
+    a, b = ColoredDigits(options=SMALL), ColoredDigits(options={"env_size": "300"})  # CLI strings are coerced
+    assert b.options["env_size"] == 300
+    assert a.environments[0].splits["in"] is not b.environments[0].splits["in"]
+    assert tensors(a, 0, "in")["x"] is tensors(b, 0, "in")["x"]
+
+
+# --------------------------------------------------------------------------------------------- options
+
+
+def test_unknown_option_is_a_user_error():
+    with pytest.raises(UserError, match="env_sise"):
+        ColoredDigits(options={"env_sise": 100})
+
+
+@pytest.mark.parametrize(
+    "options, key",
+    [({"holdout_fraction": 1.5}, "holdout_fraction"), ({"env_size": 1}, "env_size"), ({"resolution": 2}, "resolution"),
+     ({"noise": -0.1}, "noise"), ({"label_noise": 2.0}, "label_noise")],
+)  # fmt: skip
+def test_bad_option_values_are_user_errors(options, key):
+    with pytest.raises(UserError, match=key):
+        ColoredDigits(options=options)
+
+
+# --------------------------------------------------------------------------------------------- MNIST (IDX files)
+
+
+def idx_bytes(array: np.ndarray, magic: int) -> bytes:
+    """An IDX file: big-endian magic, big-endian 32-bit sizes, then the uint8 data."""
+    return struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape) + array.tobytes()
+
+
+def write_fake_mnist(folder: Path, gz: bool, n_train: int = 60, n_test: int = 30, seed: int = 0):
+    """Writes the four MNIST files with random images and labels; returns the pooled images and labels."""
+    rng = np.random.RandomState(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    pool_x, pool_y = [], []
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        x = rng.randint(0, 256, size=(n, 28, 28)).astype(np.uint8)
+        y = rng.randint(0, 10, size=n).astype(np.uint8)
+        for kind, arr, magic in (("images-idx3", x, 0x803), ("labels-idx1", y, 0x801)):
+            name = f"{prefix}-{kind}-ubyte" + (".gz" if gz else "")
+            data = idx_bytes(arr, magic)
+            (folder / name).write_bytes(gzip.compress(data) if gz else data)
+        pool_x.append(x)
+        pool_y.append(y)
+    return np.concatenate(pool_x), np.concatenate(pool_y).astype(np.int64)
+
+
+@pytest.mark.parametrize("layout, gz", [("torchvision", False), ("flat", True), ("torchvision", True)])
+def test_colored_mnist_from_idx(tmp_path, layout, gz):
+    folder = tmp_path / "MNIST" / "raw" if layout == "torchvision" else tmp_path
+    images, labels = write_fake_mnist(folder, gz)
+    ds = ColoredMNIST(root=str(tmp_path))
+    assert ds.input_shape == (2, 28, 28) and ds.env_names == ["+90%", "+80%", "-90%"]
+    assert sum(len(s) for s in ds.eval_splits().values()) == 90
+    assert [len(e.splits["in"]) for e in ds.environments] == [24, 24, 24]
+    all_bases = []
+    for i in range(3):
+        t = env_tensors(ds, i)
+        rows = torch.arange(len(t["x"]))
+        expect = torch.from_numpy(images[t["base"].numpy()]).float()
+        assert torch.equal(torch.round(t["x"][rows, t["color"]] * 255), expect)  # exact pixels, right channel
+        assert (t["x"][rows, 1 - t["color"]] == 0).all()
+        assert torch.equal(t["digit"], torch.from_numpy(labels[t["base"].numpy()]))
+        assert torch.equal(t["clean_label"], (t["digit"] < 5).long())
+        assert sorted(t["idx"].tolist()) == list(range(30))
+        assert not set(tensors(ds, i, "in")["base"].tolist()) & set(tensors(ds, i, "out")["base"].tolist())
+        all_bases += t["base"].tolist()
+    assert sorted(all_bases) == list(range(90))  # train and test pooled, each image in exactly one environment
+    assert len(ds.version()) == 64
+
+
+def test_rotated_mnist_from_idx(tmp_path):
+    images, labels = write_fake_mnist(tmp_path, gz=False, n_train=60, n_test=0)
+    ds = RotatedMNIST(root=str(tmp_path))
+    assert ds.input_shape == (1, 28, 28) and len(ds.environments) == 6 and ds.num_classes == 10
+    t0, t1 = env_tensors(ds, 0), env_tensors(ds, 1)
+    assert torch.allclose(t0["x"][:, 0] * 255, torch.from_numpy(images[t0["base"].numpy()]).float(), atol=1e-3)
+    assert torch.equal(t0["y"], torch.from_numpy(labels[t0["base"].numpy()]))
+    src1 = torch.from_numpy(images[t1["base"].numpy()]).float()[:, None] / 255
+    assert (t1["x"] - src1).abs().mean() > 0.1  # 15 degrees is not the identity
+    assert torch.allclose(t1["x"], rotate(src1, 15), atol=1e-5)
+    small = RotatedMNIST(root=str(tmp_path), options={"resolution": 14, "n_examples": 36})
+    assert small.input_shape == (1, 14, 14) and tensors(small, 3, "in")["x"].shape[1:] == (1, 14, 14)
+    assert sum(len(s) for s in small.eval_splits().values()) == 36
+
+
+def test_mnist_seed_and_files_change_version(tmp_path):
+    write_fake_mnist(tmp_path / "a", gz=False)
+    write_fake_mnist(tmp_path / "b", gz=False, seed=1)
+    v = ColoredMNIST(root=str(tmp_path / "a")).version()
+    assert ColoredMNIST(root=str(tmp_path / "a"), options={"seed": 1}).version() != v
+    assert ColoredMNIST(root=str(tmp_path / "b")).version() != v
+    assert ColoredMNIST(root=str(tmp_path / "a")).version() == v
+
+
+def test_missing_mnist_is_a_one_line_user_error(tmp_path):
+    with pytest.raises(UserError) as err:
+        ColoredMNIST(root=str(tmp_path / "nowhere"))
+    msg = str(err.value)
+    assert "\n" not in msg
+    for name in MNIST_FILES.values():
+        assert name in msg
+    assert str(tmp_path / "nowhere" / "MNIST" / "raw") in msg and "--download" in msg and "--data-root" in msg
+    with pytest.raises(UserError, match="--data-root"):
+        RotatedMNIST(root=None)
+
+
+def test_partial_mnist_is_a_user_error(tmp_path):
+    write_fake_mnist(tmp_path, gz=False)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(UserError, match="t10k-labels-idx1-ubyte"):
+        ColoredMNIST(root=str(tmp_path))
+
+
+def test_corrupt_idx_is_a_user_error(tmp_path):
+    write_fake_mnist(tmp_path, gz=False)
+    labels = tmp_path / "train-labels-idx1-ubyte"
+    images = tmp_path / "train-images-idx3-ubyte"
+    good = images.read_bytes()
+    images.write_bytes(labels.read_bytes())  # wrong magic
+    with pytest.raises(UserError, match="magic"):
+        ColoredMNIST(root=str(tmp_path))
+    images.write_bytes(good[:-5])  # truncated data
+    with pytest.raises(UserError, match="bytes"):
+        read_idx(images, 0x803)
+    images.write_bytes(good)
+    labels.write_bytes(idx_bytes(np.zeros(59, np.uint8), 0x801))  # 60 images, 59 labels
+    with pytest.raises(UserError, match="labels"):
+        RotatedMNIST(root=str(tmp_path))
+
+
+def test_read_idx_dimensions(tmp_path):
+    arr = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5)  # non-square: rows and columns in order
+    path = tmp_path / "x-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(idx_bytes(arr, 0x803)))
+    out = read_idx(path, 0x803)
+    assert out.shape == (2, 3, 5) and np.array_equal(out, arr)
