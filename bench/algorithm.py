@@ -66,6 +66,10 @@ class Algorithm(nn.Module):
         "batch_size": HParam(64, log_uniform_int(3, 9, base=2)),
     }
 
+    BATCH_KEYS: ClassVar[tuple[str, ...]] = ()
+    """Batch entries this method needs beyond the task's own (e.g. a group id); metadata not named here is not
+    gathered into training batches."""
+
     def __init__(self, model: nn.Module, task: Task, n_envs: int, hparams: dict):
         super().__init__()
         self.model = model
@@ -102,7 +106,7 @@ class Algorithm(nn.Module):
     def env_scores(self, minibatches: list[Batch]) -> list[torch.Tensor]:
         """Scores of every environment's batch from one forward pass."""
         scores = self.task.scores(self.model, concat_batches(minibatches))
-        sizes = [len(b["idx"]) for b in minibatches]
+        sizes = [len(b[self.task.input_keys[0]]) for b in minibatches]
         return list(torch.split(scores, sizes))
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:

@@ -24,9 +24,10 @@ class Split:
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def batch_at(self, k: int, batch_size: int, seed: int) -> Batch:
+    def batch_at(self, k: int, batch_size: int, seed: int, keys: tuple[str, ...] | None = None) -> Batch:
         """The k-th training batch of the infinite stream for ``seed``: a pure function of (k, seed), so a
-        resumed trial sees exactly the batches an uninterrupted one would."""
+        resumed trial sees exactly the batches an uninterrupted one would. ``keys`` limits which entries are
+        gathered (None: all)."""
         raise NotImplementedError
 
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:
@@ -63,12 +64,14 @@ class TensorSplit(Split):
     def device(self) -> torch.device:
         return next(iter(self.tensors.values())).device
 
-    def batch_at(self, k: int, batch_size: int, seed: int) -> Batch:
+    def batch_at(self, k: int, batch_size: int, seed: int, keys: tuple[str, ...] | None = None) -> Batch:
         bs = min(batch_size, self.n)
         per_epoch = self.n // bs
         epoch, pos = divmod(k, per_epoch)
         idx = self._perm(seed, epoch)[pos * bs : (pos + 1) * bs]
-        return {key: t[idx] for key, t in self.tensors.items()}
+        if keys is None:
+            keys = tuple(self.tensors)
+        return {key: torch.index_select(self.tensors[key], 0, idx) for key in keys if key in self.tensors}
 
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:
         for i in range(0, self.n, batch_size):

@@ -19,6 +19,8 @@ class Task:
 
     input_keys: ClassVar[tuple[str, ...]] = ("x",)
     """Batch keys holding continuous model inputs (what an input-space attack may perturb)."""
+    batch_keys: ClassVar[tuple[str, ...]] = ("x", "y")
+    """Keys a training batch needs; methods add theirs with ``Algorithm.BATCH_KEYS``."""
 
     def n_outputs(self, num_classes: int) -> int:
         return num_classes
@@ -38,6 +40,12 @@ class Task:
         raise NotImplementedError
 
 
+def _scaled(scores: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Scores in float32, times the scale (skipped when it is the plain number 1, to keep the graph short)."""
+    scores = scores.float()
+    return scores if isinstance(scale, (int, float)) and scale == 1 else scores * scale
+
+
 @TASKS.register("classification")
 class Classification(Task):
     """Cross-entropy on logits; the prediction is the argmax."""
@@ -46,7 +54,7 @@ class Classification(Task):
         return model(batch["x"])
 
     def loss(self, scores, batch, scale=1.0, reduction="mean"):
-        return F.cross_entropy(scores.float() * scale, batch["y"], reduction=reduction)
+        return F.cross_entropy(_scaled(scores, scale), batch["y"], reduction=reduction)
 
     def outputs(self, scores, batch):
         scores = scores.float()
@@ -64,6 +72,7 @@ class Preference(Task):
     """Bradley–Terry on reward differences: p(chosen ≻ rejected) = σ(r_c − r_r), loss −log σ(r_c − r_r)."""
 
     input_keys = ("chosen", "rejected")
+    batch_keys = ("chosen", "rejected", "margin")
 
     def n_outputs(self, num_classes: int) -> int:
         return 1
@@ -82,7 +91,7 @@ class Preference(Task):
 
     def loss(self, scores, batch, scale=1.0, reduction="mean"):
         margin = batch.get("margin")
-        s = scores.float() * scale
+        s = _scaled(scores, scale)
         per = -F.logsigmoid(s - margin if margin is not None else s)
         return per.mean() if reduction == "mean" else per
 

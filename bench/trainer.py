@@ -149,6 +149,7 @@ class Trainer:
         self.train_splits = [self._on_device(s, device) for _, s in train]
         self.eval_splits = {k: self._on_device(s, device) for k, s in dataset.eval_splits().items()}
         self.stream_seeds = [seed_hash(spec.seed, "stream", n) for n in self.train_names]
+        self.batch_keys = tuple(dict.fromkeys(task.batch_keys + algorithm.BATCH_KEYS))
         run = TrialRun(spec, self.dir, dataset, algorithm, device, self.opt)
         context = MethodContext(
             train_env_names=self.train_names,
@@ -202,7 +203,7 @@ class Trainer:
 
     def _minibatches(self, step: int, batch_size: int, salt: str = "") -> list[dict]:
         return [
-            s.batch_at(step, batch_size, sd if not salt else seed_hash(sd, salt))
+            s.batch_at(step, batch_size, sd if not salt else seed_hash(sd, salt), self.batch_keys)
             for s, sd in zip(self.train_splits, self.stream_seeds)
         ]
 
