@@ -333,6 +333,11 @@ def format_markdown(tables: Sequence[Table], counts: Mapping[str, int],
     """
     out = ["# shiftbench leaderboard", "", INTRO, ""]
     for t in tables:
+        if _seed_note(t) == "no selections":
+            hint = " (it needs trials holding out pairs of environments: test_envs each+pairs)" if (
+                t.rule == "leave_one_domain_out") else ""
+            out += [f"## {t.dataset} — {t.title}", "", f"No selections{hint}.", ""]
+            continue
         out += [f"## {t.dataset} — {t.title}", "", f"{_rule_blurb(t.rule)} ({_seed_note(t)})", ""]
         header = ["Method"] + [_md_escape(n) for _, n in t.columns()]
         rows = [[_md_escape(m)] + [_md_cell(t.cells[(m, k)]) for k, _ in t.columns()] for m in t.methods]

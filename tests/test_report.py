@@ -134,8 +134,8 @@ def test_leaderboard_markdown_numbers(report: tuple[Path, dict]):
     assert "80.0 ± 3.5 (n=4)" in orc and "67.0 ± 1.4 (n=4)" in orc and "40.0 ± 3.5 (n=4)" in orc
     assert "62.3 ± 0.5 (n=12)" in orc and "83.0 ± 0.0" in orc and "52.0 ± 2.1" in orc and "69.3 ± 0.2" in orc
     loo = sections["toy — leave-one-domain-out"]
-    erm_loo = next(line for line in loo.splitlines() if line.startswith("| erm"))
-    assert [c.strip() for c in erm_loo.strip("|").split("|")][1:] == ["–"] * 4
+    assert "No selections (it needs trials holding out pairs of environments" in loo
+    assert "| erm" not in loo
     assert "mean ± standard error over trial seeds" in md
     summary = sections["Run summary"]
     assert "done trials: 24" in summary and "failed trials: 1" in summary and "non-finite loss: 1" in summary
