@@ -37,14 +37,19 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", action="store_true", help="bfloat16 mixed precision on CUDA")
     p.add_argument("--data-root", default=os.environ.get("SHIFTBENCH_DATA"), help="folder with real datasets")
     p.add_argument("--download", action="store_true", help="let loaders download missing datasets")
+    p.add_argument("--checkpoint-interval", type=float, default=30.0,
+                   help="seconds of training between checkpoints, taken at evaluations (default: 30; 0: every one)")
 
 
 def _run_options(a: argparse.Namespace):
     from .trainer import RunOptions, resolve_device
 
     resolve_device(a.device)
+    if a.checkpoint_interval < 0:
+        raise UserError(f"--checkpoint-interval must be >= 0 (got {a.checkpoint_interval})")
     return RunOptions(device=a.device, amp=a.amp, data_root=a.data_root, download=a.download,
-                      retry_failed=getattr(a, "retry_failed", False))  # fmt: skip
+                      retry_failed=getattr(a, "retry_failed", False),
+                      checkpoint_interval=a.checkpoint_interval)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,6 +48,8 @@ class RunOptions:
     """Batch size of evaluation passes."""
     retry_failed: bool = False
     """Run a trial again even if it failed before."""
+    checkpoint_interval: float = 30.0
+    """Seconds of training between checkpoints (taken at evaluation steps); 0 checkpoints at every evaluation."""
     stop_after: int | None = None
     """Stop (as if killed) right after the checkpoint at this step; for resume tests."""
 
@@ -287,6 +289,7 @@ class Trainer:
         bs = int(spec.hparams["batch_size"])
         sums: dict[str, torch.Tensor] = {}
         n, t_last = 0, time.time()
+        t_ckpt = t_last
         for step in range(start, spec.steps):
             minibatches = self._minibatches(step, bs)
             with self._autocast(run.device):
@@ -312,10 +315,12 @@ class Trainer:
                 record["elapsed"] = time.time() - t0
                 run.records.append(record)
                 write_jsonl(self.dir / RESULTS, run.records)
-                if not last:
+                stop = self.opt.stop_after is not None and step >= self.opt.stop_after and not last
+                if not last and (stop or time.time() - t_ckpt >= self.opt.checkpoint_interval):
                     self._checkpoint(run, step + 1, t0)
+                    t_ckpt = time.time()
                 sums, n, t_last = {}, 0, time.time()
-                if self.opt.stop_after is not None and step >= self.opt.stop_after and not last:
+                if stop:
                     raise Interrupted(f"stopped after step {step}")
 
     def _checkpoint(self, run: TrialRun, next_step: int, t0: float) -> None:
