@@ -15,6 +15,7 @@ from torch import nn
 
 from .data import Batch, Split
 from .hparams import HParam, collect, log_uniform, log_uniform_int
+from .registry import METHODS
 from .tasks import Task
 
 
@@ -120,3 +121,6 @@ class Algorithm(nn.Module):
         self.load_state_dict(state["module"])
         for k, o in self.optimizers().items():
             o.load_state_dict(state["optimizers"][k])
+
+
+METHODS.base = Algorithm

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .hparams import HParam, seed_hash
+from .registry import DATASETS
 
 Batch = dict[str, torch.Tensor]
 
@@ -177,3 +178,6 @@ class ShiftDataset:
             "num_classes": self.num_classes,
             "options": self.options,
         }
+
+
+DATASETS.base = ShiftDataset

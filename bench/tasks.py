@@ -40,6 +40,9 @@ class Task:
         raise NotImplementedError
 
 
+TASKS.base = Task
+
+
 def _scaled(scores: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """Scores in float32, times the scale (skipped when it is the plain number 1, to keep the graph short)."""
     scores = scores.float()

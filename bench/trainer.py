@@ -71,6 +71,9 @@ class Callback:
         """After predictions and weights are written, before the done marker; may add keys to ``final``."""
 
 
+CALLBACKS.base = Callback
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
