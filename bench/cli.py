@@ -104,7 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--reports", type=Path, default=Path("reports"))
     dm.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1))
     _add_run_options(dm)
+    _add_command_modules(sub)
     return p
+
+
+def _add_command_modules(sub) -> None:
+    """Further commands live one per module in ``shiftbench.commands``: ``register(subparsers)`` adds a parser
+    and sets its ``func(args) -> int``; they raise UserError for bad input like the built-in ones."""
+    import importlib
+    import pkgutil
+
+    import shiftbench.commands as pkg
+
+    for mod in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{pkg.__name__}.{mod.name}").register(sub)
 
 
 def _parse_test_envs(s: str | None):
@@ -248,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_report(a)
         if a.command == "demo":
             return cmd_demo(a)
+        return a.func(a)
     except UserError as e:
         print(f"shiftbench {a.command}: error: {e}", file=sys.stderr)
         return 2

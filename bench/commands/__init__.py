@@ -1,0 +1,1 @@
+"""Subcommands beyond the core ones, one per module; each module defines ``register(subparsers)``."""
