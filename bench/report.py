@@ -40,6 +40,56 @@ AVG = "avg"
 PLOT_RULE = "training_domain"
 """The selection rule behind the per-environment bar charts."""
 DASH = "–"
+
+
+@dataclass(frozen=True)
+class Section:
+    """An extra part of the report contributed by another module (drift statistics, attestations, ...).
+
+    Attributes:
+        key: stable key of the section in metrics.json.
+        title: heading.
+        markdown: body in Markdown (also printed to the terminal).
+        html: body in HTML (escaped by the contributor).
+        metrics: machine-readable content for metrics.json.
+        files: extra files to write, relative path -> text or bytes.
+    """
+
+    key: str
+    title: str
+    markdown: str
+    html: str
+    metrics: Any = None
+    files: Mapping[str, str | bytes] = field(default_factory=dict)
+
+
+SECTIONS: dict[str, Any] = {}
+"""key -> ``fn(trials) -> Section | None``; modules add theirs with :func:`report_section`."""
+
+
+def report_section(key: str):
+    """Decorator registering a report section builder; it must read only the trials' records and files."""
+
+    def deco(fn):
+        if key in SECTIONS and SECTIONS[key] is not fn:
+            raise ValueError(f"report section {key!r} is already registered")
+        SECTIONS[key] = fn
+        return fn
+
+    return deco
+
+
+def build_sections(trials: Sequence[Trial]) -> list[Section]:
+    """Every registered section that has something to say about these trials."""
+    import importlib
+
+    for mod in SECTION_MODULES:
+        importlib.import_module(mod)
+    return [s for s in (fn(trials) for fn in SECTIONS.values()) if s is not None]
+
+
+SECTION_MODULES: list[str] = []
+"""Modules imported before sections are built (each registers its builders on import)."""
 METRICS_SCHEMA = "shiftbench.metrics/1"
 
 
@@ -320,7 +370,7 @@ def _seed_note(t: Table) -> str:
 
 
 def format_markdown(tables: Sequence[Table], counts: Mapping[str, int],
-                    failed: Sequence[Mapping[str, Any]] = ()) -> str:
+                    failed: Sequence[Mapping[str, Any]] = (), sections: Sequence[Section] = ()) -> str:
     """The leaderboard as Markdown with padded columns (readable in a terminal too).
 
     Args:
@@ -346,6 +396,8 @@ def format_markdown(tables: Sequence[Table], counts: Mapping[str, int],
         out += [fmt(header), "| " + " | ".join("-" * w for w in widths) + " |"] + [fmt(r) for r in rows] + [""]
     if not tables:
         out += ["No done trials.", ""]
+    for sec in sections:
+        out += [f"## {sec.title}", "", sec.markdown.rstrip(), ""]
     out += ["## Run summary", "",
             f"- done trials: {counts['done']} (datasets: {counts['datasets']}, methods: {counts['methods']}, "
             f"seeds: {counts['seeds']})",
@@ -364,7 +416,8 @@ th{border-bottom:2px solid #444}td:first-child,th:first-child{text-align:left}tr
 sup.n{color:#888;font-size:.7em;margin-left:.2em}td.avg,th.avg{border-left:1px solid #bbb}"""
 
 
-def format_html(tables: Sequence[Table], counts: Mapping[str, int], failed: Sequence[Mapping[str, Any]] = ()) -> str:
+def format_html(tables: Sequence[Table], counts: Mapping[str, int], failed: Sequence[Mapping[str, Any]] = (),
+                sections: Sequence[Section] = ()) -> str:
     """The leaderboard as one standalone HTML page (inline CSS, no external assets)."""
     e = html.escape
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', "<title>shiftbench leaderboard</title>",
@@ -386,6 +439,8 @@ def format_html(tables: Sequence[Table], counts: Mapping[str, int], failed: Sequ
                     tds.append(f'<td{cls}>{e(c.text())}<sup class="n" title="{tip}">n={c.n_trials}</sup></td>')
             out.append(f"<tr><td>{e(m)}</td>{''.join(tds)}</tr>")
         out += ["</tbody></table>"]
+    for sec in sections:
+        out += [f"<h2>{e(sec.title)}</h2>", sec.html]
     out += ["<h2>Run summary</h2>", "<ul>",
             f"<li>done trials: {counts['done']} (datasets: {counts['datasets']}, methods: {counts['methods']}, "
             f"seeds: {counts['seeds']})</li>", f"<li>failed trials: {counts['failed']}"]
@@ -587,7 +642,8 @@ def leaderboard_text(trials: Sequence[Trial], failed: Sequence[Mapping[str, Any]
     Returns:
         The text.
     """
-    return format_markdown(compute_tables(trials), _summary_counts(trials, failed, incomplete), failed)
+    return format_markdown(compute_tables(trials), _summary_counts(trials, failed, incomplete), failed,
+                           build_sections(trials))
 
 
 def write_report(trials: Sequence[Trial], out_dir: str | os.PathLike, failed: Sequence[Mapping[str, Any]] = (),
@@ -608,9 +664,16 @@ def write_report(trials: Sequence[Trial], out_dir: str | os.PathLike, failed: Se
     out.mkdir(parents=True, exist_ok=True)
     tables = compute_tables(trials)
     counts = _summary_counts(trials, failed, incomplete)
+    sections = build_sections(trials)
     metrics = _metrics(tables, counts, failed)
-    _atomic_write(out / "leaderboard.md", format_markdown(tables, counts, failed))
-    _atomic_write(out / "leaderboard.html", format_html(tables, counts, failed))
+    if sections:
+        metrics["sections"] = {sec.key: sec.metrics for sec in sections}
+    for sec in sections:
+        for rel, data in sec.files.items():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(out / rel, data)
+    _atomic_write(out / "leaderboard.md", format_markdown(tables, counts, failed, sections))
+    _atomic_write(out / "leaderboard.html", format_html(tables, counts, failed, sections))
     _atomic_write(out / "leaderboard.tex", format_tex(tables))
     _atomic_write(out / "leaderboard.csv", _leaderboard_csv(tables))
     _atomic_write(out / "selections.csv", _selections_csv(tables))

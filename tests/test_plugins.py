@@ -170,3 +170,25 @@ def test_registry_rejects_duplicates_and_wrong_bases_and_suggests():
         reg.register("Gamma")(Alpha)
     with pytest.raises(UserError, match="did you mean 'alpha'"):
         reg.get("alpah")
+
+
+def test_report_sections_from_other_modules(small, tmp_path):
+    from shiftbench import report
+
+    @report.report_section("test_counts")
+    def counts(trials):
+        n = len(trials)
+        return report.Section("test_counts", "Trial count", f"{n} trials counted", f"<p>{n} trials counted</p>",
+                              {"n": n}, {"extra/count.txt": str(n)})  # fmt: skip
+
+    try:
+        spec = TrialSpec.resolve("colored_digits", "erm", steps=3, eval_every=3, dataset_options=small["colored_digits"])
+        run_trial(spec, tmp_path / "runs" / "trials" / spec.short_hash)
+        trials = report.scan_runs(tmp_path / "runs").done
+        metrics = report.write_report(trials, tmp_path / "rep", plots=False)
+        assert metrics["sections"]["test_counts"] == {"n": 1}
+        assert "## Trial count\n\n1 trials counted" in (tmp_path / "rep" / "leaderboard.md").read_text()
+        assert "<p>1 trials counted</p>" in (tmp_path / "rep" / "leaderboard.html").read_text()
+        assert (tmp_path / "rep" / "extra" / "count.txt").read_text() == "1"
+    finally:
+        report.SECTIONS.pop("test_counts")
