@@ -56,3 +56,27 @@ def test_plain_wheel_maps_the_three_folders(tmp_path, repo):
     assert "datasets" not in top and "methods" not in top and "bench" not in top
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "shiftbench = shiftbench.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+@pytest.mark.slow
+def test_plain_install_runs_from_another_folder(tmp_path, repo):
+    # A non-editable `pip install .` (into a target folder, reusing this environment's dependencies).
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", "--target", str(target),
+         str(repo)], check=True, capture_output=True, cwd=tmp_path,
+    )  # fmt: skip
+    code = (
+        "import shiftbench, shiftbench.cli\n"
+        "from shiftbench.registry import METHODS, DATASETS\n"
+        "print(shiftbench.__file__)\n"
+        "print(','.join(METHODS.names()))\n"
+        "print(','.join(DATASETS.names()))\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target), "PYTHONSAFEPATH": "1", "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    path, methods, datasets = out.stdout.split()
+    assert path.startswith(str(target))
+    assert {"erm", "groupdro", "irm", "vrex"} <= set(methods.split(","))
+    assert {"colored_digits", "rotated_digits"} <= set(datasets.split(","))
