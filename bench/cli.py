@@ -196,8 +196,9 @@ def cmd_sweep(a) -> int:
 
 
 def _sweep_and_print(sweep, out: Path, workers: int, options, track: bool, progress: bool) -> int:
-    from .sweep import prepare_out, run_sweep
+    from .sweep import check_data, prepare_out, run_sweep
 
+    check_data(sweep, options)
     prepare_out(out, sweep)
     n = len(sweep.trials())
     print(f"sweep {sweep.name}: {n} trials -> {out}  (hash {sweep.hash[:12]})", file=sys.stderr)

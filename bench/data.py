@@ -149,6 +149,11 @@ class ShiftDataset:
             )
         return {k: coerce(options.get(k, v), v, k) for k, v in cls.OPTIONS.items()}
 
+    @classmethod
+    def check(cls, root: str | None, options: Mapping[str, Any], download: bool) -> None:
+        """Cheap up-front check that the data can be had (files present), run by the sweep driver before any
+        worker starts; raises UserError naming what is missing. Generated datasets need nothing."""
+
     @property
     def env_names(self) -> list[str]:
         return [e.name for e in self.environments]

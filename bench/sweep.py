@@ -45,6 +45,14 @@ def _run_one(spec_dict: dict, directory: str, options: dict) -> dict[str, Any]:
         return {"status": "failed", "reason": reason}
 
 
+def check_data(sweep: SweepSpec, options: RunOptions) -> None:
+    """Missing data fails here, once, before anything is written or any worker starts."""
+    from .registry import DATASETS
+
+    for name in sweep.datasets:
+        DATASETS.get(name).check(options.data_root, sweep.dataset_options.get(name, {}), options.download)
+
+
 def prepare_out(out: Path, sweep: SweepSpec) -> None:
     """Claims ``out`` for this sweep, or refuses if it holds a different one."""
     out = Path(out)
@@ -75,6 +83,7 @@ def run_sweep(
     options = options or RunOptions()
     out = Path(out)
     trials = sweep.trials()
+    check_data(sweep, options)
     prepare_out(out, sweep)
     tracker = parent = None
     if track:

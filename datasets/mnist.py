@@ -226,6 +226,11 @@ class _MNISTDataset(CachedShiftDataset):
     EVAL_EVERY = 100  # DomainBed's CHECKPOINT_FREQ for the MNIST datasets
     HPARAMS: ClassVar[dict[str, HParam]] = {}
 
+    @classmethod
+    def check(cls, root: str | None, options: Mapping[str, Any], download: bool) -> None:
+        if not download:
+            locate_mnist(root, False)
+
     def build_args(self) -> tuple[tuple[str, Any], ...]:
         files = locate_mnist(self.root, self.download)
         stamp = tuple((k, str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for k, p in sorted(files.items()))

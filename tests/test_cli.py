@@ -138,3 +138,10 @@ def test_report_on_an_empty_folder_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, _, err = run_main(capsys, "report", str(tmp_path / "empty"), "--out", str(tmp_path / "r"))
     assert code == 2 and "holds no finished trial" in one_line_error(err)
+
+
+def test_sweep_on_missing_mnist_fails_before_writing_anything(tmp_path, capsys):
+    code, _, err = run_main(capsys, "sweep", "--datasets", "rotated_mnist", "--methods", "erm", "--out",
+                            str(tmp_path / "o"), "--data-root", str(tmp_path / "nothing"), "--no-progress")  # fmt: skip
+    assert code == 2 and "MNIST files not found" in one_line_error(err)
+    assert not (tmp_path / "o" / "sweep.json").exists() and not list(tmp_path.rglob("final.json"))
