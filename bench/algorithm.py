@@ -67,6 +67,10 @@ class Algorithm(nn.Module):
         "batch_size": HParam(64, log_uniform_int(3, 9, base=2)),
     }
 
+    TASKS: ClassVar[tuple[str, ...] | None] = None
+    """Task types the method trains on; None: every type whose Task does not set ``dedicated_methods`` (i.e. all
+    but coordination, which is scored by playing a game rather than by a loss). Checked by ``TrialSpec.resolve``."""
+
     BATCH_KEYS: ClassVar[tuple[str, ...]] = ()
     """Batch entries this method needs beyond the task's own (e.g. a group id); metadata not named here is not
     gathered into training batches."""

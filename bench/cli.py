@@ -22,6 +22,18 @@ def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def _callbacks(s: str) -> list[str]:
+    """``drift,robust_eval:eps=0.3,steps=20,attest`` -> three names: a ``k=v`` piece belongs to the callback
+    before it (settings of a ``name:k=v,...`` callback are themselves comma-separated)."""
+    out: list[str] = []
+    for piece in _csv(s):
+        if "=" in piece and ":" not in piece.split("=", 1)[0] and out and ":" in out[-1]:
+            out[-1] += "," + piece
+        else:
+            out.append(piece)
+    return out
+
+
 def _kv(items: list[str] | None, what: str) -> dict[str, str]:
     out = {}
     for item in items or []:
@@ -60,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     ls = sub.add_parser("list", help="list registered methods, datasets, suites, models")
-    ls.add_argument("what", nargs="?", default="all", choices=["all", "methods", "datasets", "suites", "models"])
+    ls.add_argument("what", nargs="?", default="all",
+                    choices=["all", "methods", "datasets", "suites", "models", "callbacks"])
 
     tr = sub.add_parser("train", help="run one trial")
     tr.add_argument("--dataset", required=True)
@@ -73,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--hparams", nargs="*", metavar="K=V", help="fixed hyperparameters")
     tr.add_argument("--option", nargs="*", metavar="K=V", help="dataset options, e.g. env_size=2000")
     tr.add_argument("--model", default=None)
+    tr.add_argument("--callbacks", type=_callbacks, default=(), metavar="NAME[,NAME]",
+                    help="trial callbacks, e.g. drift,attest or robust_eval:steps=20 (see shiftbench list callbacks)")
     tr.add_argument("--out", required=True, type=Path, help="trial folder")
     tr.add_argument("--no-mlflow", action="store_true", help="do not mirror the trial to MLflow")
     _add_run_options(tr)
@@ -88,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--steps", type=int)
     sw.add_argument("--eval-every", type=int)
     sw.add_argument("--name")
+    sw.add_argument("--callbacks", type=_callbacks, metavar="NAME[,NAME]", help="trial callbacks (replace the suite's)")
     sw.add_argument("--out", required=True, type=Path)
     sw.add_argument("--workers", type=int, default=1)
     sw.add_argument("--retry-failed", action="store_true", help="run failed trials again")
@@ -129,7 +145,7 @@ def _parse_test_envs(s: str | None):
 
 def cmd_list(a) -> int:
     from .config import suite_names
-    from .registry import DATASETS, METHODS, MODELS
+    from .registry import CALLBACKS, DATASETS, METHODS, MODELS
 
     groups = {
         "methods": lambda: [(n, _first_line(METHODS.get(n).__doc__)) for n in METHODS.names()],
@@ -137,6 +153,8 @@ def cmd_list(a) -> int:
                              for n in DATASETS.names()],  # fmt: skip
         "suites": lambda: [(n, "") for n in suite_names()],
         "models": lambda: [(n, _first_line(MODELS.get(n).__doc__)) for n in MODELS.names()],
+        "callbacks": lambda: [(n + ("k=v,..." if n.endswith(":") else ""), _first_line(CALLBACKS.get(n).__doc__))
+                              for n in CALLBACKS.names()],  # fmt: skip
     }
     for g in groups if a.what == "all" else [a.what]:
         print(f"{g}:")
@@ -156,7 +174,7 @@ def cmd_train(a, parser) -> int:
     spec = TrialSpec.resolve(
         a.dataset, a.method, a.test_envs, seed=a.seed, hparams_seed=a.hparams_seed, steps=a.steps,
         eval_every=a.eval_every, hparams=_kv(a.hparams, "--hparams"), dataset_options=_kv(a.option, "--option"),
-        model=a.model,
+        model=a.model, callbacks=tuple(a.callbacks),
     )  # fmt: skip
     options = _run_options(a)
     final = run_trial(spec, a.out, options)
@@ -181,6 +199,7 @@ def cmd_sweep(a) -> int:
     overrides = {
         "methods": a.methods, "test_envs": _parse_test_envs(a.test_envs), "n_hparams": a.n_hparams,
         "n_seeds": a.n_seeds, "steps": a.steps, "eval_every": a.eval_every, "name": a.name,
+        "callbacks": a.callbacks,
     }  # fmt: skip
     if a.suite:
         sweep = load_suite(a.suite, **overrides)

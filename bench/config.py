@@ -42,6 +42,16 @@ def env_names_of(dataset: str, options: Mapping[str, Any]) -> list[str]:
     return list(names(options) if callable(names) else cls.ENVIRONMENTS)
 
 
+def supports_task(method_cls, task: str) -> bool:
+    """Whether a method trains on a task type: the types its ``TASKS`` names, or, when that is None, every type
+    whose Task class does not set ``dedicated_methods``."""
+    if method_cls.TASKS is not None:
+        return task in method_cls.TASKS
+    from .registry import TASKS
+
+    return not getattr(TASKS.get(task), "dedicated_methods", False)
+
+
 @dataclass(frozen=True)
 class TrialSpec:
     """One training run. Everything that changes its numbers is here (and in its hash); where it runs is not."""
@@ -112,6 +122,10 @@ class TrialSpec:
         """
         dcls = DATASETS.get(dataset)
         mcls = METHODS.get(method)
+        if not supports_task(mcls, dcls.TASK):
+            fits = [m for m in METHODS.names() if supports_task(METHODS.get(m), dcls.TASK)]
+            raise UserError(f"method {method!r} does not train on {dcls.TASK} datasets such as {dataset!r}; "
+                            f"methods that do: {', '.join(fits) or 'none'}")
         options = dcls.resolve_options(dataset_options or {})
         names = env_names_of(dataset, options)
         test_envs = tuple(dcls.DEFAULT_TEST_ENVS if test_envs is None else test_envs)
@@ -132,7 +146,7 @@ class TrialSpec:
         for cb in callbacks:
             from .registry import CALLBACKS
 
-            CALLBACKS.get(cb)
+            CALLBACKS.get(cb).validate(cb)
         space = mcls.hparam_space(dcls.HPARAMS)
         # DomainBed draws a fresh search per trial seed: each seed replicates the whole random search.
         draw_seed = 0 if hparams_seed == 0 else seed_hash(hparams_seed, seed)

@@ -61,6 +61,10 @@ class Interrupted(Exception):
 class Callback:
     """Trial hooks. Register with ``@CALLBACKS.register(name)`` and name it in the spec's ``callbacks``."""
 
+    @classmethod
+    def validate(cls, name: str) -> None:
+        """Checks a spec's callback name (with any ``:settings``) before a trial runs; raises UserError."""
+
     def on_start(self, run: "TrialRun") -> None:
         pass
 

@@ -39,6 +39,9 @@ def one_line_error(err: str) -> str:
         (["sweep", "--datasets", "colored_digits", "--methods", "erm", "--steps", "0"], "steps must be a positive"),
         (["sweep", "--suite", "quickstrat"], "did you mean 'quickstart'"),
         (["sweep", "--datasets", "colored_digits", "--methods", "erm", "--test-envs", "5"], "out of range"),
+        (["train", "--dataset", "colored_digits", "--method", "erm", "--callbacks", "drfit"], "did you mean 'drift'"),
+        (["sweep", "--datasets", "colored_digits", "--methods", "erm", "--callbacks", "robust_eval:epz=1"],
+         "did you mean 'eps'"),
     ],
 )
 def test_bad_input_one_line_nonzero(argv, expected, tmp_path, capsys):
@@ -145,3 +148,17 @@ def test_sweep_on_missing_mnist_fails_before_writing_anything(tmp_path, capsys):
                             str(tmp_path / "o"), "--data-root", str(tmp_path / "nothing"), "--no-progress")  # fmt: skip
     assert code == 2 and "MNIST files not found" in one_line_error(err)
     assert not (tmp_path / "o" / "sweep.json").exists() and not list(tmp_path.rglob("final.json"))
+
+
+def test_train_callbacks_option_runs_the_named_callbacks(tmp_path, capsys):
+    # drift and a robust evaluation whose settings contain a comma: both must run and enter the trial's spec
+    out = tmp_path / "t"
+    code, _, err = run_main(capsys, "train", "--dataset", "colored_digits", "--method", "erm", *SMALL_OPTS,
+                            "--steps", "6", "--eval-every", "3", "--no-mlflow", "--out", str(out),
+                            "--callbacks", "drift,robust_eval:steps=2,restarts=1,examples=16")
+    assert code == 0, err
+    spec = json.loads((out / "spec.json").read_text())
+    assert spec["spec"]["callbacks"] == ["drift", "robust_eval:steps=2,restarts=1,examples=16"]
+    final = json.loads((out / "final.json").read_text())
+    assert set(final["drift"]["envs"]) == {"env2"}  # the held-out environment (-90%)
+    assert any(k.startswith("robust") for k in final["record"]), sorted(final["record"])

@@ -182,7 +182,8 @@ def test_report_sections_from_other_modules(small, tmp_path):
                               {"n": n}, {"extra/count.txt": str(n)})  # fmt: skip
 
     try:
-        spec = TrialSpec.resolve("colored_digits", "erm", steps=3, eval_every=3, dataset_options=small["colored_digits"])
+        spec = TrialSpec.resolve("colored_digits", "erm", steps=3, eval_every=3,
+                                 dataset_options=small["colored_digits"])
         run_trial(spec, tmp_path / "runs" / "trials" / spec.short_hash)
         trials = report.scan_runs(tmp_path / "runs").done
         metrics = report.write_report(trials, tmp_path / "rep", plots=False)
