@@ -11,6 +11,7 @@ Files written by :func:`write_report` into ``out_dir``:
 - ``leaderboard.md``, ``leaderboard.html`` (standalone), ``leaderboard.tex`` (booktabs tabulars)
 - ``leaderboard.csv`` (long form: dataset, rule, method, env, mean, se, n_seeds, n_trials)
 - ``selections.csv`` (which trial, draw and step each rule picked per seed and test environment)
+- ``leaderboard_extra.csv`` (the extra-metric tables below, long form with a ``metric`` column)
 - ``metrics.json`` (the same numbers, machine-readable, stable keys)
 - ``plots/accuracy_by_env_<dataset>.png`` and ``plots/accuracy_over_steps.png``
 """
@@ -88,7 +89,8 @@ def build_sections(trials: Sequence[Trial]) -> list[Section]:
     return [s for s in (fn(trials) for fn in SECTIONS.values()) if s is not None]
 
 
-SECTION_MODULES: list[str] = []
+SECTION_MODULES: list[str] = ["shiftbench.attest.report", "shiftbench.bestofn", "shiftbench.hooks.drift",
+                              "shiftbench.coordination.report"]
 """Modules imported before sections are built (each registers its builders on import)."""
 METRICS_SCHEMA = "shiftbench.metrics/1"
 
@@ -246,10 +248,12 @@ class Table:
     methods: list[str]
     cells: dict[tuple[str, Any], Cell]
     selections: dict[tuple[str, Any, int], Any]
+    metric: str = "acc"
+    """The record metric in the cells (``env{i}_in_<metric>``); the rule always selects by accuracy."""
 
     @property
     def title(self) -> str:
-        return rule_title(self.rule)
+        return rule_title(self.rule) if self.metric == "acc" else f"{rule_title(self.rule)}: {self.metric}"
 
     def columns(self) -> list[tuple[Any, str]]:
         """(key, display name) of every column after "Method"."""
@@ -280,12 +284,35 @@ def _groups(trials: Sequence[Trial]) -> dict[str, dict[str, dict[Any, list[Trial
     return out
 
 
-def compute_tables(trials: Sequence[Trial], rules: Sequence[str] | None = None) -> list[Table]:
+def _metric_at(group: Sequence[Trial], sel: Any, env: int, metric: str) -> float | None:
+    """``env{env}_in_<metric>`` of the record the selection points at (trial hash and step), in percent."""
+    if metric == "acc":
+        return 100.0 * sel.test_acc
+    trial = next((t for t in group if str(t["hash"]) == sel.hash), None)
+    rec = next((r for r in (trial or {}).get("records", []) if r.get("step") == sel.step), {})
+    v = rec.get(f"env{env}_in_{metric}")
+    return 100.0 * float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+_EXTRA_METRIC = re.compile(r"^env\d+_in_(\w+_acc)$")
+
+
+def extra_metrics(trials: Sequence[Trial]) -> list[str]:
+    """Accuracy-like metrics besides ``acc`` in the trials' records (``robust_acc``, ``worst_group_acc``, ...):
+    every ``<m>`` of a key ``env{i}_in_<m>`` ending in ``_acc``, sorted."""
+    return sorted({m.group(1) for t in trials for r in t.get("records", []) for k in r
+                   if (m := _EXTRA_METRIC.match(k))})
+
+
+def compute_tables(trials: Sequence[Trial], rules: Sequence[str] | None = None, metric: str = "acc") -> list[Table]:
     """Applies every selection rule to every (dataset, method, seed, test env) and aggregates over seeds.
 
     Args:
         trials: done trials, as :func:`load_trials` returns them.
         rules: rule names to use (default: all of RULES, in registration order).
+        metric: what the cells report: ``acc`` (the rule's own test accuracy) or another record metric, read as
+            ``env{i}_in_<metric>`` at the checkpoint the rule selected by accuracy; seeds whose selected record lacks
+            it are left out of that cell.
 
     Returns:
         Tables sorted by dataset, then rule order.
@@ -310,22 +337,39 @@ def compute_tables(trials: Sequence[Trial], rules: Sequence[str] | None = None) 
                         sel = rule(group, env)
                         if sel is None:
                             continue
+                        value = _metric_at(group, sel, env, metric)
+                        if value is None:
+                            continue
                         pool = rule.pool(group, env)  # type: ignore[attr-defined]
                         selections[(method, seed, env)] = sel
-                        per_env[env].append(100.0 * sel.test_acc)
+                        per_env[env].append(value)
                         per_env_trials[env] += len(pool)
-                        seed_accs[seed][env] = 100.0 * sel.test_acc
+                        seed_accs[seed][env] = value
                         seed_pools[seed].update(str(t["hash"]) for t in pool)
                 for env in envs:
                     cells[(method, env)] = _cell(per_env[env], per_env_trials[env])
                 full = [s for s in seed_accs if len(seed_accs[s]) == len(envs)]
                 cells[(method, AVG)] = _cell([float(np.mean([seed_accs[s][e] for e in envs])) for s in full],
                                              len(set().union(*(seed_pools[s] for s in full))) if full else 0)
-            tables.append(Table(dataset, rule_name, envs, names, sorted(by_method), cells, selections))
+            tables.append(Table(dataset, rule_name, envs, names, sorted(by_method), cells, selections, metric))
     return tables
 
 
+def all_tables(trials: Sequence[Trial]) -> list[Table]:
+    """The accuracy tables, then one table per (extra metric, dataset, rule) that has at least one number."""
+    extra = [t for m in extra_metrics(trials) for t in compute_tables(trials, metric=m)
+             if any(c.mean is not None for c in t.cells.values())]
+    return compute_tables(trials) + extra
+
+
 # --------------------------------------------------------------------------------------------------------- rendering
+
+
+def _table_blurb(t: Table) -> str:
+    if t.metric == "acc":
+        return _rule_blurb(t.rule)
+    return (f"{t.metric} (%) of the test environment's in split, at the checkpoint and draw this rule selects (the "
+            f"selections of its accuracy table)")
 
 
 def _rule_blurb(rule_name: str) -> str:
@@ -388,7 +432,7 @@ def format_markdown(tables: Sequence[Table], counts: Mapping[str, int],
                 t.rule == "leave_one_domain_out") else ""
             out += [f"## {t.dataset} — {t.title}", "", f"No selections{hint}.", ""]
             continue
-        out += [f"## {t.dataset} — {t.title}", "", f"{_rule_blurb(t.rule)} ({_seed_note(t)})", ""]
+        out += [f"## {t.dataset} — {t.title}", "", f"{_table_blurb(t)} ({_seed_note(t)})", ""]
         header = ["Method"] + [_md_escape(n) for _, n in t.columns()]
         rows = [[_md_escape(m)] + [_md_cell(t.cells[(m, k)]) for k, _ in t.columns()] for m in t.methods]
         widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
@@ -423,7 +467,7 @@ def format_html(tables: Sequence[Table], counts: Mapping[str, int], failed: Sequ
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', "<title>shiftbench leaderboard</title>",
            f"<style>{_CSS}</style></head><body>", "<h1>shiftbench leaderboard</h1>", f'<p class="note">{e(INTRO)}</p>']
     for t in tables:
-        out += [f"<h2>{e(t.dataset)} — {e(t.title)}</h2>", f'<p class="note">{e(_rule_blurb(t.rule))} '
+        out += [f"<h2>{e(t.dataset)} — {e(t.title)}</h2>", f'<p class="note">{e(_table_blurb(t))} '
                 f"({e(_seed_note(t))})</p>", "<table>", "<thead><tr><th>Method</th>"
                 + "".join(f'<th{" class=avg" if k == AVG else ""}>{e(n)}</th>' for k, n in t.columns())
                 + "</tr></thead>", "<tbody>"]
@@ -497,7 +541,11 @@ def _metrics(tables: Sequence[Table], counts: Mapping[str, int], failed: Sequenc
                 entry[AVG if k == AVG else f"env{k}"] = {
                     "name": name, "mean": c.mean, "se": c.se, "n_seeds": c.n_seeds, "n_trials": c.n_trials}
             methods[m] = entry
-        ds["rules"][t.rule] = {"title": t.title, "methods": methods}
+        if t.metric == "acc":
+            ds["rules"][t.rule] = {"title": t.title, "methods": methods}
+        else:  # extra metrics (robust_acc, ...) at the accuracy-selected checkpoint, keyed by metric then rule
+            ds.setdefault("extra_metrics", {}).setdefault(t.metric, {})[t.rule] = {"title": t.title,
+                                                                                    "methods": methods}
     return {"schema": METRICS_SCHEMA, "unit": "percent", "counts": dict(counts),
             "failures": [{"hash": str(f.get("hash", "")), "reason": str(f.get("reason", "")), "step": f.get("step")}
                          for f in failed],
@@ -510,21 +558,26 @@ def _csv(rows: list[list[Any]]) -> str:
     return buf.getvalue()
 
 
-def _leaderboard_csv(tables: Sequence[Table]) -> str:
-    rows: list[list[Any]] = [["dataset", "rule", "method", "env", "mean", "se", "n_seeds", "n_trials"]]
+def _leaderboard_csv(tables: Sequence[Table], extra: bool = False) -> str:
+    """Accuracy tables (or, with ``extra``, the extra-metric tables with a leading ``metric`` column)."""
+    head = ["dataset", "rule", "method", "env", "mean", "se", "n_seeds", "n_trials"]
+    rows: list[list[Any]] = [["metric"] + head if extra else head]
     for t in tables:
+        if (t.metric != "acc") != extra:
+            continue
         for m in t.methods:
             for k, name in t.columns():
                 c = t.cells[(m, k)]
-                rows.append([t.dataset, t.rule, m, name, "" if c.mean is None else f"{c.mean:.4f}",
-                             "" if c.se is None else f"{c.se:.4f}", c.n_seeds, c.n_trials])
+                rows.append(([t.metric] if extra else []) + [
+                    t.dataset, t.rule, m, name, "" if c.mean is None else f"{c.mean:.4f}",
+                    "" if c.se is None else f"{c.se:.4f}", c.n_seeds, c.n_trials])
     return _csv(rows)
 
 
 def _selections_csv(tables: Sequence[Table]) -> str:
     rows: list[list[Any]] = [["dataset", "rule", "method", "seed", "test_env", "env", "hash", "hparams_seed", "step",
                               "val_acc", "test_acc"]]
-    for t in tables:
+    for t in (t for t in tables if t.metric == "acc"):  # extra-metric tables repeat the same selections
         names = dict(zip(t.envs, t.env_names))
         for (m, seed, env), s in sorted(t.selections.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2])):
             rows.append([t.dataset, t.rule, m, seed, env, names[env], s.hash, s.hparams_seed, s.step,
@@ -642,7 +695,7 @@ def leaderboard_text(trials: Sequence[Trial], failed: Sequence[Mapping[str, Any]
     Returns:
         The text.
     """
-    return format_markdown(compute_tables(trials), _summary_counts(trials, failed, incomplete), failed,
+    return format_markdown(all_tables(trials), _summary_counts(trials, failed, incomplete), failed,
                            build_sections(trials))
 
 
@@ -662,7 +715,7 @@ def write_report(trials: Sequence[Trial], out_dir: str | os.PathLike, failed: Se
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tables = compute_tables(trials)
+    tables = all_tables(trials)
     counts = _summary_counts(trials, failed, incomplete)
     sections = build_sections(trials)
     metrics = _metrics(tables, counts, failed)
@@ -676,11 +729,12 @@ def write_report(trials: Sequence[Trial], out_dir: str | os.PathLike, failed: Se
     _atomic_write(out / "leaderboard.html", format_html(tables, counts, failed, sections))
     _atomic_write(out / "leaderboard.tex", format_tex(tables))
     _atomic_write(out / "leaderboard.csv", _leaderboard_csv(tables))
+    _atomic_write(out / "leaderboard_extra.csv", _leaderboard_csv(tables, extra=True))
     _atomic_write(out / "selections.csv", _selections_csv(tables))
     _atomic_write(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=False) + "\n")
     if plots:
         for t in tables:
-            if t.rule == PLOT_RULE:
+            if t.rule == PLOT_RULE and t.metric == "acc":
                 _plot_atomic(plot_env_bars, out / "plots" / f"accuracy_by_env_{_safe(t.dataset)}.png", t)
         _plot_atomic(plot_over_steps, out / "plots" / "accuracy_over_steps.png", trials)
     return metrics

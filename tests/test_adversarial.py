@@ -1,0 +1,84 @@
+"""Adversarial training through the harness: it buys accuracy under PGD that ERM lacks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from shiftbench.config import TrialSpec
+from shiftbench.errors import UserError
+from shiftbench.trainer import Interrupted, RunOptions, run_trial
+
+ROBUST = "robust_eval:eps=0.1,steps=10,restarts=1"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded shared box extra threads slow them tenfold."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def erm_vs_adversarial(small, tmp_path_factory):
+    """Final records of ERM and adversarial training (L∞, ε = 0.1, defaults) on the small rotated digits."""
+    out = {}
+    for method in ("erm", "adversarial"):
+        spec = TrialSpec.resolve("rotated_digits", method, steps=200, eval_every=199, seed=0,
+                                 dataset_options=small["rotated_digits"], callbacks=(ROBUST,))
+        out[method] = run_trial(spec, tmp_path_factory.mktemp(method) / "t")["record"]
+    return out
+
+
+@pytest.mark.slow
+def test_adversarial_training_raises_pgd_accuracy_over_erm(erm_vs_adversarial):
+    erm, adv = erm_vs_adversarial["erm"], erm_vs_adversarial["adversarial"]
+    val = lambda r, m: sum(r[f"env{i}_out_{m}"] for i in range(1, 6)) / 5  # noqa: E731  training envs' out splits
+    # Measured (seed 0): PGD accuracy on the training environments' out splits ERM 0.008, adversarial 0.233;
+    # on the held-out 0° environment ERM 0.005, adversarial 0.062 (clean: 0.72 / 0.76 and 0.52 / 0.56).
+    assert val(adv, "robust_acc") > val(erm, "robust_acc") + 0.1
+    assert adv["env0_in_robust_acc"] > erm["env0_in_robust_acc"] + 0.02
+    assert val(erm, "acc") > 0.5 and val(adv, "acc") > 0.5  # both still classify clean digits
+
+
+def test_the_attacked_batch_costs_more_than_the_clean_one(small, tmp_path):
+    for threat in ("linf", "spatial"):
+        spec = TrialSpec.resolve("rotated_digits", "adversarial", steps=12, eval_every=6, seed=0,
+                                 dataset_options=small["rotated_digits"], hparams={"adv_threat": threat})
+        run_trial(spec, tmp_path / threat)
+        records = [json.loads(x) for x in (tmp_path / threat / "results.jsonl").read_text().splitlines()]
+        assert all(r["adv_loss"] > r["clean_loss"] for r in records)
+        assert records[-1]["loss"] == pytest.approx(records[-1]["clean_loss"] + records[-1]["adv_loss"], rel=1e-5)
+
+
+def test_zero_mix_weight_trains_exactly_like_erm(small, tmp_path):
+    # λ = 0 leaves only the clean term; the attack draws from the global generator but training batches do not.
+    weights = {}
+    for method, hp in (("erm", {}), ("adversarial", {"adv_lambda": 0.0})):
+        spec = TrialSpec.resolve("colored_digits", method, steps=8, eval_every=8, hparams=hp,
+                                 dataset_options=small["colored_digits"])
+        run_trial(spec, tmp_path / method)
+        weights[method] = torch.load(tmp_path / method / "model.pt", weights_only=True)
+    assert all(torch.allclose(weights["erm"][k], weights["adversarial"][k], atol=1e-6) for k in weights["erm"])
+
+
+def test_bad_threat_hyperparameter_is_one_clear_error(small, tmp_path):
+    spec = TrialSpec.resolve("colored_digits", "adversarial", steps=2, eval_every=2,
+                             dataset_options=small["colored_digits"], hparams={"adv_threat": "linf2"})
+    with pytest.raises(UserError, match="unknown threat 'linf2'"):
+        run_trial(spec, tmp_path / "t")
+
+
+def test_adversarial_training_resumes_exactly_after_a_kill(small, tmp_path):
+    # The random starts come from the global generator, which the checkpoint carries.
+    spec = TrialSpec.resolve("colored_digits", "adversarial", steps=21, eval_every=5,
+                             dataset_options=small["colored_digits"])
+    whole = run_trial(spec, tmp_path / "whole")["record"]
+    with pytest.raises(Interrupted):
+        run_trial(spec, tmp_path / "cut", RunOptions(stop_after=10))
+    resumed = run_trial(spec, tmp_path / "cut")["record"]
+    assert resumed["env2_in_loss"] == whole["env2_in_loss"] and resumed["adv_loss"] == whole["adv_loss"]
