@@ -72,10 +72,31 @@ class Classification(Task):
 
 @TASKS.register("preference")
 class Preference(Task):
-    """Bradley–Terry on reward differences: p(chosen ≻ rejected) = σ(r_c − r_r), loss −log σ(r_c − r_r)."""
+    """Bradley–Terry reward modelling: p(chosen ≻ rejected) = σ(r_c − r_r) (Bradley & Terry, 1952; the reward-model
+    loss of Ouyang et al., 2022).
+
+    Scores are ``(n, 2)``: column 0 is the reward difference ``d = r_c − r_r`` (what Bradley–Terry scores, what
+    ``outputs`` calls ``score``), column 1 the reward sum ``r_c + r_r`` (what the centring term needs, since the
+    loss sees scores and batch but not the model). A 1-D tensor is accepted as differences alone.
+
+    Per-pair training loss, with ``s`` the scale IRM differentiates (it multiplies both rewards):
+
+        −log σ(s·d − m) + c · (s·(r_c + r_r))²
+
+    ``m`` is the optional per-pair margin (batch key ``margin``; Touvron et al., 2023, Llama 2, Eq. 2) and ``c`` the
+    optional centre-rewards coefficient (batch key ``center_rewards_coefficient``, one value per pair, normally a
+    constant a dataset option fills in), TRL's ``RewardConfig.center_rewards_coefficient``, after Eisenstein et al.,
+    2023 ("Helping or Herding?"): its mean over a batch is ``c · mean((r_c + r_r)²)``, which pins the reward's
+    free offset near zero. The coefficient travels in the batch because a task is built with no arguments and only
+    datasets and methods see options; a dataset declares it as an option, so it enters the trial hash.
+
+    Evaluation outputs per pair: ``loss`` (−log σ(d), no margin or centring: the model's own likelihood),
+    ``correct`` (d > 0), ``pred``, ``score`` (= d) and, with two-column scores, ``reward_chosen`` and
+    ``reward_rejected`` for a dataset's ``evaluate`` (mean margin, corr(reward, length), ...).
+    """
 
     input_keys = ("chosen", "rejected")
-    batch_keys = ("chosen", "rejected", "margin")
+    batch_keys = ("chosen", "rejected", "margin", "center_rewards_coefficient")
 
     def n_outputs(self, num_classes: int) -> int:
         return 1
@@ -87,22 +108,30 @@ class Preference(Task):
 
     def scores(self, model, batch):
         r_c, r_r = self.rewards(model, batch)
-        return r_c - r_r
+        return torch.stack([r_c - r_r, r_c + r_r], dim=1)
 
     def features(self, model, batch):
         return model.featurizer(batch["chosen"])
 
+    @staticmethod
+    def split_scores(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(reward differences, reward sums or None) from 1-D or two-column scores."""
+        return (scores, None) if scores.dim() == 1 else (scores[:, 0], scores[:, 1])
+
     def loss(self, scores, batch, scale=1.0, reduction="mean"):
+        d, total = self.split_scores(_scaled(scores, scale))
         margin = batch.get("margin")
-        s = _scaled(scores, scale)
-        per = -F.logsigmoid(s - margin if margin is not None else s)
+        per = -F.logsigmoid(d - margin if margin is not None else d)
+        coef = batch.get("center_rewards_coefficient")
+        if coef is not None:
+            if total is None:
+                raise ValueError("the centre-rewards term needs two-column scores (r_c - r_r, r_c + r_r)")
+            per = per + coef * total**2
         return per.mean() if reduction == "mean" else per
 
     def outputs(self, scores, batch):
-        scores = scores.float()
-        return {
-            "loss": -F.logsigmoid(scores),
-            "correct": (scores > 0).float(),
-            "pred": (scores > 0).long(),
-            "score": scores,
-        }
+        d, total = self.split_scores(scores.float())
+        out = {"loss": -F.logsigmoid(d), "correct": (d > 0).float(), "pred": (d > 0).long(), "score": d}
+        if total is not None:
+            out["reward_chosen"], out["reward_rejected"] = (total + d) / 2, (total - d) / 2
+        return out
