@@ -70,5 +70,121 @@ def build_model(name: str, input_shape, n_outputs: int, hparams: dict) -> Model:
 
     cls = MODELS.get(name)
     params = inspect.signature(cls.__init__).parameters
-    kwargs = {k[len(name) + 1 :]: v for k, v in hparams.items() if k.startswith(name + "_") and k[len(name) + 1 :] in params}
+    prefix = name + "_"
+    kwargs = {k[len(prefix):]: v for k, v in hparams.items() if k.startswith(prefix) and k[len(prefix):] in params}
     return Model(cls(tuple(input_shape), **kwargs), n_outputs)
+
+
+class TorchvisionResNet(nn.Module):
+    """A torchvision ResNet without its classifier; the harness adds the head (DomainBed's ``networks.ResNet``).
+
+    Weights never come from the network: ``weights="imagenet"`` loads torchvision's ImageNet checkpoint
+    (IMAGENET1K_V1, what DomainBed and WILDS start from) only if it is already in the torch hub cache
+    (``$TORCH_HOME/hub/checkpoints``), otherwise the network starts from random initialisation with a warning;
+    a file path loads that state_dict; ``"none"`` is random initialisation without a warning. With loaded weights
+    BatchNorm statistics stay frozen (``freeze_bn``), as in DomainBed; a randomly initialised network trains them.
+
+    Args:
+        input_shape: (channels, height, width); other than 3 channels, the first convolution is rebuilt (with
+            loaded weights, its filters cycle over the RGB ones, as DomainBed does).
+        weights: ``"imagenet"``, ``"none"`` or a path to a state_dict file.
+        dropout: dropout on the pooled features.
+        freeze_bn: keep BatchNorm layers in eval mode during training when weights were loaded.
+    """
+
+    ARCH = "resnet50"
+
+    def __init__(self, input_shape, weights: str = "imagenet", dropout: float = 0.0, freeze_bn: bool = True):
+        super().__init__()
+        import torchvision
+
+        net = getattr(torchvision.models, self.ARCH)(weights=None)
+        self.loaded_from = _load_resnet_weights(net, self.ARCH, str(weights))
+        channels = int(input_shape[0])
+        if channels != 3:
+            old = net.conv1
+            net.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            if self.loaded_from:
+                with torch.no_grad():
+                    for i in range(channels):
+                        net.conv1.weight[:, i] = old.weight[:, i % 3]
+        self.n_outputs = net.fc.in_features
+        net.fc = nn.Identity()
+        self.net = net
+        self.dropout = nn.Dropout(float(dropout))
+        self.freeze_bn = bool(freeze_bn) and self.loaded_from is not None
+
+    def forward(self, x):
+        return self.dropout(self.net(x))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.freeze_bn:
+            for m in self.net.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+
+def _load_resnet_weights(net: nn.Module, arch: str, weights: str) -> str | None:
+    """Loads ``weights`` into ``net``; returns where they came from (None: random initialisation)."""
+    import os
+    import warnings
+
+    import torchvision
+
+    from .errors import UserError
+
+    if weights in ("none", ""):
+        return None
+    if weights == "imagenet":
+        enum = getattr(torchvision.models, {"resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights"}[arch])
+        url = enum.IMAGENET1K_V1.url
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+        if not os.path.isfile(path):
+            warnings.warn(
+                f"{arch}: ImageNet weights not found at {path} (nothing is downloaded); starting from random "
+                f"initialisation. Put {os.path.basename(url)} there or pass --hparams {arch}_weights=FILE",
+                stacklevel=3,
+            )
+            return None
+    else:
+        path = os.path.expanduser(weights)
+        if not os.path.isfile(path):
+            raise UserError(f"{arch}_weights={weights!r}: no such file; give a state_dict file, 'imagenet' or 'none'")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- a damaged or foreign file: say which
+        raise UserError(f"cannot load {arch} weights from {path}: {type(e).__name__}: {e}") from None
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("fc.")]:
+        raise UserError(f"{path} is not a {arch} state_dict ({len(missing)} missing, {len(unexpected)} unexpected "
+                        "keys)")
+    return path
+
+
+@MODELS.register("resnet18")
+class ResNet18(TorchvisionResNet):
+    """torchvision ResNet-18 (512 features); ImageNet weights only from a local file or the hub cache."""
+
+    ARCH = "resnet18"
+
+
+@MODELS.register("resnet50")
+class ResNet50(TorchvisionResNet):
+    """torchvision ResNet-50 (2048 features), DomainBed's default; ImageNet weights only from a local file or cache."""
+
+    ARCH = "resnet50"
+
+
+def resnet_hparams() -> dict:
+    """The ResNet models' hyperparameters (DomainBed's: dropout 0 or U{0, 0.1, 0.5}), for datasets to declare."""
+    from .hparams import HParam, choice, fixed
+
+    out = {}
+    for arch in ("resnet18", "resnet50"):
+        out[f"{arch}_weights"] = HParam("imagenet", fixed("imagenet"))
+        out[f"{arch}_dropout"] = HParam(0.0, choice([0.0, 0.1, 0.5]))
+        out[f"{arch}_freeze_bn"] = HParam(True, fixed(True))
+    return out

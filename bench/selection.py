@@ -251,3 +251,46 @@ def leave_one_domain_out(trials: Sequence[Trial], test_env: int) -> Selection | 
             steps.append(Selection(sum(vals) / len(vals), float(test), str(trial["hash"]), hp, step))
         per_draw.append(_best(steps))
     return _best(s for s in per_draw if s is not None)
+
+
+def _worst_group_val(trial: Trial, record: Record, test_env: int) -> float | None:
+    """A record's worst-group validation accuracy: the dataset's validation split's ``worst_group_acc`` when the
+    dataset names one (``validation_split`` in spec.json's ``dataset``, e.g. WILDS' ``val`` as ``env0_out``), else
+    the lowest accuracy over the training environments' "out" splits (each environment a group, or its own worst
+    group where it records one)."""
+    named = (trial.get("dataset") or {}).get("validation_split") if isinstance(trial.get("dataset"), Mapping) else None
+    if named:
+        v = record.get(f"{named}_worst_group_acc")
+        return float(v) if _finite(v) else None
+    vals = [record.get(f"env{i}_out_worst_group_acc", record.get(f"env{i}_out_acc"))
+            for i in _out_envs(record) if i != test_env]
+    return float(min(vals)) if vals and _finite(*vals) else None
+
+
+@selection_rule("worst_group", "worst-group validation")
+def worst_group(trials: Sequence[Trial], test_env: int) -> Selection | None:
+    """Worst-group validation: best checkpoint and draw by validation worst-group accuracy; test worst-group accuracy.
+
+    The reported number is the test split's worst-group accuracy, or its plain accuracy where it records no groups.
+
+    As in Sagawa et al. ("Distributionally Robust Neural Networks", ICLR 2020) and WILDS, where early stopping and
+    hyperparameters are chosen on the validation split's worst-group accuracy.
+
+    Args:
+        trials: done trials of one (dataset, method, seed).
+        test_env: the held-out environment to report.
+
+    Returns:
+        The selection, or None when no trial holds out exactly ``test_env`` with usable records.
+    """
+    per_trial = []
+    for trial in sorted(single_test_env_pool(trials, test_env), key=_order):
+        steps = []
+        for r in _records(trial):
+            val = _worst_group_val(trial, r, test_env)
+            test = r.get(f"env{test_env}_in_worst_group_acc", r.get(f"env{test_env}_in_acc"))
+            if val is None or not _finite(test):
+                continue
+            steps.append(Selection(val, float(test), str(trial["hash"]), hparams_seed(trial), int(r.get("step", 0))))
+        per_trial.append(_best(steps))
+    return _best(s for s in per_trial if s is not None)

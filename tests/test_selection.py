@@ -151,7 +151,7 @@ def test_selection_is_frozen():
 
 
 def test_registry_names_and_titles():
-    assert list(RULES) == ["training_domain", "oracle", "leave_one_domain_out"]
+    assert list(RULES) == ["training_domain", "oracle", "leave_one_domain_out", "worst_group"]
     assert RULES["training_domain"].title == "training-domain validation"
     assert RULES["leave_one_domain_out"].title == "leave-one-domain-out"
     assert RULES["oracle"].title == "test-domain validation (oracle)"
