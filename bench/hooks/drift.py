@@ -1,0 +1,285 @@
+"""The ``drift`` trial callback and its report section: is each held-out environment a shifted distribution?
+
+After training, every held-out environment's ``in`` split (where test accuracy is measured) is tested against the
+training environments' ``out`` splits (held out from training, so the model's outputs on them are those of unseen
+data) on three views:
+
+- ``inputs``: flattened inputs, reduced to :data:`PCA_DIM` principal components fitted on the training
+  environments' ``in`` splits (disjoint from both samples, so the test stays exact); MMD permutation test.
+- ``features``: the model's penultimate features; MMD permutation test.
+- ``outputs``: the model's softmax outputs; BBSD (KS per class, Bonferroni). For non-classification tasks the raw
+  scores, with KS.
+
+Each side is a seeded random sample of at most :data:`MAX_SAMPLES` examples. For classification, BBSE's estimate
+of the held-out label distribution is kept too (next to the true one, which uses the test labels: a diagnostic).
+
+Where the numbers go: flat keys ``drift_env{i}_{view}_{statistic,pvalue,drift}``, ``drift_env{i}_n_ref``,
+``drift_env{i}_n_test`` (and ``drift_env{i}_bbse_tv``) in the final record (final.json's ``record``, which the MLflow
+mirror logs as metrics); detector names and details in final.json's ``drift`` and in ``drift.json`` in the trial
+folder (an MLflow artifact like every trial file).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import math
+import re
+import sys
+from collections import defaultdict
+from statistics import median
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from shiftbench import drift
+from shiftbench.data import Split, TensorSplit
+from shiftbench.hparams import seed_hash
+from shiftbench.io import write_json
+from shiftbench.registry import CALLBACKS
+from shiftbench.report import DASH, Section, report_section
+from shiftbench.trainer import Callback
+
+MAX_SAMPLES = 1000
+"""Examples per side (reference and test)."""
+PCA_DIM = 32
+"""Principal components of the inputs."""
+FIT_SAMPLES = 2000
+"""Training examples the PCA is fitted on."""
+N_PERMUTATIONS = 500
+"""Permutations of the MMD tests (smallest p-value 1/501)."""
+ALPHA = drift.ALPHA
+VIEWS = ("inputs", "features", "outputs")
+FILE = "drift.json"
+_IN_ACC = re.compile(r"^env(\d+)_in_acc$")
+
+
+def gather(split: Split, idx: np.ndarray, batch_size: int = 2048) -> dict[str, torch.Tensor]:
+    """Rows ``idx`` (sorted) of a split as one CPU batch, without materialising a large split."""
+    if isinstance(split, TensorSplit):
+        t = torch.as_tensor(idx, dtype=torch.long)
+        return {k: v.index_select(0, t.to(v.device)).cpu() for k, v in split.tensors.items()}
+    parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+    start = 0
+    for b in split.eval_batches(batch_size):
+        n = len(next(iter(b.values())))
+        local = idx[(idx >= start) & (idx < start + n)] - start
+        if len(local):
+            for k, v in b.items():
+                parts[k].append(v[torch.as_tensor(local)].cpu())
+        start += n
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def sample(splits: Sequence[Split], n: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """At most ``n`` examples drawn uniformly without replacement from the union of ``splits``."""
+    sizes = [len(s) for s in splits]
+    pick = np.sort(rng.choice(sum(sizes), min(n, sum(sizes)), replace=False))
+    out: dict[str, list[torch.Tensor]] = defaultdict(list)
+    offset = 0
+    for s, size in zip(splits, sizes):
+        local = pick[(pick >= offset) & (pick < offset + size)] - offset
+        if len(local):
+            for k, v in gather(s, local).items():
+                out[k].append(v)
+        offset += size
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _inputs(batch: dict[str, torch.Tensor], keys: Sequence[str]) -> np.ndarray:
+    return np.concatenate([drift.as_matrix(batch[k].float()) for k in keys], axis=1)
+
+
+@CALLBACKS.register("drift")
+class DriftCallback(Callback):
+    """Tests each held-out environment against the training environments on inputs, features and outputs."""
+
+    def on_end(self, run, final: dict[str, Any]) -> None:
+        try:
+            report = self.measure(run)
+        except Exception as e:  # a drift failure must not cost the trained model its done marker
+            print(f"drift callback failed for {run.dir}: {type(e).__name__}: {e}", file=sys.stderr)
+            report = {"error": f"{type(e).__name__}: {e}"}
+        write_json(run.dir / FILE, report)
+        final["drift"] = {"file": FILE, **{k: v for k, v in report.items() if k != "envs"}}
+        rec = final["record"]
+        for env, views in report.get("envs", {}).items():
+            final["drift"].setdefault("envs", {})[env] = {
+                v: {k: r[k] for k in ("detector", "reduction", "statistic", "p_value", "drift", "n_ref", "n_test")}
+                for v, r in views.items() if v in VIEWS}  # fmt: skip
+            for view in VIEWS:
+                if view in views:
+                    r = views[view]
+                    rec[f"drift_{env}_{view}_statistic"] = r["statistic"]
+                    rec[f"drift_{env}_{view}_pvalue"] = r["p_value"]
+                    rec[f"drift_{env}_{view}_drift"] = int(r["drift"])
+                    rec[f"drift_{env}_n_ref"], rec[f"drift_{env}_n_test"] = r["n_ref"], r["n_test"]
+            if "bbse" in views:
+                rec[f"drift_{env}_bbse_tv"] = views["bbse"]["tv_estimated"]
+
+    def measure(self, run) -> dict[str, Any]:
+        """The drift report of a finished trial (what drift.json holds)."""
+        spec, ds, task = run.spec, run.dataset, run.task
+        splits = ds.eval_splits()
+        n_envs = len(ds.environments)
+        train = [j for j in range(n_envs) if j not in spec.test_envs]
+        ref_names = [f"env{j}_out" if f"env{j}_out" in splits else f"env{j}_in" for j in train]
+        fit_names = [f"env{j}_in" for j in train]
+        exact = all(name.endswith("_out") for name in ref_names)
+        keys = task.input_keys
+        rng = np.random.default_rng(seed_hash(spec.seed, "drift"))
+        ref = sample([splits[n] for n in ref_names], MAX_SAMPLES, rng)
+        fit = sample([splits[n] for n in fit_names], FIT_SAMPLES, rng)
+        pca = drift.PCAReduction(PCA_DIM, seed=seed_hash(spec.seed, "drift-pca") % 2**31)
+        pca.fit(_inputs(fit if exact else ref, keys))
+        ref_views = self._views(run, ref, pca, keys)
+        report: dict[str, Any] = {
+            "alpha": ALPHA, "reference": ref_names, "reduction_fit": fit_names if exact else ref_names,
+            "max_samples": MAX_SAMPLES, "n_permutations": N_PERMUTATIONS, "envs": {},
+        }  # fmt: skip
+        for i in spec.test_envs:
+            test_name = f"env{i}_in"
+            test = sample([splits[test_name]], MAX_SAMPLES, np.random.default_rng(seed_hash(spec.seed, "drift", i)))
+            test_views = self._views(run, test, pca, keys)
+            env: dict[str, Any] = {"test": test_name}
+            for view, (x, y) in {v: (ref_views[v], test_views[v]) for v in VIEWS}.items():
+                seed = seed_hash(spec.seed, "drift", i, view)
+                if view == "outputs":
+                    name = "bbsd" if ds.TASK == "classification" else "ks"
+                    res = drift.run_detector(name, x, y, ALPHA)
+                    reduction = "softmax" if name == "bbsd" else "scores"
+                else:
+                    res = drift.run_detector("mmd", x, y, ALPHA, n_permutations=N_PERMUTATIONS, seed=seed)
+                    reduction = pca.name if view == "inputs" else "penultimate"
+                env[view] = {**res.to_dict(), "reduction": reduction}
+            if ref_views["preds"] is not None and "y" in ref and "y" in test:
+                est = drift.bbse(ref["y"].numpy(), ref_views["preds"], test_views["preds"], ds.num_classes)
+                q_true = np.bincount(test["y"].numpy(), minlength=ds.num_classes) / len(test["y"])
+                p_ref, q_est = np.asarray(est["p_ref"]), np.asarray(est["q_test"])
+                env["bbse"] = {**est, "q_test_true": q_true.tolist(),
+                               "tv_estimated": float(0.5 * np.abs(q_est - p_ref).sum()),
+                               "tv_true": float(0.5 * np.abs(q_true - p_ref).sum())}  # fmt: skip
+            report["envs"][f"env{i}"] = env
+        return report
+
+    @staticmethod
+    def _views(run, batch: dict[str, torch.Tensor], pca: drift.Reduction, keys: Sequence[str]) -> dict[str, Any]:
+        """Reduced inputs, penultimate features, outputs and (classification) predictions of one sample."""
+        alg, task = run.algorithm, run.task
+        classification = run.dataset.TASK == "classification"
+        bs = run.options.eval_batch_size
+        n = len(batch["idx"]) if "idx" in batch else len(batch[keys[0]])
+        feats, outs = [], []
+        was_training = alg.training
+        alg.eval()
+        try:
+            with torch.inference_mode():
+                for s in range(0, n, bs):
+                    b = {k: v[s : s + bs].to(run.device) for k, v in batch.items()}
+                    feats.append(task.features(run.model, b).float().reshape(len(b[keys[0]]), -1).cpu())
+                    outs.append(alg.scores(b).float().cpu())
+        finally:
+            alg.train(was_training)
+        scores = torch.cat(outs)
+        return {
+            "inputs": pca.transform(_inputs(batch, keys)),
+            "features": torch.cat(feats).numpy().astype(np.float64),
+            "outputs": drift.softmax_outputs(scores, run.dataset.TASK),
+            "preds": scores.argmax(1).numpy() if classification else None,
+        }
+
+
+# ------------------------------------------------------------------------------------------------ report section
+
+
+def _held_out(trial: dict) -> list[int]:
+    return [int(e) for e in trial.get("spec", {}).get("test_envs") or []]
+
+
+def _n_envs(trial: dict, record: dict) -> int:
+    names = trial.get("env_names") or []
+    found = [int(m.group(1)) for m in (_IN_ACC.match(k) for k in record) if m]
+    return max(len(names), 1 + max(found, default=-1))
+
+
+def _env_name(trial: dict, i: int) -> str:
+    names = trial.get("env_names") or []
+    return str(names[i]) if i < len(names) else f"env{i}"
+
+
+def acc_drop(record: dict, test_env: int, n_envs: int) -> float | None:
+    """Mean training-environment ``in`` accuracy minus the test environment's ``in`` accuracy (fractions)."""
+    train = [record.get(f"env{j}_in_acc") for j in range(n_envs) if j != test_env]
+    test = record.get(f"env{test_env}_in_acc")
+    if test is None or not train or any(not isinstance(a, (int, float)) for a in train):
+        return None
+    return float(np.mean(train)) - float(test)
+
+
+def _flag_cell(pvalues: list[float], flags: list[int]) -> str:
+    if not pvalues:
+        return DASH
+    return f"{sum(flags)}/{len(flags)} (p̃ {median(pvalues):.3g})"
+
+
+@report_section("drift")
+def drift_section(trials: Sequence[dict]) -> Section | None:
+    """Accuracy drop next to the drift verdicts, per dataset, method and test environment."""
+    groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    alpha = None
+    for t in trials:
+        envs = _held_out(t)
+        rec = (t.get("final") or {}).get("record") or {}
+        if len(envs) != 1 or f"drift_env{envs[0]}_inputs_pvalue" not in rec:
+            continue
+        i = envs[0]
+        drop = acc_drop(rec, i, _n_envs(t, rec))
+        g = groups[(str(t["spec"].get("dataset")), str(t["spec"].get("method")), i, _env_name(t, i))]
+        if drop is not None:
+            g["drop"].append(100.0 * drop)
+        for view in VIEWS:
+            if f"drift_env{i}_{view}_pvalue" in rec:
+                g[f"{view}_p"].append(float(rec[f"drift_env{i}_{view}_pvalue"]))
+                g[f"{view}_flag"].append(int(rec[f"drift_env{i}_{view}_drift"]))
+        g["n"].append(1)
+        alpha = alpha or (t.get("final") or {}).get("drift", {}).get("alpha")
+    if not groups:
+        return None
+    rows, metrics = [], []
+    for (dataset, method, i, name), g in sorted(groups.items()):
+        d = np.asarray(g["drop"])
+        mean = float(d.mean()) if len(d) else None
+        se = float(d.std() / math.sqrt(len(d))) if len(d) else None
+        entry: dict[str, Any] = {"dataset": dataset, "method": method, "env": f"env{i}", "env_name": name,
+                                 "n_trials": len(g["n"]), "acc_drop_mean": mean, "acc_drop_se": se}
+        for view in VIEWS:
+            ps, fl = g[f"{view}_p"], g[f"{view}_flag"]
+            entry[f"{view}_flagged"] = sum(fl)
+            entry[f"{view}_median_p"] = median(ps) if ps else None
+        metrics.append(entry)
+        drop_txt = DASH if mean is None else f"{mean:.1f} ± {se:.1f}"
+        rows.append([dataset, method, name, drop_txt] + [_flag_cell(g[f"{v}_p"], g[f"{v}_flag"]) for v in VIEWS]
+                    + [str(len(g["n"]))])  # fmt: skip
+    header = ["Dataset", "Method", "Test env", "Acc drop (pp)", "Inputs (MMD)", "Features (MMD)", "Outputs (BBSD)",
+              "n"]  # fmt: skip
+    a = alpha if alpha is not None else ALPHA
+    note = (f"Last checkpoint of every done trial run with the `drift` callback that holds out one environment. "
+            f"Acc drop = mean training-environment in-split accuracy minus test-environment in-split accuracy, "
+            f"percentage points, mean ± SE over trials (all draws and seeds). Drift cells: trials flagged at "
+            f"α = {a} / trials (p̃ = median p-value); reference = training environments' out splits, test = the "
+            f"held-out environment's in split, up to {MAX_SAMPLES} examples each.")  # fmt: skip
+    widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
+    fmt = lambda r: "| " + " | ".join(v.replace("|", "\\|").ljust(w) for v, w in zip(r, widths)) + " |"  # noqa: E731
+    md = "\n".join([note, "", fmt(header), "| " + " | ".join("-" * w for w in widths) + " |"] + [fmt(r) for r in rows])
+    e = html.escape
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+    htm = (f'<p class="note">{e(note)}</p><table><thead><tr>' + "".join(f"<th>{e(h)}</th>" for h in header)
+           + f"</tr></thead><tbody>{body}</tbody></table>")  # fmt: skip
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(list(metrics[0]))
+    writer.writerows([["" if v is None else f"{v:.6g}" if isinstance(v, float) else v for v in m.values()]
+                      for m in metrics])  # fmt: skip
+    return Section("drift", "Drift and accuracy drop", md, htm, metrics, {"drift.csv": buf.getvalue()})
