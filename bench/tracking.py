@@ -420,6 +420,8 @@ class Tracker:
         }
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        if status == "done" and end.get("attestation"):  # the envelope itself is among the artifacts
+            tags["shiftbench.attestation_sha256"] = str(end["attestation"])
         if status == "failed":
             tags["shiftbench.failure_reason"] = str(end.get("reason", ""))
             tags["shiftbench.failed_step"] = str(end.get("step", ""))

@@ -1,0 +1,90 @@
+"""The report's attestation section: each log's signed tree head and each row's attestation digest.
+
+It reads the trial folders and the logs only (no signature checks: that is ``shiftbench verify``), and says which
+trials carry no attestation, which are not in their log, and which logged runs the report does not show.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..report import Section, report_section
+from .log import TransparencyLog, log_dir_for
+from .record import ENVELOPE, RECEIPT
+
+
+def _head(log: TransparencyLog) -> dict[str, Any] | None:
+    from .dsse import b64decode_strict
+
+    env = log.latest_head()
+    if env is None:
+        return None
+    try:
+        body = json.loads(b64decode_strict(env["payload"]))
+    except (ValueError, KeyError, TypeError):
+        return {"tree_size": None, "root_hash": "unreadable", "timestamp": None, "signers": []}
+    return {**body, "signers": [str(s.get("keyid", ""))[:16] for s in env.get("signatures", [])]}
+
+
+@report_section("attestation")
+def attestation_section(trials: Sequence[dict]) -> Section | None:
+    """Tree heads and per-trial attestation digests; None when no trial was attested."""
+    rows, logs = [], {}
+    for t in trials:
+        digest = (t.get("final") or {}).get("attestation")
+        d = Path(t["dir"])
+        if not digest and not (d / ENVELOPE).exists():
+            continue
+        ld = log_dir_for(d)
+        logs.setdefault(ld, TransparencyLog(ld))
+        try:
+            index = json.loads((d / RECEIPT).read_text(encoding="utf-8"))["log_index"]
+        except (OSError, ValueError, KeyError):
+            index = None
+        spec = t.get("spec") or {}
+        rows.append({"trial": t["hash"][:16], "method": spec.get("method"), "dataset": spec.get("dataset"),
+                     "test_envs": spec.get("test_envs"), "seed": spec.get("seed"),
+                     "hparams_seed": spec.get("hparams_seed"), "attestation_sha256": digest, "log_index": index})
+    if not rows:
+        return None
+    shown = {t["hash"] for t in trials}
+    heads, notes = {}, []
+    for ld, log in logs.items():
+        heads[str(ld)] = _head(log)
+        logged = set()
+        for line in log.entries():
+            try:
+                logged.add(json.loads(line)["trial_hash"])
+            except (ValueError, KeyError, TypeError):
+                notes.append(f"log {ld.name} holds an unreadable entry")
+        if logged - shown:
+            notes.append(f"{len(logged - shown)} run(s) in log {ld} are not in this report")
+    unattested = sum(1 for t in trials if not (t.get("final") or {}).get("attestation"))
+    if unattested:
+        notes.append(f"{unattested} trial(s) in this report carry no attestation")
+    notes += [f"trial {r['trial']} is not in its log" for r in rows if r["log_index"] is None]
+
+    md = ["Signed tree heads (`shiftbench verify RUNS` checks signatures, digests, metrics and log proofs):", ""]
+    for ld, h in heads.items():
+        if h is None:
+            md.append(f"- `{ld}`: no tree head")
+        else:
+            md.append(f"- `{ld}`: size {h['tree_size']}, root `{h['root_hash']}`, {h['timestamp']}, "
+                      f"signed by {', '.join(h['signers'])}")
+    md += [""] + [f"- **{n}**" for n in notes] + ([""] if notes else [])
+    md += ["| trial | method | dataset | test envs | draw | seed | log index | attestation sha256 |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    md += [f"| {r['trial']} | {r['method']} | {r['dataset']} | {r['test_envs']} | {r['hparams_seed']} | {r['seed']} "
+           f"| {r['log_index']} | `{r['attestation_sha256']}` |" for r in rows]
+    e = html.escape
+    body = "".join(f"<li><code>{e(ld)}</code>: size {e(str(h and h['tree_size']))}, root <code>"
+                   f"{e(str(h and h['root_hash']))}</code></li>" for ld, h in heads.items())
+    body = f"<ul>{body}</ul>" + "".join(f"<p class=\"note\"><b>{e(n)}</b></p>" for n in notes)
+    cols = ("trial", "method", "dataset", "test_envs", "hparams_seed", "seed", "log_index", "attestation_sha256")
+    table = "".join("<tr>" + "".join(f"<td>{e(str(r[c]))}</td>" for c in cols) + "</tr>" for r in rows)
+    body += "<table><tr>" + "".join(f"<th>{c}</th>" for c in cols) + f"</tr>{table}</table>"
+    return Section("attestation", "Attestations", "\n".join(md), body,
+                   metrics={"tree_heads": heads, "trials": rows, "notes": notes})
