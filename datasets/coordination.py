@@ -1,0 +1,182 @@
+"""Coordination workloads: environments are partner populations; the test environment's partners are never met.
+
+Each environment ``pop{i}`` is a population of independently seeded self-play agents (with their past
+checkpoints), trained deterministically from the dataset options and cached (:mod:`shiftbench.coordination.
+population`); its ``in`` split holds ``agents - holdout`` of them, its ``out`` split the other ``holdout`` (validation
+partners, also never trained with). An example is a partner id; its evaluation plays the learner with that agent's
+final checkpoint. An extra split, ``self``, pairs the learner with itself, so every record holds the self-play
+return (``self_return``) beside the cross-play returns (``env{i}_{in,out}_return``); ``acc`` is the return
+normalised by the game's optimum.
+
+``shiftbench.coordination.task`` registers the ``coordination`` task type when this module is imported.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+import torch
+
+import shiftbench.coordination.task  # noqa: F401  (registers the "coordination" task type)
+from shiftbench.config import canonical_json
+from shiftbench.coordination.games import Game, LeverGame, Rendezvous
+from shiftbench.coordination.population import TRAIN_HPARAMS, PopulationSpec, load_population, new_agent
+from shiftbench.coordination.world import SELF, PartnerSplit, World, crossplay
+from shiftbench.data import Environment, ShiftDataset, tensor_digest
+from shiftbench.errors import UserError
+from shiftbench.hparams import HParam, choice, fixed, seed_hash
+from shiftbench.registry import DATASETS
+
+MODEL_HPARAMS: dict[str, HParam] = {
+    "mlp_width": HParam(64, choice([32, 64, 128])),
+    "mlp_depth": HParam(2, choice([1, 2])),
+}
+
+
+class CoordinationDataset(ShiftDataset):
+    """Partner populations of one game as environments (see the module docstring)."""
+
+    TASK = "coordination"
+    DEFAULT_MODEL = "mlp"
+    DEFAULT_TEST_ENVS = (0,)
+    COMMON_OPTIONS: ClassVar[dict[str, Any]] = {
+        "seed": 0,  # seeds of the partner agents
+        "populations": 4,  # environments
+        "agents": 5,  # agents per population
+        "holdout": 1,  # of which the "out" split holds this many
+        "partner_steps": 100,  # self-play updates per partner agent
+        "partner_learner": "ppo",
+        "eval_episodes": 64,  # per partner
+        "greedy_eval": False,
+    }
+
+    PARTNER_HPARAMS: ClassVar[dict[str, Any]] = {}
+    """Overrides of the partners' training hyperparameters (``population.TRAIN_HPARAMS``)."""
+
+    @classmethod
+    def make_game(cls, options: Mapping[str, Any]) -> Game:
+        """The game of these (resolved) options."""
+        raise NotImplementedError
+
+    @classmethod
+    def environment_names(cls, options: Mapping[str, Any]) -> list[str]:
+        return [f"pop{i}" for i in range(cls.resolve_options(options)["populations"])]
+
+    @classmethod
+    def resolve_options(cls, options):
+        opts = super().resolve_options(options)
+        if opts["populations"] < 2:
+            raise UserError(f"populations must be at least 2 (one to train with, one held out); got "
+                            f"{opts['populations']}")  # fmt: skip
+        if not 1 <= opts["holdout"] < opts["agents"]:
+            raise UserError(f"need 1 <= holdout < agents (got holdout={opts['holdout']}, agents={opts['agents']})")
+        if opts["partner_learner"] not in ("ppo", "vdn"):
+            raise UserError(f"partner_learner must be ppo or vdn (got {opts['partner_learner']!r})")
+        for k in ("partner_steps", "eval_episodes"):
+            if opts[k] < 1:
+                raise UserError(f"{k} must be positive (got {opts[k]})")
+        return opts
+
+    @classmethod
+    def check(cls, root, options, download):
+        # Generated data: the sweep driver builds (and caches) the partner populations once, before workers start.
+        cls(root, options, download)
+
+    def agent_seeds(self) -> np.ndarray:
+        """``(populations, agents)`` training seeds of the partner agents."""
+        o = self.options
+        return np.array([[seed_hash(o["seed"], "agent", p, a) for a in range(o["agents"])]
+                         for p in range(o["populations"])])  # fmt: skip
+
+    def __init__(self, root=None, options=None, download=False):
+        super().__init__(root, options, download)
+        o = self.options
+        self.game = self.make_game(o)
+        self.input_shape, self.num_classes = (self.game.obs_dim,), self.game.n_actions
+        seeds = self.agent_seeds()
+        self.population = PopulationSpec(self.game.spec(), tuple(int(s) for s in seeds.flatten()), o["partner_steps"],
+                                         learner=o["partner_learner"], hparams=tuple(self.PARTNER_HPARAMS.items()))
+        bank = load_population(self.game, self.population)
+        self.world = World(self.game, bank, o["eval_episodes"], o["greedy_eval"])
+        n_in = o["agents"] - o["holdout"]
+        self.environments = []
+        for p, name in enumerate(self.environment_names(o)):
+            ids = torch.arange(p * o["agents"], (p + 1) * o["agents"])
+            part = {"partner": ids, "idx": torch.arange(o["agents"]), "seed": torch.as_tensor(seeds[p])}
+            self.environments.append(Environment(name, {
+                "in": PartnerSplit({k: v[:n_in] for k, v in part.items()}, self.world),
+                "out": PartnerSplit({k: v[n_in:] for k, v in part.items()}, self.world),
+            }))  # fmt: skip
+
+    def eval_splits(self):
+        splits = super().eval_splits()
+        splits["self"] = PartnerSplit({"partner": torch.tensor([SELF]), "idx": torch.tensor([0])}, self.world)
+        return splits
+
+    def evaluate(self, split_name, outputs):
+        return {**super().evaluate(split_name, outputs), "return": float(np.mean(outputs["score"]))}
+
+    def version(self):
+        arrays = {f"bank/{k}": v for k, v in self.world.bank.state_dict().items()}
+        arrays.update({f"{e.name}/{s}/{k}": v for e in self.environments for s, sp in e.splits.items()
+                       for k, v in sp.tensors.items()})  # fmt: skip
+        arrays["game"] = torch.tensor(list(canonical_json(self.game.spec()).encode()))
+        return tensor_digest(arrays)
+
+    @functools.cached_property
+    def population_crossplay(self) -> list[list[float]]:
+        """Returns of every ordered pair of final-checkpoint partner agents (rows and columns in id order)."""
+        bank = self.world.bank
+        agents = []
+        for a in range(bank.n_agents):
+            model = new_agent(self.game, {**TRAIN_HPARAMS, **dict(self.population.hparams)})
+            model.load_state_dict(bank.state_of(a))
+            agents.append((model, self.population.learner))
+        return crossplay(self.game, agents, self.options["eval_episodes"], self.options["greedy_eval"]).tolist()
+
+    def describe(self):
+        return {**super().describe(), "game": self.game.spec(), "optimum": self.game.optimum,
+                "population": {**self.population.to_dict(), "hash": self.population.hash},
+                "population_crossplay": self.population_crossplay}  # fmt: skip
+
+
+@DATASETS.register("lever_game")
+class LeverGameDataset(CoordinationDataset):
+    """Other-Play's lever game (Hu et al., ICML 2020); partners are self-play agents from other seeds."""
+
+    OPTIONS = {**CoordinationDataset.COMMON_OPTIONS, "partner_learner": "vdn", "eval_episodes": 2,
+               "greedy_eval": True}  # fmt: skip
+    N_STEPS = 150
+    EVAL_EVERY = 25
+    # The game is stateless, so its agents are tables: an MLP without hidden layers on the constant observation.
+    # VDN's team exploration is what finds Other-Play's optimum here (see its docstring).
+    HPARAMS = {"mlp_depth": HParam(0, fixed(0)), "learner": HParam("vdn", fixed("vdn"))}
+    PARTNER_HPARAMS = {"mlp_depth": 0}
+
+    @classmethod
+    def make_game(cls, options):
+        return LeverGame()
+
+
+@DATASETS.register("rendezvous")
+class RendezvousDataset(CoordinationDataset):
+    """A partially observable gridworld where two agents must meet on the same corner; partners from other seeds."""
+
+    OPTIONS = {**CoordinationDataset.COMMON_OPTIONS, "agents": 4, "size": 5, "horizon": 12, "view": 1}
+    N_STEPS = 300
+    EVAL_EVERY = 50
+    HPARAMS = {**MODEL_HPARAMS}
+
+    @classmethod
+    def resolve_options(cls, options):
+        o = super().resolve_options(options)
+        if o["size"] < 3 or o["horizon"] < 1 or o["view"] < 0:
+            raise UserError(f"rendezvous needs size >= 3, horizon >= 1, view >= 0 (got size={o['size']}, "
+                            f"horizon={o['horizon']}, view={o['view']})")  # fmt: skip
+        return o
+
+    @classmethod
+    def make_game(cls, options):
+        return Rendezvous(options["size"], options["horizon"], options["view"])
