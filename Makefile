@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=23.1"
 	$(BIN)/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/python -m pip install --quiet -e ".[test,wilds,dvc]"
+	$(BIN)/python -m pip install --quiet -e ".[test,wilds,dvc,minilm,hf]"
 	touch $(STAMP)
 
 install: $(STAMP)

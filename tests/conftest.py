@@ -19,6 +19,18 @@ SMALL = {
 }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tests train tiny models, which gain nothing from intra-op threads; on a loaded 2-core machine two contended
+    threads run them several times slower than one. (Sweeps' worker processes set their own thread counts.)"""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

@@ -14,14 +14,6 @@ from shiftbench.trainer import Interrupted, RunOptions, run_trial
 ROBUST = "robust_eval:eps=0.1,steps=10,restarts=1"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded shared box extra threads slow them tenfold."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def erm_vs_adversarial(small, tmp_path_factory):

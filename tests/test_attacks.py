@@ -18,14 +18,6 @@ from shiftbench.trainer import load_dataset, run_trial
 CLS = Classification()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded shared box extra threads slow them tenfold."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def linear_model(d: int = 12, seed: int = 0) -> nn.Linear:
     torch.manual_seed(seed)

@@ -16,14 +16,6 @@ from shiftbench.trainer import Interrupted, RunOptions, Trainer, load_dataset, r
 SMALL = {"env_size": 1000, "nc_size": 200, "test_size": 200}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded shared box extra threads slow them tenfold."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def cue():

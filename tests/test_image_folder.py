@@ -24,13 +24,6 @@ PACS_DOMAINS = ["art_painting", "cartoon", "photo", "sketch"]
 CLASSES = ["dog", "giraffe", "horse"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_folder(base: Path, domains=PACS_DOMAINS, per_class: int = 5, skip: tuple[str, str] | None = None) -> Path:
     """base/<domain>/<class>/<k>.jpg|png: 12x10 images whose colour encodes the class and the domain."""

@@ -29,14 +29,6 @@ AUXILIARY = ["identity_any", "severe_toxicity", "obscene", "threat", "insult", "
 REGIONS = {"CHN": "Asia", "FRA": "Europe", "KEN": "Africa", "BRA": "Americas", "AUS": "Oceania"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run far faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _image(path: Path, label: int, shade: int) -> None:
     """An 8x8 image whose red channel shows the label (learnable) and green channel a nuisance attribute."""
