@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -60,6 +60,10 @@ class Interrupted(Exception):
 
 class Callback:
     """Trial hooks. Register with ``@CALLBACKS.register(name)`` and name it in the spec's ``callbacks``."""
+
+    ORDER: ClassVar[int] = 0
+    """Callbacks run in ascending ``ORDER``, then in the spec's order. Ones that seal the result (attestation) run
+    last, so that what every other callback adds to the final record is inside what they sign."""
 
     @classmethod
     def validate(cls, name: str) -> None:
@@ -170,7 +174,8 @@ class Trainer:
             train_reference=functools.partial(self._train_reference, run),
         )
         algorithm.setup(context)
-        self.callbacks = [CALLBACKS.get(n)() for n in spec.callbacks] + self.extra_callbacks
+        self.callbacks = sorted([CALLBACKS.get(n)() for n in spec.callbacks] + self.extra_callbacks,
+                                key=lambda cb: cb.ORDER)
         return run
 
     def _on_device(self, split: Split, device: torch.device) -> Split:
@@ -362,7 +367,12 @@ class Trainer:
             "code_version": code_version(),
         }
         for cb in self.callbacks:
+            before = canonical_json(final["record"])
             cb.on_end(run, final)
+            if canonical_json(final["record"]) != before:
+                # end-of-trial statistics (drift, ...) join the last evaluation record, in results.jsonl too
+                run.records[-1] = final["record"]
+                write_jsonl(self.dir / RESULTS, run.records)
         write_json(self.dir / FINAL, final)
         (self.dir / CHECKPOINT).unlink(missing_ok=True)
         return final

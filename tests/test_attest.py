@@ -201,6 +201,17 @@ def test_attested_trial_verifies_and_binds_its_files(pristine, home):
     assert main(["verify", str(pristine)]) == 0
 
 
+def test_attestation_seals_what_other_callbacks_add_wherever_it_is_named(home, tmp_path):
+    # attest named first: it still runs after drift, whose statistics join the last record and are signed with it
+    t = _trial(tmp_path, _spec(0, callbacks=("attest", "drift")))
+    final = json.loads((t / "final.json").read_text())
+    last = json.loads((t / "results.jsonl").read_text().splitlines()[-1])
+    assert "drift_env2_outputs_pvalue" in final["record"] and last == final["record"]
+    (result,), sweep = verify_path(tmp_path)
+    assert result.failures == [] and sweep == []
+    assert result.statement["predicate"]["metrics"]["drift_env2_outputs_pvalue"] == last["drift_env2_outputs_pvalue"]
+
+
 def test_leaf_encoding_is_canonical():
     leaf = encode_leaf("env2_in", 7, 1, 0, np.float32(0.75))
     assert leaf == bytes([1, 7]) + b"env2_in" + (7).to_bytes(8, "big") + b"\x01" + (1).to_bytes(8, "big") + \

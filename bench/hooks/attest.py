@@ -5,8 +5,8 @@
 - ``attest_hybrid``: both; verification then requires both signatures.
 
 ``on_end`` runs after predictions and weights are written and before ``final.json``: it writes the manifest, the
-metrics, the envelope and the log receipt, and puts the envelope's sha256 into ``final["attestation"]``. Name it
-after any callback whose ``on_end`` changes the final record, or verification will find the record changed.
+metrics, the envelope and the log receipt, and puts the envelope's sha256 into ``final["attestation"]``. Its high
+``ORDER`` makes it run after every other callback, wherever it is named, so what they add is signed too.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class Attest(Callback):
     """Signs the trial's result with Ed25519 and appends it to the transparency log."""
 
     SCHEMES: ClassVar[tuple[str, ...]] = (ED25519,)
+    ORDER = 100
 
     def on_end(self, run: TrialRun, final: dict[str, Any]) -> None:
         from shiftbench.attest.record import attest_trial  # cryptography is imported only when a trial attests
