@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -27,21 +27,26 @@ class MethodContext:
         train_env_names: names of the training environments, in the order of ``update``'s minibatches.
         splits: every named split of the dataset (``env{i}_in``...), for methods that need a second stream;
             a method must only draw from training environments.
-        stream: ``stream(split_name, batch_size)`` -> an infinite, seeded iterator of batches on the device.
+        stream: ``stream(split_name, batch_size)`` -> a function ``k -> the k-th batch`` of that split, on the
+            device: seeded and pure in ``k``, so a resumed trial draws the same batches.
         train_reference: trains a model with another registered method on the training streams and returns it
             (e.g. CBFT's cue-trained reference), cached in ``workdir``.
         device: where the model lives.
         workdir: the trial folder, for the method's own files.
         seed: the trial seed.
+        input_range: the valid range of input values, ``(lo, hi)``: the dataset's ``INPUT_RANGE`` where it declares
+            one, else the smallest box holding the training splits' in-memory inputs; None when unknown (lazily
+            loaded or normalised inputs), i.e. unbounded. Attacks clip to it.
     """
 
     train_env_names: list[str]
     splits: dict[str, Split]
-    stream: Callable[[str, int], Iterator[Batch]]
+    stream: Callable[[str, int], Callable[[int], Batch]]
     device: torch.device
     workdir: Path
     seed: int
     train_reference: Callable[..., nn.Module] | None = None
+    input_range: tuple[float, float] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 

@@ -21,8 +21,8 @@ hash) across runs.
 
 Adding a rule is one decorated function::
 
-    @selection_rule("worst_group", "worst-group validation")
-    def worst_group(trials, test_env): ...
+    @selection_rule("best_last_step", "last checkpoint by training-domain validation")
+    def best_last_step(trials, test_env): ...
 """
 
 from __future__ import annotations

@@ -221,7 +221,7 @@ class HFTokenEncoder(TextEncoder):
         try:
             from transformers import AutoTokenizer
         except ImportError:
-            raise UserError(f"encoder hf:{path} needs the transformers package (pip install transformers)") from None
+            raise UserError(f"encoder hf:{path} needs the transformers package: pip install 'shiftbench[hf]'") from None
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=not download)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -284,8 +284,13 @@ class HFReward(nn.Module):
         try:
             from transformers import AutoModelForSequenceClassification
         except ImportError:
-            raise UserError("model hf_reward needs the transformers package (pip install transformers)") from None
-        self.net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+            raise UserError("model hf_reward needs the transformers package: pip install 'shiftbench[hf]'") from None
+        try:  # weights are never fetched here: a model is built from hyperparameters, which carry no --download
+            self.net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, local_files_only=True)
+        except OSError as e:
+            raise UserError(f"model hf_reward: no local weights for {path!r} (a folder, or a name already in the "
+                            f"HuggingFace cache; fetch it first with `hf download {path}`): {str(e).splitlines()[0]}"
+                            ) from None
         if self.net.config.pad_token_id is None:
             self.net.config.pad_token_id = self.net.config.eos_token_id
 

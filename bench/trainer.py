@@ -127,6 +127,8 @@ class TrialRun:
     options: RunOptions
     records: list[dict] = field(default_factory=list)
     final_outputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    step: int | None = None
+    """The training step in progress (None before the first)."""
 
     @property
     def task(self):
@@ -172,6 +174,7 @@ class Trainer:
             workdir=self.dir,
             seed=spec.seed,
             train_reference=functools.partial(self._train_reference, run),
+            input_range=_input_range(dataset, [s for _, s in train], task.input_keys),
         )
         algorithm.setup(context)
         self.callbacks = sorted([CALLBACKS.get(n)() for n in spec.callbacks] + self.extra_callbacks,
@@ -291,7 +294,7 @@ class Trainer:
             self._loop(run, start, t0)
         except TrialFailed as e:
             write_json(self.dir / FAILED, {"status": "failed", "hash": self.spec.hash, "reason": str(e),
-                                           "records": run.records})  # fmt: skip
+                                           "step": run.step, "records": run.records})  # fmt: skip
             ckpt_path.unlink(missing_ok=True)
             return read_json(self.dir / FAILED)
         return self._finish(run, t0)
@@ -303,6 +306,7 @@ class Trainer:
         n, t_last = 0, time.time()
         t_ckpt = t_last
         for step in range(start, spec.steps):
+            run.step = step
             minibatches = self._minibatches(step, bs)
             with self._autocast(run.device):
                 stats = alg.update(minibatches, step)
@@ -376,6 +380,16 @@ class Trainer:
         write_json(self.dir / FINAL, final)
         (self.dir / CHECKPOINT).unlink(missing_ok=True)
         return final
+
+
+def _input_range(dataset: ShiftDataset, splits: list[Split], keys) -> tuple[float, float] | None:
+    """The dataset's declared ``INPUT_RANGE``, else the range of the training splits' in-memory inputs."""
+    declared = getattr(dataset, "INPUT_RANGE", None)
+    if declared is not None:
+        return (float(declared[0]), float(declared[1]))
+    from .attacks import data_bounds
+
+    return data_bounds([s.tensors[k] for s in splits if hasattr(s, "tensors") for k in keys if k in s.tensors])
 
 
 def run_trial(spec: TrialSpec, trial_dir: Path, options: RunOptions | None = None, callbacks=()) -> dict[str, Any]:

@@ -261,7 +261,8 @@ class LazySplit(Split):
     """Examples whose inputs are made on demand (decoded images, encoded text); labels and metadata are tensors.
 
     Args:
-        load: ``load(rows, train, generator_seed)`` -> the ``x`` tensor of those rows (positions in this split).
+        load: ``load(rows, train)`` -> the ``x`` tensor of those rows (positions in this split; ``train``
+            picks the training transforms).
         tensors: ``y``, ``idx`` and metadata, one row per example.
     """
 

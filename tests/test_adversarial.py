@@ -74,3 +74,16 @@ def test_adversarial_training_resumes_exactly_after_a_kill(small, tmp_path):
         run_trial(spec, tmp_path / "cut", RunOptions(stop_after=10))
     resumed = run_trial(spec, tmp_path / "cut")["record"]
     assert resumed["env2_in_loss"] == whole["env2_in_loss"] and resumed["adv_loss"] == whole["adv_loss"]
+
+
+def test_auto_bounds_come_from_the_dataset_and_explicit_ones_win(small, tmp_path):
+    from shiftbench.trainer import Trainer
+
+    def threat_bounds(dataset, **hparams):
+        spec = TrialSpec.resolve(dataset, "adversarial", steps=2, eval_every=2, dataset_options=small[dataset],
+                                 hparams=hparams)
+        return Trainer(spec, tmp_path / f"{dataset}{len(hparams)}")._build().algorithm.threat.bounds
+
+    assert threat_bounds("rotated_digits") == (0.0, 1.0)  # the range of the training images
+    assert threat_bounds("rotated_digits", adv_bounds="none") is None
+    assert threat_bounds("rotated_digits", adv_bounds="-1:2") == (-1.0, 2.0)

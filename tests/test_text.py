@@ -160,3 +160,11 @@ def test_hf_reward_model_trains_on_token_ids_from_a_local_folder(tmp_path):
                                               "encoder": f"hf:{model_dir}"})  # fmt: skip
     final = run_trial(spec, tmp_path / "t")
     assert final["status"] == "done" and 0.0 <= final["record"]["env1_in_acc"] <= 1.0
+
+
+def test_hf_reward_model_never_downloads_missing_weights(tmp_path):
+    pytest.importorskip("transformers")
+    from shiftbench.models import build_model
+
+    with pytest.raises(UserError, match="no local weights for 'no-such-org/no-such-model'"):
+        build_model("hf_reward", (2, 8), 1, {"hf_reward_path": "no-such-org/no-such-model"})

@@ -75,6 +75,7 @@ def test_nan_loss_marks_the_trial_failed_not_done(small, tmp_path):
     result = run_trial(spec, tmp_path / "t")
     assert result["status"] == "failed"
     assert "non-finite training loss" in result["reason"] and "lower the learning rate" in result["reason"]
+    assert result["reason"].endswith(f"by step {result['step']}; lower the learning rate (lr=1e+30) or check the data")
     assert trial_status(tmp_path / "t") == "failed"
     assert not (tmp_path / "t" / FINAL).exists() and (tmp_path / "t" / FAILED).exists()
 
