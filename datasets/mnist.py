@@ -231,6 +231,11 @@ class _MNISTDataset(CachedShiftDataset):
         if not download:
             locate_mnist(root, False)
 
+    @classmethod
+    def data_files(cls, root: str | None, options: Mapping[str, Any]) -> list[Path]:
+        """The files this dataset reads under ``root`` (what ``shiftbench prepare`` copies)."""
+        return [p for _, p in sorted(locate_mnist(root, False).items())]
+
     def build_args(self) -> tuple[tuple[str, Any], ...]:
         files = locate_mnist(self.root, self.download)
         stamp = tuple((k, str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for k, p in sorted(files.items()))

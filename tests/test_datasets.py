@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 from pathlib import Path
 
@@ -371,3 +372,21 @@ def test_read_idx_dimensions(tmp_path):
     path.write_bytes(gzip.compress(idx_bytes(arr, 0x803)))
     out = read_idx(path, 0x803)
     assert out.shape == (2, 3, 5) and np.array_equal(out, arr)
+
+
+def test_prepare_copies_the_mnist_files_so_a_sweep_reads_the_prepared_folder(tmp_path, capsys):
+    from shiftbench.cli import main
+
+    src = tmp_path / "src"
+    write_fake_mnist(src / "MNIST" / "raw", gz=True)
+    (src / "unrelated.bin").write_bytes(b"not mnist")  # other data under the root is not copied
+    params = tmp_path / "params.yaml"
+    params.write_text("datasets: [colored_mnist]\nmethods: [erm]\ntest_envs: default\n")
+    out = tmp_path / "data"
+    assert main(["prepare", "--params", str(params), "--out", str(out), "--data-root", str(src)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == sorted(f"MNIST/raw/{n}-ubyte.gz" for n in (
+        "train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1"))
+    assert not (out / "unrelated.bin").exists()
+    a, b = ColoredMNIST(root=str(src)), ColoredMNIST(root=str(out))
+    assert a.version() == b.version()  # the prepared copy is the same data

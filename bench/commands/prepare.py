@@ -2,8 +2,8 @@
 
 For every dataset in the sweep file's ``datasets`` (with its ``dataset_options``):
 
-- a dataset read from files (``wilds:<name>``, ``image_folder`` and its presets) is copied from ``--data-root``
-  into ``OUT`` with the same layout (hard links where the file system allows), so a sweep run with
+- a dataset read from files (``wilds:<name>``, ``image_folder`` and its presets: their folder; ``colored_mnist``
+  and ``rotated_mnist``: their four IDX files) is copied from ``--data-root`` into ``OUT`` with the same layout (hard links where the file system allows), so a sweep run with
   ``--data-root OUT`` reads exactly the prepared files;
 - a generated dataset (the embedded digits, ...) is built and its tensors written as ``.npy`` files under
   ``OUT/<name>/env<i>_<split>/``, next to its content version.
@@ -102,7 +102,16 @@ def prepare(params: Path, out: Path, root: str | None, download: bool = False) -
         options = cls.resolve_options(sweep.dataset_options.get(name, {}))
         source = _source_folder(cls, root, options)
         entry: dict[str, Any] = {"options": options}
-        if source is not None:
+        if callable(getattr(cls, "data_files", None)):  # named files under the root (MNIST's IDX files)
+            cls.check(root, options, download)
+            base = Path(str(root)).expanduser().resolve()
+            written = []
+            for src in cls.data_files(root, options):
+                target = out / src.resolve().relative_to(base)
+                _link_or_copy(src, target)
+                written.append(target)
+            entry.update(folder=".", kind="files")
+        elif source is not None:
             cls.check(root, options, download)
             try:
                 rel = source.resolve().relative_to(Path(str(root)).expanduser().resolve())
