@@ -70,10 +70,11 @@ def best_of_n_curve(proxy: np.ndarray, gold: np.ndarray, ns: Sequence[int] = NS)
 class BestOfN(Callback):
     """Trial callback: best-of-n gold-reward curves of the final model on the dataset's candidate pools."""
 
-    def on_start(self, run) -> None:
-        if not callable(getattr(run.dataset, "best_of_n_pools", None)):
+    @classmethod
+    def validate(cls, name: str, dataset_cls: type | None = None) -> None:
+        if dataset_cls is not None and not callable(getattr(dataset_cls, "best_of_n_pools", None)):
             raise UserError(f"callback best_of_n needs a dataset with gold-reward candidate pools (spurious_prefs); "
-                            f"{run.spec.dataset} has none")  # fmt: skip
+                            f"{getattr(dataset_cls, 'registry_name', dataset_cls.__name__)} has none")  # fmt: skip
 
     def on_end(self, run, final) -> None:
         model, pools = run.model, run.dataset.best_of_n_pools()

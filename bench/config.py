@@ -146,7 +146,7 @@ class TrialSpec:
         for cb in callbacks:
             from .registry import CALLBACKS
 
-            CALLBACKS.get(cb).validate(cb)
+            CALLBACKS.get(cb).validate(cb, dcls)
         space = mcls.hparam_space(dcls.HPARAMS)
         # DomainBed draws a fresh search per trial seed: each seed replicates the whole random search.
         draw_seed = 0 if hparams_seed == 0 else seed_hash(hparams_seed, seed)

@@ -66,8 +66,9 @@ class Callback:
     last, so that what every other callback adds to the final record is inside what they sign."""
 
     @classmethod
-    def validate(cls, name: str) -> None:
-        """Checks a spec's callback name (with any ``:settings``) before a trial runs; raises UserError."""
+    def validate(cls, name: str, dataset_cls: type | None = None) -> None:
+        """Checks a spec's callback name (with any ``:settings``) and that it fits the dataset class, before
+        anything of a trial is written; raises UserError."""
 
     def on_start(self, run: "TrialRun") -> None:
         pass

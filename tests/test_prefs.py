@@ -205,11 +205,11 @@ def test_every_preference_method_trains_on_spurious_prefs(method, tmp_path):
     assert {f"env{i}_{p}_length_corr" for i in range(4) for p in ("in", "out")} <= set(final["record"])
 
 
-def test_best_of_n_callback_refuses_a_dataset_without_pools(small, tmp_path):
-    spec = TrialSpec.resolve("colored_digits", "erm", steps=2, eval_every=2, dataset_options=small["colored_digits"],
-                             callbacks=("best_of_n",))  # fmt: skip
-    with pytest.raises(UserError, match="best_of_n needs a dataset with gold-reward candidate pools"):
-        run_trial(spec, tmp_path / "t")
+def test_best_of_n_callback_refuses_a_dataset_without_pools_before_a_trial_starts(small):
+    # refused while the spec is resolved: no trial folder is ever made for it
+    with pytest.raises(UserError, match="best_of_n needs a dataset with gold-reward candidate pools .*colored_digits"):
+        TrialSpec.resolve("colored_digits", "erm", steps=2, eval_every=2, dataset_options=small["colored_digits"],
+                          callbacks=("best_of_n",))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------- best-of-n

@@ -111,7 +111,7 @@ class RobustEval(Callback):
         self.threat: Threat | None = None
 
     @classmethod
-    def validate(cls, name: str) -> None:
+    def validate(cls, name: str, dataset_cls: type | None = None) -> None:
         parse_settings(name)
 
     def on_start(self, run: TrialRun) -> None:
