@@ -66,7 +66,7 @@ def bare_step(method: str, model, opt, xs, ys, step: int, q=None):
         elif method == "irm":
             pen = 0.0
             for lg, y in zip(logits, ys):
-                s = torch.ones((), requires_grad=True)
+                s = torch.ones((), requires_grad=True, device=lg.device)
                 g1 = torch.autograd.grad(F.cross_entropy(lg[0::2] * s, y[0::2]), s, create_graph=True)[0]
                 g2 = torch.autograd.grad(F.cross_entropy(lg[1::2] * s, y[1::2]), s, create_graph=True)[0]
                 pen = pen + g1 * g2
@@ -74,25 +74,26 @@ def bare_step(method: str, model, opt, xs, ys, step: int, q=None):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    return loss
 
 
 def bench_method(dataset: str, method: str, steps: int, options: dict, batch_size: int, rounds: int = 5,
-                 measure_eval: bool = True) -> dict:
+                 measure_eval: bool = True, device: str = "cpu") -> dict:
     spec = TrialSpec.resolve(dataset, method, steps=steps, eval_every=steps, dataset_options=options,
                              hparams={"batch_size": batch_size})  # fmt: skip
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        trainer = Trainer(spec, d, RunOptions(device="cpu"))
+        trainer = Trainer(spec, d, RunOptions(device=device))
         run = trainer._build()
         torch.manual_seed(0)
-        model = build_model(spec.model, run.dataset.input_shape, run.dataset.num_classes, spec.hparams)
+        model = build_model(spec.model, run.dataset.input_shape, run.dataset.num_classes, spec.hparams).to(run.device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         pre = []
         for k in range(20):
             mb = trainer._minibatches(k, batch_size)
             pre.append(([b["x"] for b in mb], [b["y"] for b in mb]))
-        q = torch.ones(len(pre[0][0])) / len(pre[0][0])
+        q = torch.ones(len(pre[0][0]), device=run.device) / len(pre[0][0])
 
         def harness_chunk(start: int, n: int) -> float:
             t = time.perf_counter()
@@ -104,7 +105,7 @@ def bench_method(dataset: str, method: str, steps: int, options: dict, batch_siz
         def bare_chunk(n: int) -> float:
             t = time.perf_counter()
             for k in range(n):
-                bare_step(method, model, opt, *pre[k % 20], k, q)
+                float(bare_step(method, model, opt, *pre[k % 20], k, q).detach())  # the same one sync per step
             return n / (time.perf_counter() - t)
 
         harness_chunk(0, 3), bare_chunk(3)  # warm-up
@@ -119,6 +120,7 @@ def bench_method(dataset: str, method: str, steps: int, options: dict, batch_siz
         n_eval = sum(len(s) for s in trainer.eval_splits.values())
         eval_rate = float("nan")
         if measure_eval:  # evaluation does not depend on the method: measured once per workload
+            trainer.evaluate(run) if run.device.type == "cuda" else None  # warm-up: CUDA kernels, cuDNN plans
             t = time.perf_counter()
             trainer.evaluate(run)
             eval_rate = n_eval / (time.perf_counter() - t)
@@ -132,17 +134,21 @@ def main(argv=None) -> int:
     p.add_argument("--cnn-steps", type=int, default=30)
     p.add_argument("--methods", default="erm,groupdro,irm,vrex")
     p.add_argument("--workloads", default="digits,cnn", help="digits (colored_digits MLP), cnn (MNIST-shaped CNN)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (harness and bare loop on the same device)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     rows = []
     methods = a.methods.split(",")
     if "digits" in a.workloads:
-        rows += [bench_method("colored_digits", m, a.steps, {}, 64, measure_eval=i == 0) for i, m in enumerate(methods)]
-    if "cnn" in a.workloads:
-        rows += [bench_method("bench_mnist_shaped", m, a.cnn_steps, {}, 64, measure_eval=i == 0)
+        rows += [bench_method("colored_digits", m, a.steps, {}, 64, measure_eval=i == 0, device=a.device)
                  for i, m in enumerate(methods)]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
-    print(f"{'dataset':20s} {'method':9s} {'harness st/s':>12s} {'bare st/s':>10s} {'bare/harness':>12s} {'eval ex/s':>10s}")
+    if "cnn" in a.workloads:
+        rows += [bench_method("bench_mnist_shaped", m, a.cnn_steps, {}, 64, measure_eval=i == 0, device=a.device)
+                 for i, m in enumerate(methods)]
+    where = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {a.device} ({where})")
+    print(f"{'dataset':20s} {'method':9s} {'harness st/s':>12s} {'bare st/s':>10s} {'bare/harness':>12s} "
+          f"{'eval ex/s':>10s}")
     for r in rows:
         print(f"{r['dataset']:20s} {r['method']:9s} {r['harness_steps_per_s']:12.1f} {r['bare_steps_per_s']:10.1f} "
               f"{r['ratio_bare_over_harness']:12.3f} {r['eval_examples_per_s']:10.0f}")
