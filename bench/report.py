@@ -86,12 +86,15 @@ def build_sections(trials: Sequence[Trial]) -> list[Section]:
 
     for mod in SECTION_MODULES:
         importlib.import_module(mod)
-    return [s for s in (fn(trials) for fn in SECTIONS.values()) if s is not None]
+    # a fixed order whatever was imported first: SECTION_MODULES' order, then other modules' in registration order
+    rank = {m: i for i, m in enumerate(SECTION_MODULES)}
+    builders = sorted(SECTIONS.values(), key=lambda fn: rank.get(fn.__module__, len(rank)))
+    return [s for s in (fn(trials) for fn in builders) if s is not None]
 
 
-SECTION_MODULES: list[str] = ["shiftbench.attest.report", "shiftbench.bestofn", "shiftbench.hooks.drift",
-                              "shiftbench.coordination.report"]
-"""Modules imported before sections are built (each registers its builders on import)."""
+SECTION_MODULES: list[str] = ["shiftbench.hooks.drift", "shiftbench.bestofn", "shiftbench.coordination.report",
+                              "shiftbench.attest.report"]
+"""Modules imported before sections are built (each registers its builders on import), in report order."""
 METRICS_SCHEMA = "shiftbench.metrics/1"
 
 

@@ -157,16 +157,28 @@ def training_domain(trials: Sequence[Trial], test_env: int) -> Selection | None:
     Returns:
         The selection, or None when no trial holds out exactly ``test_env`` with usable records.
     """
+    def score(trial: Trial, r: Record) -> tuple[float | None, Any]:
+        vals = [r[f"env{i}_out_acc"] for i in _out_envs(r) if i != test_env]
+        test = r.get(f"env{test_env}_in_acc")
+        return (sum(vals) / len(vals), test) if vals and _finite(*vals, test) else (None, None)
+
+    return _best_checkpoint_then_draw(trials, test_env, score)
+
+
+def _best_checkpoint_then_draw(trials: Sequence[Trial], test_env: int,
+                               score: Callable[[Trial, Record], tuple[float | None, Any]]) -> Selection | None:
+    """Per trial the checkpoint with the best validation value, then the trial (draw) with the best of those.
+
+    ``score(trial, record)`` gives (validation value, test value) of a checkpoint, or (None, _) to skip it.
+    """
     per_trial = []
     for trial in sorted(single_test_env_pool(trials, test_env), key=_order):
         steps = []
         for r in _records(trial):
-            val_keys = [f"env{i}_out_acc" for i in _out_envs(r) if i != test_env]
-            vals = [r[k] for k in val_keys]
-            test = r.get(f"env{test_env}_in_acc")
-            if not vals or not _finite(*vals, test):
+            val, test = score(trial, r)
+            if val is None or not _finite(test):
                 continue
-            steps.append(Selection(sum(vals) / len(vals), float(test), str(trial["hash"]), hparams_seed(trial),
+            steps.append(Selection(float(val), float(test), str(trial["hash"]), hparams_seed(trial),
                                    int(r.get("step", 0))))
         per_trial.append(_best(steps))
     return _best(s for s in per_trial if s is not None)
@@ -283,14 +295,8 @@ def worst_group(trials: Sequence[Trial], test_env: int) -> Selection | None:
     Returns:
         The selection, or None when no trial holds out exactly ``test_env`` with usable records.
     """
-    per_trial = []
-    for trial in sorted(single_test_env_pool(trials, test_env), key=_order):
-        steps = []
-        for r in _records(trial):
-            val = _worst_group_val(trial, r, test_env)
-            test = r.get(f"env{test_env}_in_worst_group_acc", r.get(f"env{test_env}_in_acc"))
-            if val is None or not _finite(test):
-                continue
-            steps.append(Selection(val, float(test), str(trial["hash"]), hparams_seed(trial), int(r.get("step", 0))))
-        per_trial.append(_best(steps))
-    return _best(s for s in per_trial if s is not None)
+    def score(trial: Trial, r: Record) -> tuple[float | None, Any]:
+        return (_worst_group_val(trial, r, test_env),
+                r.get(f"env{test_env}_in_worst_group_acc", r.get(f"env{test_env}_in_acc")))
+
+    return _best_checkpoint_then_draw(trials, test_env, score)
