@@ -151,7 +151,7 @@ def cmd_list(a) -> int:
         "methods": lambda: [(n, _first_line(METHODS.get(n).__doc__)) for n in METHODS.names()],
         "datasets": lambda: [(n, f"[{DATASETS.get(n).TASK}] " + _first_line(DATASETS.get(n).__doc__))
                              for n in DATASETS.names()],  # fmt: skip
-        "suites": lambda: [(n, "") for n in suite_names()],
+        "suites": lambda: [(n, _suite_summary(n)) for n in suite_names()],
         "models": lambda: [(n, _first_line(MODELS.get(n).__doc__)) for n in MODELS.names()],
         "callbacks": lambda: [(n + ("k=v,..." if n.endswith(":") else ""), _first_line(CALLBACKS.get(n).__doc__))
                               for n in CALLBACKS.names()],  # fmt: skip
@@ -161,6 +161,18 @@ def cmd_list(a) -> int:
         for name, doc in groups[g]():
             print(f"  {name:22s} {doc}")
     return 0
+
+
+def _suite_summary(name: str) -> str:
+    """The first sentence of a suite file's opening comment (at most 100 characters)."""
+    import itertools
+
+    from .config import SUITES_DIR
+
+    lines = (SUITES_DIR / f"{name}.yaml").read_text().splitlines()
+    comment = " ".join(line.lstrip("# ").strip() for line in itertools.takewhile(lambda x: x.startswith("#"), lines))
+    sentence = comment.split(". ")[0].rstrip(".")
+    return sentence if len(sentence) <= 100 else sentence[:99].rstrip() + "…"
 
 
 def _first_line(doc: str | None) -> str:

@@ -92,6 +92,19 @@ def test_named_suites_follow_their_protocols():
     assert qs.n_seeds >= 2 and qs.n_hparams >= 2
 
 
+def test_every_shipped_suite_resolves_and_describes_itself(capsys):
+    from shiftbench.cli import main
+    from shiftbench.config import suite_names
+
+    names = suite_names()
+    assert {"quickstart", "domainbed", "prefs", "cbft_p60", "cbft_p90", "adversarial", "coordination"} <= set(names)
+    for name in names:
+        assert load_suite(name).trials(), name  # every trial spec resolves: names, environments, callbacks
+    assert main(["list", "suites"]) == 0
+    listed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines()[1:])
+    assert set(listed) == set(names) and all(len(d) <= 100 for d in listed.values())
+
+
 def test_suite_overrides_and_validation(tmp_path):
     s = load_suite("quickstart", n_seeds=1, steps=10)
     assert s.n_seeds == 1 and s.steps == 10
