@@ -278,3 +278,20 @@ def test_report_has_the_coordination_table_and_crossplay_plot(lever_sweep, tmp_p
     assert "| otherplay | vdn | 0.900 ± 0.000 |" in text
     assert (tmp_path / "rep" / "plots" / "crossplay_lever_game.png").read_bytes().startswith(b"\x89PNG")
     assert len((tmp_path / "rep" / "coordination" / "crossplay_lever_game.csv").read_text().splitlines()) == 13
+
+
+def test_attested_coordination_trial_verifies_by_replaying_its_partners(tmp_path, monkeypatch):
+    # re-execution needs the method's game and partners (set up by setup()); a forged prediction is caught
+    from shiftbench.attest.verify import verify_path
+
+    monkeypatch.setenv("SHIFTBENCH_HOME", str(tmp_path / "home"))
+    spec = TrialSpec.resolve("lever_game", "otherplay", steps=20, eval_every=10, dataset_options=LEVER_OPTS,
+                             callbacks=("attest",))
+    trial = tmp_path / "runs" / "trials" / spec.short_hash
+    run_trial(spec, trial)
+    (result,), _ = verify_path(tmp_path / "runs", reexecute=6, seed=0)
+    assert result.failures == [] and "all match" in result.notes[-1]
+    weights = torch.load(trial / "model.pt", weights_only=True)
+    torch.save({k: torch.zeros_like(v) for k, v in weights.items()}, trial / "model.pt")
+    (result,), _ = verify_path(tmp_path / "runs", reexecute=6, seed=0)
+    assert any("model.pt" in f for f in result.failures)

@@ -291,13 +291,14 @@ def reexecute_sample(res: Result, predicate: Mapping[str, Any], arrays: Mapping[
         res.failures.append("re-execution: the rebuilt dataset's version differs from the attested data version")
     task = TASKS.get(dataset.TASK)()
     model = build_model(spec.model, dataset.input_shape, task.n_outputs(dataset.num_classes), spec.hparams)
+    algorithm = METHODS.get(spec.method)(model, task, len(dataset.train_splits(spec.test_envs)), spec.hparams)
+    _setup_for_scoring(algorithm, dataset, spec)  # before the weights load: a setup may set the model's weights
     try:
         state = torch.load(res.trial / WEIGHTS, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as e:  # any unpickling refusal or shape mismatch means the weights are not this spec's model
         res.failures.append(f"re-execution: {WEIGHTS} does not load into the spec's model ({type(e).__name__})")
         return
-    algorithm = METHODS.get(spec.method)(model, task, len(dataset.train_splits(spec.test_envs)), spec.hparams)
     algorithm.eval()
     tree = MerkleTree(hashes)
     root = bytes.fromhex((predicate.get("predictions") or {}).get("merkle_root", ""))
@@ -335,6 +336,35 @@ def reexecute_sample(res: Result, predicate: Mapping[str, Any], arrays: Mapping[
                             f"weights under the committed Merkle root (rows {shown})")
     else:
         res.notes.append(f"re-executed {len(rows)} committed predictions: all match")
+
+
+class _NotForScoring(Exception):
+    """Raised by the parts of a method's context that only training needs."""
+
+
+def _setup_for_scoring(algorithm, dataset, spec) -> None:
+    """Runs the method's ``setup`` as far as scoring needs (e.g. a coordination method finds its game there);
+    what only training needs, such as training a reference model, is skipped, since the weights come from the
+    attested file."""
+    import tempfile
+
+    import torch
+
+    from ..algorithm import MethodContext
+
+    def not_for_scoring(*_args, **_kwargs):
+        raise _NotForScoring
+
+    with tempfile.TemporaryDirectory() as workdir:
+        context = MethodContext(
+            train_env_names=[name for name, _ in dataset.train_splits(spec.test_envs)],
+            splits=dataset.eval_splits(), stream=lambda *_: not_for_scoring, device=torch.device("cpu"),
+            workdir=Path(workdir), seed=spec.seed, train_reference=not_for_scoring,
+        )  # fmt: skip
+        try:
+            algorithm.setup(context)
+        except _NotForScoring:
+            pass
 
 
 def _gather(split, ids: Sequence[int]) -> dict | None:
