@@ -42,6 +42,10 @@ def one_line_error(err: str) -> str:
         (["train", "--dataset", "colored_digits", "--method", "erm", "--callbacks", "drfit"], "did you mean 'drift'"),
         (["sweep", "--datasets", "colored_digits", "--methods", "erm", "--callbacks", "robust_eval:epz=1"],
          "did you mean 'eps'"),
+        (["sweep", "--datasets", "colored_digits", "--methods", "erm", "--callbacks", "robust_eval:threat=l3"],
+         "unknown threat 'l3'"),
+        (["train", "--dataset", "colored_digits", "--method", "erm", "--callbacks", "robust_eval:bounds=1:0"],
+         "must be (lo, hi) with lo < hi"),
     ],
 )
 def test_bad_input_one_line_nonzero(argv, expected, tmp_path, capsys):

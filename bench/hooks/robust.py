@@ -112,7 +112,9 @@ class RobustEval(Callback):
 
     @classmethod
     def validate(cls, name: str, dataset_cls: type | None = None) -> None:
-        parse_settings(name)
+        settings = parse_settings(name)
+        # builds the threat (kind, eps, steps, bounds checked); "auto" bounds need the data, so none stands in here
+        resolve_threat({**settings, "bounds": "none" if settings["bounds"] == "auto" else settings["bounds"]}, None)
 
     def on_start(self, run: TrialRun) -> None:
         if self.name is None:
