@@ -255,13 +255,12 @@ def cmd_report(a) -> int:
 
 
 def _report(runs: Path, out: Path) -> None:
-    from .report import leaderboard_text, scan_runs, write_report
+    from .report import build_report, scan_runs
 
-    scan = scan_runs(runs)
-    if not scan.done:
+    if not scan_runs(runs).done:
         raise UserError(f"{runs} holds no finished trial (looked for final.json in trials/*/)")
-    write_report(scan.done, out, failed=scan.failed, incomplete=len(scan.incomplete))
-    print(leaderboard_text(scan.done, scan.failed, len(scan.incomplete)))
+    _, text = build_report(runs, out)  # the tables and sections are computed once, for the files and the terminal
+    print(text)
 
 
 def cmd_demo(a) -> int:

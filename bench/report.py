@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .selection import RULES, held_out_envs, rule_title
+from .selection import RULES, Record, held_out_envs, rule_title
 
 Trial = dict[str, Any]
 AVG = "avg"
@@ -287,13 +287,11 @@ def _groups(trials: Sequence[Trial]) -> dict[str, dict[str, dict[Any, list[Trial
     return out
 
 
-def _metric_at(group: Sequence[Trial], sel: Any, env: int, metric: str) -> float | None:
+def _metric_value(records: Mapping[tuple[str, Any], Record], sel: Any, env: int, metric: str) -> float | None:
     """``env{env}_in_<metric>`` of the record the selection points at (trial hash and step), in percent."""
     if metric == "acc":
         return 100.0 * sel.test_acc
-    trial = next((t for t in group if str(t["hash"]) == sel.hash), None)
-    rec = next((r for r in (trial or {}).get("records", []) if r.get("step") == sel.step), {})
-    v = rec.get(f"env{env}_in_{metric}")
+    v = records.get((sel.hash, sel.step), {}).get(f"env{env}_in_{metric}")
     return 100.0 * float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
@@ -320,49 +318,72 @@ def compute_tables(trials: Sequence[Trial], rules: Sequence[str] | None = None, 
     Returns:
         Tables sorted by dataset, then rule order.
     """
-    tables = []
+    return _tables(trials, rules, [metric])[metric]
+
+
+def all_tables(trials: Sequence[Trial]) -> list[Table]:
+    """The accuracy tables, then one table per (extra metric, dataset, rule) that has at least one number; every
+    rule selects once, for all metrics."""
+    extra = extra_metrics(trials)
+    by_metric = _tables(trials, None, ["acc", *extra])
+    return by_metric["acc"] + [t for m in extra for t in by_metric[m]
+                               if any(c.mean is not None for c in t.cells.values())]
+
+
+def _tables(trials: Sequence[Trial], rules: Sequence[str] | None, metrics: Sequence[str]) -> dict[str, list[Table]]:
+    """metric -> tables (sorted by dataset, then rule order), from one pass of the selection rules."""
+    out: dict[str, list[Table]] = {m: [] for m in metrics}
     for dataset, by_method in sorted(_groups(trials).items()):
         ds_trials = [t for m in by_method.values() for s in m.values() for t in s]
         envs = sorted({e for t in ds_trials for e in held_out_envs(t)})
         names = _env_names(ds_trials, envs)
+        records = {(str(t["hash"]), r.get("step")): r for t in ds_trials for r in t.get("records", [])}
         for rule_name in rules or list(RULES):
             rule = RULES[rule_name]
-            cells: dict = {}
-            selections: dict = {}
-            for method, by_seed in sorted(by_method.items()):
-                per_env: dict[int, list[float]] = defaultdict(list)
-                per_env_trials: dict[int, int] = defaultdict(int)
-                seed_accs: dict[Any, dict[int, float]] = defaultdict(dict)
-                seed_pools: dict[Any, set[str]] = defaultdict(set)
-                for seed in sorted(by_seed, key=str):
-                    group = by_seed[seed]
+            # (method, seed, env) -> (selection, hashes of the trials it chose among)
+            picks: dict[tuple[str, Any, int], tuple[Any, set[str]]] = {}
+            for method, by_seed in by_method.items():
+                for seed, group in by_seed.items():
                     for env in envs:
                         sel = rule(group, env)
-                        if sel is None:
-                            continue
-                        value = _metric_at(group, sel, env, metric)
-                        if value is None:
-                            continue
-                        pool = rule.pool(group, env)  # type: ignore[attr-defined]
-                        selections[(method, seed, env)] = sel
-                        per_env[env].append(value)
-                        per_env_trials[env] += len(pool)
-                        seed_accs[seed][env] = value
-                        seed_pools[seed].update(str(t["hash"]) for t in pool)
-                for env in envs:
-                    cells[(method, env)] = _cell(per_env[env], per_env_trials[env])
-                full = [s for s in seed_accs if len(seed_accs[s]) == len(envs)]
-                cells[(method, AVG)] = _cell([float(np.mean([seed_accs[s][e] for e in envs])) for s in full],
-                                             len(set().union(*(seed_pools[s] for s in full))) if full else 0)
-            tables.append(Table(dataset, rule_name, envs, names, sorted(by_method), cells, selections, metric))
-    return tables
+                        if sel is not None:
+                            pool = rule.pool(group, env)  # type: ignore[attr-defined]
+                            picks[(method, seed, env)] = (sel, {str(t["hash"]) for t in pool})
+            for metric in metrics:
+                out[metric].append(_table(dataset, rule_name, envs, names, by_method, picks, records, metric))
+    return out
 
 
-def all_tables(trials: Sequence[Trial]) -> list[Table]:
-    """The accuracy tables, then one table per (extra metric, dataset, rule) that has at least one number."""
-    extra = [t for m in extra_metrics(trials) for t in compute_tables(trials, metric=m)
-             if any(c.mean is not None for c in t.cells.values())]
-    return compute_tables(trials) + extra
+def _table(dataset: str, rule_name: str, envs: list[int], names: list[str], by_method: Mapping[str, Any],
+           picks: Mapping[tuple[str, Any, int], tuple[Any, set[str]]], records: Mapping[tuple[str, Any], Record],
+           metric: str) -> Table:
+    """One table: the cells of ``metric`` at the rule's picks, mean ± SE over seeds."""
+    cells: dict = {}
+    selections: dict = {}
+    for method, by_seed in sorted(by_method.items()):
+        per_env: dict[int, list[float]] = defaultdict(list)
+        per_env_trials: dict[int, int] = defaultdict(int)
+        seed_accs: dict[Any, dict[int, float]] = defaultdict(dict)
+        seed_pools: dict[Any, set[str]] = defaultdict(set)
+        for seed in sorted(by_seed, key=str):
+            for env in envs:
+                if (method, seed, env) not in picks:
+                    continue
+                sel, pool = picks[(method, seed, env)]
+                value = _metric_value(records, sel, env, metric)
+                if value is None:
+                    continue
+                selections[(method, seed, env)] = sel
+                per_env[env].append(value)
+                per_env_trials[env] += len(pool)
+                seed_accs[seed][env] = value
+                seed_pools[seed].update(pool)
+        for env in envs:
+            cells[(method, env)] = _cell(per_env[env], per_env_trials[env])
+        full = [s for s in seed_accs if len(seed_accs[s]) == len(envs)]
+        cells[(method, AVG)] = _cell([float(np.mean([seed_accs[s][e] for e in envs])) for s in full],
+                                     len(set().union(*(seed_pools[s] for s in full))) if full else 0)
+    return Table(dataset, rule_name, envs, names, sorted(by_method), cells, selections, metric)
 
 
 # --------------------------------------------------------------------------------------------------------- rendering
