@@ -438,18 +438,23 @@ _OPTIONS = {
 }
 
 
-def run_detector(name: str, x: Any, y: Any, alpha: float = ALPHA, **options: Any) -> DriftResult:
-    """Runs a detector by name, passing only the options it takes.
-
-    Raises:
-        UserError: unknown detector, or alpha outside (0, 1).
-    """
+def check_detector(name: str) -> None:
+    """Raises a UserError (with a did-you-mean hint) unless ``name`` is a key of :data:`DETECTORS`."""
     if name not in DETECTORS:
         import difflib
 
         near = difflib.get_close_matches(name, DETECTORS, n=1)
         hint = f"did you mean {near[0]!r}? " if near else ""
         raise UserError(f"unknown detector {name!r}: {hint}known: {', '.join(DETECTORS)}")
+
+
+def run_detector(name: str, x: Any, y: Any, alpha: float = ALPHA, **options: Any) -> DriftResult:
+    """Runs a detector by name, passing only the options it takes.
+
+    Raises:
+        UserError: unknown detector, or alpha outside (0, 1).
+    """
+    check_detector(name)
     if not 0.0 < alpha < 1.0:
         raise UserError(f"alpha must be strictly between 0 and 1 (got {alpha})")
     kwargs = {k: v for k, v in options.items() if k in _OPTIONS[name] and v is not None}

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from shiftbench import drift
+from shiftbench.cli import _kv
 from shiftbench.errors import UserError
 
 FILE_SUFFIXES = (".csv", ".parquet", ".pq", ".npy")
@@ -156,13 +157,12 @@ def _cut_parts(src: Source, n: int, rng: np.random.Generator) -> None:
 
 
 def _materialise(src: Source) -> None:
-    from shiftbench.hooks.drift import gather
+    from shiftbench.hooks.drift import _inputs, gather
 
     rows = []
     for i, s, idx in src.parts:
         if len(idx):
-            batch = gather(src.splits[f"env{i}_{s}"], np.sort(idx))
-            rows.append(np.concatenate([drift.as_matrix(batch[k].float()) for k in src.keys], axis=1))
+            rows.append(_inputs(gather(src.splits[f"env{i}_{s}"], np.sort(idx)), src.keys))
     src.x = np.concatenate(rows) if rows else np.empty((0, 0))
 
 
@@ -181,7 +181,7 @@ def divide_shared(ref: Source, test: Source, rng: np.random.Generator) -> int:
 
 
 def load_sources(a: argparse.Namespace, rng: np.random.Generator) -> tuple[Source, Source, int]:
-    options = _kv(a.option)
+    options = _kv(a.option, "--option")
     sources = []
     for side in ("ref", "test"):
         text = getattr(a, side)
@@ -206,16 +206,6 @@ def load_sources(a: argparse.Namespace, rng: np.random.Generator) -> tuple[Sourc
         raise UserError(f"reference and test have different feature counts ({ref.x.shape[1]} vs {test.x.shape[1]}); "
                         "compare data with the same columns")  # fmt: skip
     return ref, test, shared
-
-
-def _kv(items: list[str] | None) -> dict[str, str]:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UserError(f"--option {item!r} must look like name=value")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
 
 
 def subsample(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -309,8 +299,7 @@ def _detectors(a: argparse.Namespace, model: TrialModel | None, probabilities: b
     if names == ["all"]:
         names = ["mmd", "ks", "classifier"] + (["bbsd"] if model is not None or probabilities else [])
     for d in names:
-        if d not in drift.DETECTORS:
-            drift.run_detector(d, np.zeros((2, 1)), np.zeros((2, 1)))  # raises the did-you-mean error
+        drift.check_detector(d)
     return list(dict.fromkeys(names))
 
 

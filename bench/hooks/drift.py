@@ -21,10 +21,7 @@ folder (an MLflow artifact like every trial file).
 
 from __future__ import annotations
 
-import csv
 import html
-import io
-import math
 import re
 import sys
 from collections import defaultdict
@@ -39,7 +36,7 @@ from shiftbench.data import Split, TensorSplit
 from shiftbench.hparams import seed_hash
 from shiftbench.io import write_json
 from shiftbench.registry import CALLBACKS
-from shiftbench.report import DASH, Section, report_section
+from shiftbench.report import DASH, Section, _cell, _csv, report_section
 from shiftbench.trainer import Callback
 
 MAX_SAMPLES = 1000
@@ -131,9 +128,10 @@ class DriftCallback(Callback):
         keys = task.input_keys
         rng = np.random.default_rng(seed_hash(spec.seed, "drift"))
         ref = sample([splits[n] for n in ref_names], MAX_SAMPLES, rng)
-        fit = sample([splits[n] for n in fit_names], FIT_SAMPLES, rng)
+        # without out splits the PCA is fitted on the reference itself (see ``reduction_fit``): nothing else to draw
+        fit = sample([splits[n] for n in fit_names], FIT_SAMPLES, rng) if exact else ref
         pca = drift.PCAReduction(PCA_DIM, seed=seed_hash(spec.seed, "drift-pca") % 2**31)
-        pca.fit(_inputs(fit if exact else ref, keys))
+        pca.fit(_inputs(fit, keys))
         ref_views = self._views(run, ref, pca, keys)
         report: dict[str, Any] = {
             "alpha": ALPHA, "reference": ref_names, "reduction_fit": fit_names if exact else ref_names,
@@ -249,18 +247,15 @@ def drift_section(trials: Sequence[dict]) -> Section | None:
         return None
     rows, metrics = [], []
     for (dataset, method, i, name), g in sorted(groups.items()):
-        d = np.asarray(g["drop"])
-        mean = float(d.mean()) if len(d) else None
-        se = float(d.std() / math.sqrt(len(d))) if len(d) else None
+        cell = _cell(g["drop"], len(g["n"]))
         entry: dict[str, Any] = {"dataset": dataset, "method": method, "env": f"env{i}", "env_name": name,
-                                 "n_trials": len(g["n"]), "acc_drop_mean": mean, "acc_drop_se": se}
+                                 "n_trials": len(g["n"]), "acc_drop_mean": cell.mean, "acc_drop_se": cell.se}
         for view in VIEWS:
             ps, fl = g[f"{view}_p"], g[f"{view}_flag"]
             entry[f"{view}_flagged"] = sum(fl)
             entry[f"{view}_median_p"] = median(ps) if ps else None
         metrics.append(entry)
-        drop_txt = DASH if mean is None else f"{mean:.1f} ± {se:.1f}"
-        rows.append([dataset, method, name, drop_txt] + [_flag_cell(g[f"{v}_p"], g[f"{v}_flag"]) for v in VIEWS]
+        rows.append([dataset, method, name, cell.text()] + [_flag_cell(g[f"{v}_p"], g[f"{v}_flag"]) for v in VIEWS]
                     + [str(len(g["n"]))])  # fmt: skip
     header = ["Dataset", "Method", "Test env", "Acc drop (pp)", "Inputs (MMD)", "Features (MMD)", "Outputs (BBSD)",
               "n"]  # fmt: skip
@@ -277,9 +272,6 @@ def drift_section(trials: Sequence[dict]) -> Section | None:
     body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
     htm = (f'<p class="note">{e(note)}</p><table><thead><tr>' + "".join(f"<th>{e(h)}</th>" for h in header)
            + f"</tr></thead><tbody>{body}</tbody></table>")  # fmt: skip
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(list(metrics[0]))
-    writer.writerows([["" if v is None else f"{v:.6g}" if isinstance(v, float) else v for v in m.values()]
-                      for m in metrics])  # fmt: skip
-    return Section("drift", "Drift and accuracy drop", md, htm, metrics, {"drift.csv": buf.getvalue()})
+    table = [["" if v is None else f"{v:.6g}" if isinstance(v, float) else v for v in m.values()] for m in metrics]
+    files = {"drift.csv": _csv([list(metrics[0])] + table)}
+    return Section("drift", "Drift and accuracy drop", md, htm, metrics, files)
