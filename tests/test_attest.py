@@ -26,7 +26,7 @@ from shiftbench.attest.merkle import (EMPTY_ROOT, MerkleTree, leaf_hash, merkle_
                                      verify_inclusion)
 from shiftbench.attest.predictions import encode_leaf, leaf_hashes, load_predictions
 from shiftbench.attest.record import ENVELOPE, RECEIPT, attest_trial
-from shiftbench.attest.verify import Trust, verify_path
+from shiftbench.attest.verify import verify_path
 from shiftbench.cli import main
 from shiftbench.config import TrialSpec
 from shiftbench.errors import UserError
@@ -329,24 +329,24 @@ def test_every_mutation_of_an_attested_artifact_is_detected(pristine, tmp_path, 
     rng = np.random.default_rng(0)
     counts: dict[str, list[int]] = {k: [0, 0] for k in targets}
     missed = []
-    for artifact, files in targets.items():
-        for n in range(36):
-            path = files[n % len(files)]
-            _flip(path, rng)
-            counts[artifact][0] += 1
-            if detected():
-                counts[artifact][1] += 1
-            else:
-                missed.append(f"byte flip in {path.name}")
-            restore()
-    for artifact, what, mutate in _field_edits(trial, log):
-        mutate()
+
+    def tally(artifact: str, mutation: str) -> None:
+        """Counts the mutation just applied, notes it if verification missed it, and undoes it."""
         counts[artifact][0] += 1
         if detected():
             counts[artifact][1] += 1
         else:
-            missed.append(f"{artifact}: {what}")
+            missed.append(mutation)
         restore()
+
+    for artifact, files in targets.items():
+        for n in range(36):
+            path = files[n % len(files)]
+            _flip(path, rng)
+            tally(artifact, f"byte flip in {path.name}")
+    for artifact, what, mutate in _field_edits(trial, log):
+        mutate()
+        tally(artifact, f"{artifact}: {what}")
     assert not detected()  # restored: verifies again
     total = sum(c[0] for c in counts.values())
     with capsys.disabled():

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..errors import UserError
+from ..io import atomic_write
 from .locking import file_lock
 
 ED25519 = "ed25519"
@@ -40,6 +41,7 @@ about 4.5% of a quickstart trial; 128s (7,856-byte signatures) stays available b
 SLH_DSA_PARAMS = {"slh-dsa-sha2-128s": 20, "slh-dsa-sha2-128f": 21}
 """SLH-DSA parameter sets offered, with the last arc of their NIST OID 2.16.840.1.101.3.4.3.<arc>."""
 SCHEMES = (ED25519, *SLH_DSA_PARAMS)
+_ED25519_OID = bytes([0x2B, 0x65, 0x70])  # 1.3.101.112, RFC 8410
 _NIST_SIG_OID = bytes([0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x03])  # 2.16.840.1.101.3.4.3
 _PEM = re.compile(rb"-----BEGIN ([A-Z ]+)-----\s*(.*?)\s*-----END \1-----", re.S)
 
@@ -120,7 +122,7 @@ def _slh_scheme(oid_der: bytes) -> str | None:
 
 
 def _pem(label: str, der: bytes) -> bytes:
-    text = base64.encodebytes(der).decode("ascii").replace("\n", "")
+    text = b64encode(der)
     lines = [text[i : i + 64] for i in range(0, len(text), 64)]
     return ("\n".join([f"-----BEGIN {label}-----", *lines, f"-----END {label}-----"]) + "\n").encode("ascii")
 
@@ -153,7 +155,7 @@ class PublicKey:
     def spki(self) -> bytes:
         """DER SubjectPublicKeyInfo."""
         if self.scheme == ED25519:
-            alg = _der(0x30, _der(0x06, bytes([0x2B, 0x65, 0x70])))  # id-Ed25519, RFC 8410
+            alg = _der(0x30, _der(0x06, _ED25519_OID))  # id-Ed25519, RFC 8410
         else:
             alg = _der(0x30, _slh_oid(self.scheme))
         return _der(0x30, alg + _der(0x03, b"\x00" + self.raw))
@@ -188,7 +190,7 @@ class PublicKey:
         tag, body, _ = _der_read(der)
         (atag, alg), (btag, bits) = _der_items(body)
         oid = _der_items(alg)[0]
-        if oid == (0x06, bytes([0x2B, 0x65, 0x70])):
+        if oid == (0x06, _ED25519_OID):
             return cls(ED25519, bits[1:])
         scheme = _slh_scheme(_der(*oid))
         if scheme is None:
@@ -236,7 +238,7 @@ class SigningKey:
     def pkcs8(self) -> bytes:
         """PEM PKCS#8; Ed25519 wraps its seed in an OCTET STRING (RFC 8410), SLH-DSA stores the raw key."""
         if self.scheme == ED25519:
-            alg, key = _der(0x30, _der(0x06, bytes([0x2B, 0x65, 0x70]))), _der(0x04, _der(0x04, self.secret))
+            alg, key = _der(0x30, _der(0x06, _ED25519_OID)), _der(0x04, _der(0x04, self.secret))
         else:
             alg, key = _der(0x30, _slh_oid(self.scheme)), _der(0x04, self.secret)
         return _pem("PRIVATE KEY", _der(0x30, _der(0x02, b"\x00") + alg + key))
@@ -276,22 +278,6 @@ def read_public_keys(path: str | os.PathLike) -> list[PublicKey]:
     return keys
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Written to a 0600 temporary file then renamed: the key is never readable by others, even for a moment."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)  # in case the umask or an existing file interfered
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def load_signing_key(scheme: str = ED25519, directory: str | os.PathLike | None = None) -> SigningKey:
     """The user's key for ``scheme``, generated on first use (private key mode 0600, folder mode 0700)."""
     if scheme not in SCHEMES:
@@ -302,7 +288,8 @@ def load_signing_key(scheme: str = ED25519, directory: str | os.PathLike | None 
     with file_lock(d / ".lock"):
         if not priv.exists():
             key = SigningKey.generate(scheme)
-            _write_private(priv, key.pkcs8())
+            pem = key.pkcs8()
+            atomic_write(priv, lambda f: f.write(pem), mode="wb")  # mkstemp's file is 0600 from its creation
             pub.write_bytes(key.public.pem())
             return key
     if priv.stat().st_mode & 0o077:

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from ..config import canonical_json
 from .dsse import PublicKey, SigningKey, envelope_bytes, sign_envelope, verify_envelope
 from .locking import file_lock
-from .merkle import MerkleTree, leaf_hash, verify_consistency, verify_inclusion
+from .merkle import MerkleTree, leaf_hash, merkle_root, verify_consistency, verify_inclusion
 
 ENTRIES, HEADS, LOCK = "entries.jsonl", "tree_heads.jsonl", ".lock"
 HEAD_TYPE = "application/vnd.shiftbench.tree-head+json"
@@ -50,10 +51,6 @@ class TreeHead:
     root: bytes
     timestamp: str
     envelope: dict
-
-
-def _compact(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
 def _lines(path: Path) -> list[bytes]:
@@ -95,10 +92,6 @@ class TransparencyLog:
         heads = self.head_envelopes()
         return json.loads(heads[-1]) if heads else None
 
-    def tree(self, size: int | None = None) -> MerkleTree:
-        entries = self.entries()
-        return MerkleTree([leaf_hash(e) for e in (entries if size is None else entries[:size])])
-
     def append(self, entry: Mapping[str, Any], keys: Sequence[SigningKey]) -> dict[str, Any]:
         """Appends one entry and signs the new tree head.
 
@@ -106,7 +99,7 @@ class TransparencyLog:
             The receipt: ``{"log_index", "leaf_hash", "tree_head"}``.
         """
         self.path.mkdir(parents=True, exist_ok=True)
-        line = _compact(dict(entry)).encode("utf-8")
+        line = canonical_json(dict(entry)).encode("utf-8")
         if b"\n" in line:
             raise ValueError("log entries are single lines")
         with file_lock(self.path / LOCK):
@@ -116,10 +109,10 @@ class TransparencyLog:
             self._rewrite_if_torn(ENTRIES, entries)
             self._rewrite_if_torn(HEADS, heads)
             entries.append(line)
-            tree = MerkleTree([leaf_hash(e) for e in entries])
-            body = {"tree_size": len(entries), "root_hash": tree.root.hex(),
+            root = merkle_root([leaf_hash(e) for e in entries])
+            body = {"tree_size": len(entries), "root_hash": root.hex(),
                     "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            head = sign_envelope(HEAD_TYPE, _compact(body).encode("utf-8"), keys)
+            head = sign_envelope(HEAD_TYPE, canonical_json(body).encode("utf-8"), keys)
             _append_line(self.path / ENTRIES, line)
             _append_line(self.path / HEADS, envelope_bytes(head).rstrip(b"\n"))
         return {"log_index": len(entries) - 1, "leaf_hash": leaf_hash(line).hex(), "tree_head": head}

@@ -14,8 +14,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .dsse import PublicKey, b64decode_strict, local_public_keys, verify_envelope
-from .log import TransparencyLog, TreeHead, check_receipt, log_dir_for, verify_log
+from ..io import read_json
+from .dsse import PublicKey, b64decode_strict, local_public_keys, read_public_keys, verify_envelope
+from .log import LOG_DIRNAME, TransparencyLog, TreeHead, check_receipt, log_dir_for, verify_log
 from .merkle import MerkleTree, leaf_hash, merkle_root, verify_inclusion
 from .predictions import encode_leaf, leaf_hashes, load_predictions
 from .record import ENVELOPE, RECEIPT
@@ -56,10 +57,6 @@ class Trust:
         if public_keys:
             return cls(list(public_keys), [k.keyid for k in public_keys])
         return cls(local_public_keys(keys_dir), [])
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _last_record(path: Path) -> Any:
@@ -127,12 +124,12 @@ def _check_metrics(res: Result, predicate: Mapping[str, Any], arrays: Mapping[st
     metrics = predicate.get("metrics")
     t = res.trial
     try:
-        if not _same_json(_read_json(t / METRICS), metrics):
+        if not _same_json(read_json(t / METRICS), metrics):
             res.failures.append(f"{METRICS}: differs from the statement's metrics")
     except (OSError, ValueError):
         res.failures.append(f"{METRICS}: unreadable")
     try:
-        final = _read_json(t / "final.json")
+        final = read_json(t / "final.json")
         if not _same_json(final.get("record"), metrics):
             res.failures.append("final.json: its record differs from the attested metrics")
         if final.get("attestation") != res.envelope_sha256:
@@ -149,7 +146,7 @@ def _check_metrics(res: Result, predicate: Mapping[str, Any], arrays: Mapping[st
     split = arrays["split"].astype(str)
     sizes = {}
     try:
-        sizes = (_read_json(t / MANIFEST) or {}).get("sizes") or {}
+        sizes = (read_json(t / MANIFEST) or {}).get("sizes") or {}
     except (OSError, ValueError):
         res.failures.append(f"{MANIFEST}: unreadable")
     for name in np.unique(split):
@@ -175,8 +172,8 @@ def _check_spec(res: Result, predicate: Mapping[str, Any]) -> None:
     from ..config import sha256_json
 
     try:
-        meta = _read_json(res.trial / SPEC)
-        manifest = _read_json(res.trial / MANIFEST)
+        meta = read_json(res.trial / SPEC)
+        manifest = read_json(res.trial / MANIFEST)
     except (OSError, ValueError):
         res.failures.append("spec.json or data_manifest.json: missing or unreadable")
         return
@@ -197,8 +194,9 @@ def _check_log(res: Result, trust: Trust, log_dir: Path, cache: dict) -> None:
     if not receipt_path.is_file():
         res.failures.append(f"{RECEIPT}: missing (the envelope was never logged)")
         return
+    log = TransparencyLog(log_dir)
     if log_dir not in cache:
-        cache[log_dir] = verify_log(TransparencyLog(log_dir), trust.keys)
+        cache[log_dir] = verify_log(log, trust.keys)
     latest, tree, failures = cache[log_dir]
     if failures and not cache.get(("reported", log_dir)):
         res.failures += failures
@@ -208,12 +206,12 @@ def _check_log(res: Result, trust: Trust, log_dir: Path, cache: dict) -> None:
             res.failures.append(f"log {log_dir}: unusable")
         return
     try:
-        receipt = _read_json(receipt_path)
+        receipt = read_json(receipt_path)
     except (OSError, ValueError):
         res.failures.append(f"{RECEIPT}: unreadable")
         return
-    res.failures += [f"log: {f}" for f in check_receipt(receipt, res.envelope_sha256 or "", latest, tree,
-                                                         TransparencyLog(log_dir), trust.keys)]
+    res.failures += [f"log: {f}" for f in check_receipt(receipt, res.envelope_sha256 or "", latest, tree, log,
+                                                         trust.keys)]
 
 
 def verify_trial(trial_dir: str | os.PathLike, trust: Trust | None = None, log_dir: str | os.PathLike | None = None,
@@ -238,7 +236,7 @@ def verify_trial(trial_dir: str | os.PathLike, trust: Trust | None = None, log_d
         return res
     res.envelope_sha256 = file_sha256(env_path)
     try:
-        envelope = _read_json(env_path)
+        envelope = read_json(env_path)
     except (OSError, ValueError):
         res.failures.append(f"{ENVELOPE}: not valid JSON")
         return res
@@ -408,10 +406,10 @@ def verify_path(path: str | os.PathLike, trust: Trust | None = None, log_dir: st
     results = [verify_trial(t, trust, log_dir, reexecute, seed, data_root, cache) for t in trial_folders(path)]
     sweep_failures = []
     if (path / "trials").is_dir():
-        logs = {Path(log_dir) if log_dir else log_dir_for(r.trial) for r in results} or {path / "attestation_log"}
+        logs = {Path(log_dir) if log_dir else log_dir_for(r.trial) for r in results} or {path / LOG_DIRNAME}
         present = {r.statement["predicate"]["trial_hash"]: r for r in results if r.statement}
         for ld in logs:
-            latest = cache.get(ld, (None,))[0] if ld in cache else verify_log(TransparencyLog(ld), trust.keys)[0]
+            latest = cache[ld][0] if ld in cache else verify_log(TransparencyLog(ld), trust.keys)[0]
             sweep_failures += dropped_runs(TransparencyLog(ld), latest, present)
     return results, sweep_failures
 
@@ -438,6 +436,4 @@ def dropped_runs(log: TransparencyLog, latest: TreeHead | None, present: Mapping
 
 
 def trusted_from_files(files: Iterable[str | os.PathLike]) -> list[PublicKey]:
-    from .dsse import read_public_keys
-
     return [k for f in files for k in read_public_keys(f)]
