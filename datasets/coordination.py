@@ -22,18 +22,12 @@ import torch
 import shiftbench.coordination.task  # noqa: F401  (registers the "coordination" task type)
 from shiftbench.config import canonical_json
 from shiftbench.coordination.games import Game, LeverGame, Rendezvous
-from shiftbench.coordination.population import TRAIN_HPARAMS, PopulationSpec, load_population, new_agent
+from shiftbench.coordination.population import PopulationSpec, load_population, new_agent
 from shiftbench.coordination.world import SELF, PartnerSplit, World, crossplay
 from shiftbench.data import Environment, ShiftDataset, tensor_digest
 from shiftbench.errors import UserError
 from shiftbench.hparams import HParam, choice, fixed, seed_hash
 from shiftbench.registry import DATASETS
-
-MODEL_HPARAMS: dict[str, HParam] = {
-    "mlp_width": HParam(64, choice([32, 64, 128])),
-    "mlp_depth": HParam(2, choice([1, 2])),
-}
-
 
 class CoordinationDataset(ShiftDataset):
     """Partner populations of one game as environments (see the module docstring)."""
@@ -131,7 +125,7 @@ class CoordinationDataset(ShiftDataset):
         bank = self.world.bank
         agents = []
         for a in range(bank.n_agents):
-            model = new_agent(self.game, {**TRAIN_HPARAMS, **dict(self.population.hparams)})
+            model = new_agent(self.game, self.population.train_hparams)
             model.load_state_dict(bank.state_of(a))
             agents.append((model, self.population.learner))
         return crossplay(self.game, agents, self.options["eval_episodes"], self.options["greedy_eval"]).tolist()
@@ -167,7 +161,7 @@ class RendezvousDataset(CoordinationDataset):
     OPTIONS = {**CoordinationDataset.COMMON_OPTIONS, "agents": 4, "size": 5, "horizon": 12, "view": 1}
     N_STEPS = 300
     EVAL_EVERY = 50
-    HPARAMS = {**MODEL_HPARAMS}
+    HPARAMS = {"mlp_width": HParam(64, choice([32, 64, 128])), "mlp_depth": HParam(2, choice([1, 2]))}
 
     @classmethod
     def resolve_options(cls, options):

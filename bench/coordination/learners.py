@@ -147,21 +147,15 @@ def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> to
     return torch.multinomial(logits.float().softmax(-1), 1, generator=generator)[:, 0]
 
 
-def policy(model: nn.Module, kind: str, greedy: bool = False, generator: torch.Generator | None = None,
-           epsilon: float = 0.0) -> Act:
+def policy(model: nn.Module, kind: str, greedy: bool = False, generator: torch.Generator | None = None) -> Act:
     """How a trained network acts: ``ppo`` networks give logits (sampled, or argmax when ``greedy``); ``vdn``
-    networks give Q-values (argmax, epsilon-greedy while training). Observations and actions live on the CPU."""
+    networks give Q-values (always argmax: VDN explores through :func:`play`'s ``explore``). Observations and
+    actions live on the CPU."""
     device = next(model.parameters()).device
 
     def act(obs: torch.Tensor) -> torch.Tensor:
         out = model(obs.to(device)).float().cpu()
-        if kind == "ppo":
-            return out.argmax(-1) if greedy else sample(out, generator)
-        best = out.argmax(-1)
-        if epsilon == 0.0:
-            return best
-        explore = torch.rand(len(obs), generator=generator) < epsilon
-        return torch.where(explore, torch.randint(out.shape[-1], (len(obs),), generator=generator), best)
+        return sample(out, generator) if kind == "ppo" and not greedy else out.argmax(-1)
 
     return act
 

@@ -90,10 +90,15 @@ class PopulationSpec:
     def hash(self) -> str:
         return sha256_json(self.to_dict())
 
+    @property
+    def train_hparams(self) -> dict[str, Any]:
+        """The hyperparameters every agent trains (and is rebuilt) with: :data:`TRAIN_HPARAMS` and the overrides."""
+        return {**TRAIN_HPARAMS, **dict(self.hparams), "weight_decay": 0.0}
+
 
 def train_agent(game: Game, spec: PopulationSpec, seed: int) -> list[dict[str, torch.Tensor]]:
     """Trains one self-play agent; returns its weights at every checkpoint. Leaves the global RNG as it was."""
-    hp = {**TRAIN_HPARAMS, **dict(spec.hparams), "weight_decay": 0.0}
+    hp = spec.train_hparams
     marks = sorted({round(f * spec.steps) for f in spec.checkpoints})
     states = []
     with torch.random.fork_rng(devices=[]):

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from shiftbench.report import Section, report_section
+from shiftbench.report import Section, _cell, _new_figure, _safe, report_section
 
 MAX_SEEDS = 5
 """Seeds per method in the learner cross-play matrix (each pair is played, so it grows quadratically)."""
@@ -33,10 +33,8 @@ COLUMNS = (("self", "self-play"), ("heldout", "held-out partners"), ("train", "t
 
 
 def _mean_se(values: Sequence[float]) -> dict[str, Any]:
-    a = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
-    if len(a) == 0:
-        return {"mean": None, "se": None, "n": 0}
-    return {"mean": float(a.mean()), "se": float(a.std() / math.sqrt(len(a))), "n": int(len(a))}
+    cell = _cell([v for v in values if v is not None and math.isfinite(v)], 0)
+    return {"mean": cell.mean, "se": cell.se, "n": cell.n_seeds}
 
 
 def _text(cell: dict[str, Any]) -> str:
@@ -118,15 +116,11 @@ def _heatmap(ax: Any, matrix: np.ndarray, labels: Sequence[str] | None, title: s
 
 def plot_crossplay(dataset: str, matrix: np.ndarray | None, labels: Sequence[str], population: Any) -> bytes:
     """PNG: the learners' cross-play matrix and, when known, the partner population's."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     panels = [(matrix, labels, f"{dataset}: learners (row with column), return")] if matrix is not None else []
     if population:
         pop = np.asarray(population, dtype=float)
         panels.append((pop, None, f"{dataset}: partner population ({len(pop)} self-play agents)"))
-    fig = Figure(figsize=(5.5 * max(1, len(panels)), 5.0), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = _new_figure(5.5 * max(1, len(panels)), 5.0)
     for k, (m, lab, title) in enumerate(panels):
         _heatmap(fig.add_subplot(1, len(panels), k + 1), m, lab, title)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
@@ -201,7 +195,7 @@ def coordination_section(trials: Sequence[dict]) -> Section | None:
                     f"{p['cross']:.3f}.")  # fmt: skip
             md += ["", line]
             body.append(f"<p>{html.escape(line)}</p>")
-        safe = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in ds)
+        safe = _safe(ds)
         matrix = None if s["crossplay"] is None else np.asarray(s["crossplay"])
         if matrix is not None or s["population_matrix"]:
             files[f"plots/crossplay_{safe}.png"] = plot_crossplay(ds, matrix, s["labels"], s["population_matrix"])
