@@ -31,7 +31,7 @@ import torch
 from .errors import UserError
 from .io import write_json
 from .registry import CALLBACKS
-from .report import Section, compute_tables, report_section
+from .report import DASH, Section, _new_figure, _safe, compute_tables, report_section
 from .trainer import Callback
 
 NS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -108,7 +108,7 @@ def _mean_se(values: Sequence[float]) -> tuple[float, float, int]:
 
 def _fmt(mean: float, se: float, scale: float = 1.0, digits: int = 1) -> str:
     if not math.isfinite(mean):
-        return "–"
+        return DASH
     return f"{scale * mean:.{digits}f} ± {scale * se:.{digits}f}"
 
 
@@ -216,15 +216,12 @@ def best_of_n_data(trials: Sequence[dict]) -> dict[str, dict]:
 def plot_best_of_n(dataset: str, data: dict, buf: io.BytesIO) -> None:
     """One panel per domain: gold reward of the best-of-n pick against n (log2), one line per method (mean ± SE over
     seeds), the gold reward's own best-of-n dashed; the test domain's panel title says so."""
-    from .report import _new_figure
-
-    envs = data["env_names"]
-    panels = [(env, dom) for env, per in sorted(data["test_envs"].items()) for dom in envs]
+    envs, ns = data["env_names"], np.asarray(data["n"])
+    panels = [(env, i, dom) for env in sorted(data["test_envs"]) for i, dom in enumerate(envs)]
     fig = _new_figure(3.3 * len(envs), 3.2 * len(data["test_envs"]))
-    for k, (env, dom) in enumerate(panels):
+    for k, (env, i, dom) in enumerate(panels):
         per = data["test_envs"][env]
         ax = fig.add_subplot(len(data["test_envs"]), len(envs), k + 1)
-        ns = np.asarray(data["n"])
         for method, doms in sorted(per["methods"].items()):
             if dom in doms:
                 mean, se = np.asarray(doms[dom]["mean"]), np.asarray(doms[dom]["se"])
@@ -232,8 +229,7 @@ def plot_best_of_n(dataset: str, data: dict, buf: io.BytesIO) -> None:
                 ax.fill_between(ns, mean - se, mean + se, alpha=0.2, color=line.get_color())
         if dom in per["oracle"]:
             ax.plot(ns, per["oracle"][dom], "k--", linewidth=1, label="gold RM")
-        held = envs.index(dom) == env if dom in envs else False
-        ax.set_title(f"{dataset}: {dom}{' (held out)' if held else ''}", fontsize=9)
+        ax.set_title(f"{dataset}: {dom}{' (held out)' if i == env else ''}", fontsize=9)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("n")
         ax.set_ylabel("gold reward of pick")
@@ -247,8 +243,6 @@ def plot_best_of_n(dataset: str, data: dict, buf: io.BytesIO) -> None:
 @report_section("best_of_n")
 def best_of_n_section(trials: Sequence[dict]) -> Section | None:
     """Best-of-n gold-reward curves per method, a table per dataset and test env and a PNG per dataset."""
-    from .report import _safe
-
     data = best_of_n_data(trials)
     if not data:
         return None

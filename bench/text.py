@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .io import atomic_write
 from .registry import MODELS
 
 DEFAULT_CACHE = Path(os.environ.get("SHIFTBENCH_CACHE", Path.home() / ".cache" / "shiftbench")) / "embeddings"
@@ -124,11 +125,7 @@ class EmbeddingCache:
             except (OSError, ValueError):
                 pass  # a damaged entry is recomputed and replaced
         arr = np.ascontiguousarray(compute())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False), mode="wb")
         return arr
 
 

@@ -211,6 +211,12 @@ def filler_length(gold: np.ndarray, rho: float, gold_sd: float, noise: np.ndarra
     return np.clip(np.round(FILLER_MEAN + FILLER_SD * latent), FILLER_MIN, FILLER_MAX).astype(int)
 
 
+def reward_sds(values: np.ndarray, hidden_quality: float) -> tuple[float, float]:
+    """(SD of the visible content, SD of the gold reward): the scales the sampler and the calibration share."""
+    visible_sd = math.sqrt(CLAIMS_PER_RESPONSE) * float(values.std())
+    return visible_sd, visible_sd * math.sqrt(1 + hidden_quality**2)
+
+
 def gold_of(visible: np.ndarray, hidden_quality: float, visible_sd: float, rng: np.random.RandomState) -> np.ndarray:
     """Gold reward: the visible claim values plus a part the text does not show, N(0, (hidden_quality·visible_sd)²)."""
     return visible + hidden_quality * visible_sd * rng.randn(*visible.shape)
@@ -229,11 +235,10 @@ def calibrated_rho(rate: float, seed: int, hidden_quality: float, draws: int = 1
         return 2 * rate - 1
     values = claim_values(seed)
     rng = np.random.RandomState(seed_hash(seed, "calibration"))
-    visible_sd = math.sqrt(CLAIMS_PER_RESPONSE) * float(values.std())
+    visible_sd, gold_sd = reward_sds(values, hidden_quality)
     visible = values[draw_claims(2 * draws, len(values), rng)].sum(1).reshape(draws, 2)
     gold = gold_of(visible, hidden_quality, visible_sd, rng)
     noise = rng.randn(draws, 2)
-    gold_sd = visible_sd * math.sqrt(1 + hidden_quality**2)
 
     def agreement(rho: float) -> float:
         f = filler_length(gold, rho, gold_sd, noise)
@@ -253,8 +258,7 @@ class ResponseSampler:
     def __init__(self, values: np.ndarray, rate: float, rng: np.random.RandomState, seed: int, hidden_quality: float):
         self.values, self.rng, self.hidden = values, rng, hidden_quality
         self.rho = calibrated_rho(rate, seed, hidden_quality)
-        self.visible_sd = math.sqrt(CLAIMS_PER_RESPONSE) * float(values.std())
-        self.gold_sd = self.visible_sd * math.sqrt(1 + hidden_quality**2)
+        self.visible_sd, self.gold_sd = reward_sds(values, hidden_quality)
 
     def draw(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(claims (n, 3) ids, visible content value (n,), gold reward (n,), filler word counts (n,))."""
