@@ -23,7 +23,7 @@ Written for this project: torchattacks pins an old ``requests`` and AutoAttack i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -34,6 +34,8 @@ from .errors import UserError
 from .tasks import Task
 
 ScoresFn = Callable[[Batch], torch.Tensor]
+JudgeFn = Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]
+"""A batch's per-example (loss, correct) under the model."""
 THREATS = ("linf", "l2", "spatial")
 
 
@@ -176,8 +178,8 @@ def _transform(x: torch.Tensor, angle_deg: torch.Tensor, shift: torch.Tensor) ->
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def spatial(loss_fn: Callable[[Batch], torch.Tensor], correct_fn: Callable[[Batch], torch.Tensor], batch: Batch,
-            keys: tuple[str, ...], threat: Threat, generator: torch.Generator | None = None) -> Batch:
+def spatial(judge_fn: JudgeFn, batch: Batch, keys: tuple[str, ...], threat: Threat,
+            generator: torch.Generator | None = None) -> Batch:
     """One worst-of-k attempt: per example, the random rotation + translation that fools the model, else the one
     with the highest loss. The same transform is applied to every input key of an example."""
     for k in keys:
@@ -192,7 +194,7 @@ def spatial(loss_fn: Callable[[Batch], torch.Tensor], correct_fn: Callable[[Batc
             angle = (2 * u[:, 0] - 1) * threat.max_rotation
             shift = (2 * u[:, 1:] - 1) * threat.max_shift
             cand = _with(batch, {k: _clip(_transform(batch[k], angle, shift), threat.bounds) for k in keys})
-            best = _keep_worse(best, cand, loss_fn(cand), correct_fn(cand), keys)
+            best = _keep_worse(best, cand, *judge_fn(cand), keys)
     return best[0]
 
 
@@ -229,19 +231,21 @@ def perturb(scores_fn: ScoresFn, task: Task, batch: Batch, threat: Threat,
     def loss_fn(b: Batch) -> torch.Tensor:
         return task.loss(scores_fn(b), b, reduction="none").float()
 
-    def correct_fn(b: Batch) -> torch.Tensor:
-        return task.outputs(scores_fn(b), b)["correct"]
+    def judge_fn(b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        # one forward pass gives both the loss and the correctness an attempt is ranked by
+        scores = scores_fn(b)
+        return task.loss(scores, b, reduction="none").float(), task.outputs(scores, b)["correct"]
 
     best: tuple[Batch, torch.Tensor, torch.Tensor] | None = None
     for _ in range(threat.restarts):
         if threat.kind == "spatial":
-            cand = spatial(loss_fn, correct_fn, batch, keys, threat, generator)
+            cand = spatial(judge_fn, batch, keys, threat, generator)
         else:
             cand = pgd(loss_fn, batch, keys, threat, generator)
         if threat.restarts == 1:
             return cand
         with torch.no_grad():
-            best = _keep_worse(best, cand, loss_fn(cand), correct_fn(cand), keys)
+            best = _keep_worse(best, cand, *judge_fn(cand), keys)
     return best[0]
 
 
@@ -252,8 +256,3 @@ def data_bounds(tensors: list[torch.Tensor]) -> tuple[float, float] | None:
         return None
     lo, hi = min(float(t.min()) for t in vals), max(float(t.max()) for t in vals)
     return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) and lo < hi else None
-
-
-def with_bounds(threat: Threat, bounds: tuple[float, float] | None) -> Threat:
-    """The same threat with another valid range."""
-    return replace(threat, bounds=bounds)

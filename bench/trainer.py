@@ -59,7 +59,14 @@ class Interrupted(Exception):
 
 
 class Callback:
-    """Trial hooks. Register with ``@CALLBACKS.register(name)`` and name it in the spec's ``callbacks``."""
+    """Trial hooks. Register with ``@CALLBACKS.register(name)`` and name it in the spec's ``callbacks``.
+
+    Args:
+        name: the spec's name of this callback, settings included (``robust_eval:eps=0.3``); the trainer passes it.
+    """
+
+    def __init__(self, name: str | None = None):
+        self.name = name
 
     ORDER: ClassVar[int] = 0
     """Callbacks run in ascending ``ORDER``, then in the spec's order. Ones that seal the result (attestation) run
@@ -175,10 +182,10 @@ class Trainer:
             workdir=self.dir,
             seed=spec.seed,
             train_reference=functools.partial(self._train_reference, run),
-            input_range=_input_range(dataset, [s for _, s in train], task.input_keys),
+            input_range=input_range(dataset, [s for _, s in train], task.input_keys),
         )
         algorithm.setup(context)
-        self.callbacks = sorted([CALLBACKS.get(n)() for n in spec.callbacks] + self.extra_callbacks,
+        self.callbacks = sorted([CALLBACKS.get(n)(n) for n in spec.callbacks] + self.extra_callbacks,
                                 key=lambda cb: cb.ORDER)
         return run
 
@@ -383,8 +390,8 @@ class Trainer:
         return final
 
 
-def _input_range(dataset: ShiftDataset, splits: list[Split], keys) -> tuple[float, float] | None:
-    """The dataset's declared ``INPUT_RANGE``, else the range of the training splits' in-memory inputs."""
+def input_range(dataset: ShiftDataset, splits: list[Split], keys) -> tuple[float, float] | None:
+    """The dataset's declared ``INPUT_RANGE``, else the range of ``splits``' in-memory inputs (None: unknown)."""
     declared = getattr(dataset, "INPUT_RANGE", None)
     if declared is not None:
         return (float(declared[0]), float(declared[1]))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from shiftbench.algorithm import concat_batches
-from shiftbench.attacks import Threat, parse_bounds, perturb, with_bounds
+from shiftbench.attacks import Threat, parse_bounds, perturb
 from shiftbench.hparams import HParam, choice, fixed, log_uniform
 from shiftbench.methods.erm import ERM
 from shiftbench.registry import METHODS
@@ -50,14 +52,14 @@ class Adversarial(ERM):
     def setup(self, context):
         super().setup(context)
         if self.hparams["adv_bounds"] == "auto":
-            self.threat = with_bounds(self.threat, context.input_range)
+            self.threat = replace(self.threat, bounds=context.input_range)
 
     def attack(self, batch):
         """The batch under this method's threat (training mode restored afterwards)."""
         was_training = self.model.training
         self.model.eval()
         try:
-            return perturb(lambda b: self.task.scores(self.model, b), self.task, batch, self.threat)
+            return perturb(self.scores, self.task, batch, self.threat)
         finally:
             self.model.train(was_training)
 
@@ -65,8 +67,7 @@ class Adversarial(ERM):
         batch = concat_batches(minibatches)
         adv = self.attack(batch)
         n = len(batch[self.task.input_keys[0]])
-        both = concat_batches([batch, {k: adv[k] for k in batch}])
-        scores = self.task.scores(self.model, both)
+        scores = self.task.scores(self.model, concat_batches([batch, adv]))
         clean = self.task.loss(scores[:n], batch)
         robust = self.task.loss(scores[n:], adv)
         loss = clean + self.hparams["adv_lambda"] * robust

@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 
-from shiftbench.attacks import Threat, data_bounds, parse_bounds, perturb
+from shiftbench.attacks import Threat, parse_bounds, perturb
 from shiftbench.errors import UserError
 from shiftbench.hparams import seed_hash
 from shiftbench.registry import CALLBACKS
-from shiftbench.trainer import Callback, TrialRun
+from shiftbench.trainer import Callback, TrialRun, input_range
 
 NAME = "robust_eval"
 DEFAULT = {"threat": "linf", "eps": 0.1, "steps": 20, "restarts": 2, "examples": 500, "key": "robust",
@@ -75,55 +75,38 @@ def parse_settings(name: str) -> dict[str, Any]:
     return out
 
 
-def resolve_threat(settings: dict[str, Any], dataset: Any) -> Threat:
-    """The threat of parsed settings on a dataset (``bounds=auto``: its ``INPUT_RANGE`` or its data's range)."""
-    if settings["bounds"] == "auto":
-        bounds = getattr(dataset, "INPUT_RANGE", None)
-        if bounds is None:
-            keys = _input_keys(dataset)
-            bounds = data_bounds([s.tensors[k] for s in dataset.eval_splits().values() if hasattr(s, "tensors")
-                                  for k in keys if k in s.tensors])
-    else:
-        bounds = parse_bounds(settings["bounds"])
+def resolve_threat(settings: dict[str, Any], auto_bounds: tuple[float, float] | None = None) -> Threat:
+    """The threat of parsed settings; ``auto_bounds`` is the valid range that ``bounds=auto`` stands for."""
+    bounds = auto_bounds if settings["bounds"] == "auto" else parse_bounds(settings["bounds"])
     kw = {k: settings[k] for k in _THREAT_FIELDS if k in settings}
     if "random_start" in kw:
         kw["random_start"] = bool(kw["random_start"])
     return Threat(kind=settings["threat"], bounds=None if bounds is None else tuple(bounds), **kw)
 
 
-def _input_keys(dataset: Any) -> tuple[str, ...]:
-    from shiftbench.registry import TASKS
-
-    return tuple(TASKS.get(dataset.TASK).input_keys)
-
-
 class RobustEval(Callback):
     """Accuracy under attack for every split at every evaluation (see the module docstring for the settings).
 
     Args:
-        name: ``robust_eval[:settings]``; None (how the trainer builds it) takes this instance's name from the
-            trial spec: the n-th robust_eval callback created for a trial reads the n-th such name.
+        name: ``robust_eval[:settings]`` (the trainer passes the spec's name); None: the defaults.
     """
 
     def __init__(self, name: str | None = None):
-        self.name = name
+        super().__init__(name or NAME)
         self.settings: dict[str, Any] = {}
         self.threat: Threat | None = None
 
     @classmethod
     def validate(cls, name: str, dataset_cls: type | None = None) -> None:
-        settings = parse_settings(name)
         # builds the threat (kind, eps, steps, bounds checked); "auto" bounds need the data, so none stands in here
-        resolve_threat({**settings, "bounds": "none" if settings["bounds"] == "auto" else settings["bounds"]}, None)
+        resolve_threat(parse_settings(name))
 
     def on_start(self, run: TrialRun) -> None:
-        if self.name is None:
-            names = [n for n in run.spec.callbacks if n == NAME or n.startswith(NAME + ":")]
-            claimed = run.__dict__.setdefault("_robust_eval_claimed", 0)
-            run.__dict__["_robust_eval_claimed"] = claimed + 1
-            self.name = names[claimed] if claimed < len(names) else NAME
         self.settings = parse_settings(self.name)
-        self.threat = resolve_threat(self.settings, run.dataset)
+        auto = None
+        if self.settings["bounds"] == "auto":  # the trainer's rule for methods, over every evaluated split
+            auto = input_range(run.dataset, list(run.dataset.eval_splits().values()), run.task.input_keys)
+        self.threat = resolve_threat(self.settings, auto)
 
     def on_eval(self, run: TrialRun, record: dict[str, Any]) -> None:
         key, n_max = self.settings["key"], self.settings["examples"]
