@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import torch
 from torch import nn
 
+from .errors import UserError
+from .hparams import HParam, choice, fixed
 from .registry import MODELS
 
 
@@ -128,12 +132,7 @@ class TorchvisionResNet(nn.Module):
 
 def _load_resnet_weights(net: nn.Module, arch: str, weights: str) -> str | None:
     """Loads ``weights`` into ``net``; returns where they came from (None: random initialisation)."""
-    import os
-    import warnings
-
     import torchvision
-
-    from .errors import UserError
 
     if weights in ("none", ""):
         return None
@@ -180,8 +179,6 @@ class ResNet50(TorchvisionResNet):
 
 def resnet_hparams() -> dict:
     """The ResNet models' hyperparameters (DomainBed's: dropout 0 or U{0, 0.1, 0.5}), for datasets to declare."""
-    from .hparams import HParam, choice, fixed
-
     out = {}
     for arch in ("resnet18", "resnet50"):
         out[f"{arch}_weights"] = HParam("imagenet", fixed("imagenet"))

@@ -89,15 +89,18 @@ def find_manifest(folder: str | os.PathLike) -> Path | None:
     for cand in [p, *list(p.parents)[:3]]:
         f = cand / MANIFEST
         try:
-            if f.is_file() and MANIFEST_SCHEMA.encode() in f.read_bytes()[:4096]:
-                return f
+            if f.is_file():
+                with open(f, "rb") as fh:  # only the head: the whole file is parsed once, by read_manifest
+                    if MANIFEST_SCHEMA.encode() in fh.read(4096):
+                        return f
         except OSError:
             continue
     return None
 
 
 @functools.lru_cache(maxsize=16)
-def _read_manifest(path: str, mtime_ns: int) -> dict:
+def read_manifest(path: str, mtime_ns: int) -> dict:
+    """A manifest's contents, checked to be ours (cached per path and modification time)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -146,7 +149,7 @@ class DataFiles:
         self.base = self.manifest_path.parent if self.manifest_path else self.folder
         self.digests: dict[str, str] = {}
         if self.manifest_path:
-            m = _read_manifest(str(self.manifest_path), self.manifest_path.stat().st_mtime_ns)
+            m = read_manifest(str(self.manifest_path), self.manifest_path.stat().st_mtime_ns)
             self.digests = dict(m["files"])
         self._checked: set[str] = set()
         self.read: dict[str, str] = {}
@@ -272,6 +275,7 @@ class LazySplit(Split):
         self.tensors = dict(tensors)
         self.n = len(next(iter(self.tensors.values())))
         self.device = device or torch.device("cpu")
+        self._perm_cache: tuple[int, int, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return self.n
@@ -290,7 +294,10 @@ class LazySplit(Split):
     def batch_at(self, k: int, batch_size: int, seed: int, keys: tuple[str, ...] | None = None) -> Batch:
         bs = min(batch_size, self.n)
         epoch, pos = divmod(k, self.n // bs)
-        perm = np.random.RandomState(seed_hash(seed, epoch)).permutation(self.n)
+        # one permutation per (seed, epoch), not per step (as TensorSplit._perm)
+        if self._perm_cache is None or self._perm_cache[:2] != (seed, epoch):
+            self._perm_cache = (seed, epoch, np.random.RandomState(seed_hash(seed, epoch)).permutation(self.n))
+        perm = self._perm_cache[2]
         # Augmentations draw from torch's global generator: seed it per batch, and leave the caller's state alone.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed_hash(seed, "augment", k))
@@ -417,7 +424,7 @@ class ImageFolderDataset(ShiftDataset):
         self.environments, self._paths = [], []
         for i, (name, d, found) in enumerate(zip(self.environment_names(o), domains, per_domain)):
             paths = [p for c in self.classes for p in found.get(c, [])]
-            labels = torch.tensor([self.classes.index(c) for c in self.classes for _ in found.get(c, [])])
+            labels = torch.tensor([k for k, c in enumerate(self.classes) for _ in found.get(c, [])])
             if len(paths) < 2:
                 raise UserError(f"{self.registry_name}: domain folder {d} holds {len(paths)} images; need at least 2")
             self._paths += paths

@@ -263,12 +263,13 @@ class WildsDataset(ShiftDataset):
 
     @classmethod
     def check(cls, root: str | None, options: Mapping[str, Any], download: bool) -> None:
-        if download and (root is None or not cls.data_dir(root, cls.resolve_options(options)).is_dir()):
+        o = cls.resolve_options(options)
+        if download and (root is None or not cls.data_dir(root, o).is_dir()):
             return
-        cls._check_files(root, cls.resolve_options(options), None)
+        cls._check_files(root, o)
 
     @classmethod
-    def _check_files(cls, root: str | None, o: Mapping[str, Any], files: DataFiles | None) -> DataFiles:
+    def _check_files(cls, root: str | None, o: Mapping[str, Any]) -> DataFiles:
         """The RELEASE file and the metadata columns, checked before wilds reads anything."""
         folder = cls.data_dir(root, o)
         version = str(o.get("version") or cls.SPEC.version)
@@ -281,7 +282,7 @@ class WildsDataset(ShiftDataset):
             found = f"it holds {', '.join(other)}, another release" if other else "it is missing"
             raise UserError(f"{cls.registry_name}: {release} is required by wilds for {cls.SPEC.name} v{version}; "
                             f"{found}: use the v{version} files (or --option version=...)")
-        files = files or DataFiles(folder, cls.registry_name)
+        files = DataFiles(folder, cls.registry_name)
         files.read_bytes(release)
         for name, columns in cls.SPEC.columns.items():
             data = files.read_bytes(folder / name)
@@ -298,8 +299,11 @@ class WildsDataset(ShiftDataset):
         o, spec = self.options, self.SPEC
         fields = self.groupby(o)
         folder = self.data_dir(root, o)
-        if not (download and not folder.is_dir()):
-            self.files = self._check_files(root, o, None)
+        # An existing folder is checked before wilds reads it (with its RELEASE file, wilds fetches nothing); a
+        # missing one that --download lets wilds fetch is checked once wilds has written it.
+        fetch = download and not folder.is_dir()
+        if not fetch:
+            self.files = self._check_files(root, o)
         wilds = import_wilds()
         try:
             with _object_strings(), warnings.catch_warnings():
@@ -308,8 +312,8 @@ class WildsDataset(ShiftDataset):
                                              root_dir=str(folder.parent), download=download)  # fmt: skip
         except (FileNotFoundError, KeyError, ValueError, OSError) as e:
             raise UserError(f"{self.registry_name}: wilds could not read {folder}: {type(e).__name__}: {e}") from None
-        if download:
-            self.files = self._check_files(root, o, None)
+        if fetch:
+            self.files = self._check_files(root, o)
         wds = self.wds
         self.num_classes = int(wds.n_classes)
         split_array = np.asarray(wds.split_array).astype(np.int64)
@@ -338,7 +342,7 @@ class WildsDataset(ShiftDataset):
         self.extra = {s: split(self.split_rows[s]) for s in ("id_test",) if s in self.split_rows}
         self.extra = {k: v for k, v in self.extra.items() if v is not None}
         self.official = {"env0_in": "test", "env0_out": "val", **{k: k for k in self.extra}}
-        self._version = self.files.version(self._input_files())
+        self._version = self.files.version(self._paths)
 
     def _groups(self, fields: list[str], meta: torch.Tensor) -> np.ndarray:
         """Per row, the index of its training group (-1: none of the spec's values), from WILDS' grouper."""
@@ -370,6 +374,7 @@ class WildsDataset(ShiftDataset):
             encoder = make_encoder(str(o["encoder"]))
             texts = [str(t) for t in wds._text_array]
             self.input_shape = tuple(encoder.shape)
+            self._paths: list[Path] = []  # the texts are in the metadata file, already part of the version
 
             def load_text(rows: np.ndarray, train: bool, base: np.ndarray) -> torch.Tensor:
                 chosen = [texts[int(base[r])] for r in rows]
@@ -398,9 +403,6 @@ class WildsDataset(ShiftDataset):
         tensors = {"y": y[index], "idx": index, "group": torch.as_tensor(group_of[rows], dtype=torch.int64)}
         load = self._load
         return LazySplit(lambda r, train: load(r, train, rows), tensors)
-
-    def _input_files(self) -> list[Path]:
-        return list(getattr(self, "_paths", []))
 
     # -- the harness interface -------------------------------------------------------------------------------
     def train_splits(self, test_envs: tuple[int, ...]) -> list[tuple[str, Split]]:

@@ -3,8 +3,9 @@
 For every dataset in the sweep file's ``datasets`` (with its ``dataset_options``):
 
 - a dataset read from files (``wilds:<name>``, ``image_folder`` and its presets: their folder; ``colored_mnist``
-  and ``rotated_mnist``: their four IDX files) is copied from ``--data-root`` into ``OUT`` with the same layout (hard links where the file system allows), so a sweep run with
-  ``--data-root OUT`` reads exactly the prepared files;
+  and ``rotated_mnist``: their four IDX files) is copied from ``--data-root`` into ``OUT`` with the same layout
+  (hard links where the file system allows), so a sweep run with ``--data-root OUT`` reads exactly the prepared
+  files;
 - a generated dataset (the embedded digits, ...) is built and its tensors written as ``.npy`` files under
   ``OUT/<name>/env<i>_<split>/``, next to its content version.
 
@@ -26,9 +27,6 @@ from typing import Any
 from ..errors import UserError
 from ..io import atomic_write
 
-MANIFEST = "manifest.json"
-SCHEMA = "shiftbench.manifest/1"
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("prepare", help="materialise the datasets of a sweep file into a folder with a manifest",
@@ -42,6 +40,8 @@ def register(subparsers) -> None:
 
 
 def run(a) -> int:
+    from ..datasets.image_folder import MANIFEST
+
     if a.check:
         n = check_manifest(a.out)
         print(f"{a.out / MANIFEST}: {n} files match", file=sys.stderr)
@@ -50,18 +50,6 @@ def run(a) -> int:
     sizes = ", ".join(f"{k}: {v['files']} files" for k, v in manifest["datasets"].items())
     print(f"prepared {a.out} ({sizes}); manifest {a.out / MANIFEST}", file=sys.stderr)
     return 0
-
-
-def _sha256(path: Path) -> str:
-    from ..datasets.image_folder import sha256_file
-
-    return sha256_file(path)
-
-
-def digest_pairs(pairs) -> str:
-    from ..datasets.image_folder import digest_pairs as digest
-
-    return digest(pairs)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -89,6 +77,7 @@ def prepare(params: Path, out: Path, root: str | None, download: bool = False) -
 
     from ..config import load_suite
     from ..data import TensorSplit
+    from ..datasets.image_folder import MANIFEST, MANIFEST_SCHEMA, digest_pairs, sha256_file
     from ..registry import DATASETS
     from ..trainer import load_dataset
 
@@ -142,11 +131,11 @@ def prepare(params: Path, out: Path, root: str | None, download: bool = False) -
                         written.append(target)
             entry.update(folder=dest.relative_to(out).as_posix(), kind="generated", version=ds.version(),
                          environments=ds.env_names)  # fmt: skip
-        digests = {p.relative_to(out).as_posix(): _sha256(p) for p in written}
+        digests = {p.relative_to(out).as_posix(): sha256_file(p) for p in written}
         files.update(digests)
         entry.update(files=len(digests), sha256=digest_pairs(list(digests.items())))
         datasets[name] = entry
-    manifest = {"schema": SCHEMA, "datasets": datasets, "files": dict(sorted(files.items()))}
+    manifest = {"schema": MANIFEST_SCHEMA, "datasets": datasets, "files": dict(sorted(files.items()))}
     # schema first (loaders recognise the file by it), every mapping in a fixed order: byte-identical reruns
     atomic_write(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1) + "\n"))
     return manifest
@@ -154,20 +143,17 @@ def prepare(params: Path, out: Path, root: str | None, download: bool = False) -
 
 def check_manifest(out: Path) -> int:
     """Re-hashes every file of ``out``'s manifest; raises UserError naming the first missing or changed file."""
+    from ..datasets.image_folder import MANIFEST, read_manifest, sha256_file
+
     path = Path(out) / MANIFEST
     if not path.is_file():
         raise UserError(f"{path} does not exist; run shiftbench prepare first")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise UserError(f"{path} is not valid JSON ({e}); rerun shiftbench prepare") from None
-    if manifest.get("schema") != SCHEMA:
-        raise UserError(f"{path} is not a {SCHEMA} manifest; rerun shiftbench prepare")
+    manifest = read_manifest(str(path), path.stat().st_mtime_ns)  # the loaders' parse and schema check
     for rel, want in manifest["files"].items():
         f = Path(out) / rel
         if not f.is_file():
             raise UserError(f"{f} is listed in {path} but missing; rerun shiftbench prepare")
-        got = _sha256(f)
+        got = sha256_file(f)
         if got != want:
             raise UserError(f"{f} does not match {path} (sha256 {got[:12]}…, manifest {want[:12]}…); "
                             "restore it or rerun shiftbench prepare")
