@@ -31,7 +31,7 @@ import torch
 from .errors import UserError
 from .io import write_json
 from .registry import CALLBACKS
-from .report import DASH, Section, _new_figure, _safe, compute_tables, report_section
+from .report import DASH, Section, _new_figure, _safe, compute_tables, html_table, md_table, report_section
 from .trainer import Callback
 
 NS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -112,18 +112,6 @@ def _fmt(mean: float, se: float, scale: float = 1.0, digits: int = 1) -> str:
     return f"{scale * mean:.{digits}f} ± {scale * se:.{digits}f}"
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    e = html.escape
-    head = "".join(f"<th>{e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def _selected(trials: Sequence[dict]) -> list[tuple[str, str, int, Any, dict, dict]]:
     """(dataset, method, test env, seed, trial, record) of every training-domain-validation selection."""
     by_hash = {str(t["hash"]): t for t in trials}
@@ -183,11 +171,11 @@ def preference_section(trials: Sequence[dict]) -> Section | None:
             row.append(str(c["corr_test"][2]))
             rows.append(row)
             mrows[f"{method}/env{env}"] = {k: {"mean": v[0], "se": v[1], "n": v[2]} for k, v in c.items()}
-        note = (f"**{ds}** — training-domain validation checkpoints; accuracy (%) on the test domain's `in` split and "
-                f"the training domains' `out` splits, mean ± SE over seeds; corr(r,len) = Pearson correlation of the "
-                f"reward with response length (ODIN, Chen et al. 2024, reports 0.45 for a plain reward model).")
-        md += [note, "", _md_table(header, rows), ""]
-        hl += [f"<p>{html.escape(note.replace('**', '').replace('`', ''))}</p>", _html_table(header, rows)]
+        note = (f"**{ds}** — training-domain validation checkpoints; accuracy (%) on the test domain's `in` split "
+                f"and the training domains' `out` splits, mean ± SE over seeds; corr(r,len) = Pearson correlation of "
+                f"the reward with response length (ODIN, Chen et al. 2024, reports 0.45 for a plain reward model).")
+        md += [note, "", md_table(header, rows), ""]
+        hl += [f"<p>{html.escape(note.replace('**', '').replace('`', ''))}</p>", html_table(header, rows)]
         metrics[ds] = mrows
     return Section("preference", "Preference workloads: per-domain accuracy and length bias", "\n".join(md),
                    "\n".join(hl), metrics)  # fmt: skip
@@ -264,8 +252,8 @@ def best_of_n_section(trials: Sequence[dict]) -> Section | None:
             note = (f"**{ds}**, held-out domain **{dom}**: gold reward of the response the learned reward model picks "
                     f"among n candidates (exact expectation over n-subsets of 32 per prompt), final model of the "
                     f"training-domain-validation draw, mean ± SE over seeds.")
-            md += [note, "", _md_table(header, rows), ""]
-            hl += [f"<p>{html.escape(note.replace('**', ''))}</p>", _html_table(header, rows)]
+            md += [note, "", md_table(header, rows), ""]
+            hl += [f"<p>{html.escape(note.replace('**', ''))}</p>", html_table(header, rows)]
         buf = io.BytesIO()
         plot_best_of_n(ds, d, buf)
         path = f"plots/best_of_n_{_safe(ds)}.png"

@@ -64,6 +64,22 @@ class Section:
     files: Mapping[str, str | bytes] = field(default_factory=dict)
 
 
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], pad: bool = False) -> str:
+    """A Markdown table (``|`` in cells escaped); ``pad`` aligns the columns for reading in a terminal."""
+    cells = [[str(v).replace("|", "\\|") for v in r] for r in [header, *rows]]
+    widths = [max(len(r[c]) for r in cells) for c in range(len(header))] if pad else [3] * len(header)
+    line = lambda r: "| " + " | ".join(v.ljust(w) if pad else v for v, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(cells[0]), "| " + " | ".join("-" * w for w in widths) + " |"] + [line(r) for r in cells[1:]])
+
+
+def html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """An HTML table, every cell escaped."""
+    e = html.escape
+    head = "".join(f"<th>{e(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 SECTIONS: dict[str, Any] = {}
 """key -> ``fn(trials) -> Section | None``; modules add theirs with :func:`report_section`."""
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..report import Section, report_section
+from ..report import Section, html_table, md_table, report_section
 from .log import TransparencyLog, log_dir_for
 from .record import ENVELOPE, RECEIPT
 
@@ -75,16 +75,13 @@ def attestation_section(trials: Sequence[dict]) -> Section | None:
             md.append(f"- `{ld}`: size {h['tree_size']}, root `{h['root_hash']}`, {h['timestamp']}, "
                       f"signed by {', '.join(h['signers'])}")
     md += [""] + [f"- **{n}**" for n in notes] + ([""] if notes else [])
-    md += ["| trial | method | dataset | test envs | draw | seed | log index | attestation sha256 |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    md += [f"| {r['trial']} | {r['method']} | {r['dataset']} | {r['test_envs']} | {r['hparams_seed']} | {r['seed']} "
-           f"| {r['log_index']} | `{r['attestation_sha256']}` |" for r in rows]
+    cols = ("trial", "method", "dataset", "test_envs", "hparams_seed", "seed", "log_index", "attestation_sha256")
+    md.append(md_table(["trial", "method", "dataset", "test envs", "draw", "seed", "log index", "attestation sha256"],
+                       [[str(r[c]) for c in cols[:-1]] + [f"`{r['attestation_sha256']}`"] for r in rows]))
     e = html.escape
     body = "".join(f"<li><code>{e(ld)}</code>: size {e(str(h and h['tree_size']))}, root <code>"
                    f"{e(str(h and h['root_hash']))}</code></li>" for ld, h in heads.items())
     body = f"<ul>{body}</ul>" + "".join(f"<p class=\"note\"><b>{e(n)}</b></p>" for n in notes)
-    cols = ("trial", "method", "dataset", "test_envs", "hparams_seed", "seed", "log_index", "attestation_sha256")
-    table = "".join("<tr>" + "".join(f"<td>{e(str(r[c]))}</td>" for c in cols) + "</tr>" for r in rows)
-    body += "<table><tr>" + "".join(f"<th>{c}</th>" for c in cols) + f"</tr>{table}</table>"
+    body += html_table(cols, [[r[c] for c in cols] for r in rows])
     return Section("attestation", "Attestations", "\n".join(md), body,
                    metrics={"tree_heads": heads, "trials": rows, "notes": notes})

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from shiftbench.report import Section, _cell, _new_figure, _safe, report_section
+from shiftbench.report import Section, _cell, _new_figure, _safe, html_table, md_table, report_section
 
 MAX_SEEDS = 5
 """Seeds per method in the learner cross-play matrix (each pair is played, so it grows quadratically)."""
@@ -183,12 +183,8 @@ def coordination_section(trials: Sequence[dict]) -> Section | None:
         header = ["Method", "learner"] + [name for _, name in COLUMNS] + ["seeds"]
         rows = [[m, c["learner"]] + [_text(c[k]) for k, _ in COLUMNS] + [str(c["seeds"])]
                 for m, c in s["methods"].items()]
-        md += ["", f"### {ds}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        md += ["| " + " | ".join(r) + " |" for r in rows]
-        body.append(f"<h3>{html.escape(ds)}</h3><table><thead><tr>"
-                    + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead><tbody>"
-                    + "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in r) + "</tr>" for r in rows)
-                    + "</tbody></table>")  # fmt: skip
+        md += ["", f"### {ds}", "", md_table(header, rows)]
+        body.append(f"<h3>{html.escape(ds)}</h3>" + html_table(header, rows))
         if s["population"]:
             p = s["population"]
             line = (f"Partner population ({p['agents']} self-play agents): self-play {p['self']:.3f}, cross-play "

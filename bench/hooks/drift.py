@@ -36,7 +36,7 @@ from shiftbench.data import Split, TensorSplit
 from shiftbench.hparams import seed_hash
 from shiftbench.io import write_json
 from shiftbench.registry import CALLBACKS
-from shiftbench.report import DASH, Section, _cell, _csv, report_section
+from shiftbench.report import DASH, Section, _cell, _csv, html_table, md_table, report_section
 from shiftbench.trainer import Callback
 
 MAX_SAMPLES = 1000
@@ -265,13 +265,8 @@ def drift_section(trials: Sequence[dict]) -> Section | None:
             f"percentage points, mean ± SE over trials (all draws and seeds). Drift cells: trials flagged at "
             f"α = {a} / trials (p̃ = median p-value); reference = training environments' out splits, test = the "
             f"held-out environment's in split, up to {MAX_SAMPLES} examples each.")  # fmt: skip
-    widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
-    fmt = lambda r: "| " + " | ".join(v.replace("|", "\\|").ljust(w) for v, w in zip(r, widths)) + " |"  # noqa: E731
-    md = "\n".join([note, "", fmt(header), "| " + " | ".join("-" * w for w in widths) + " |"] + [fmt(r) for r in rows])
-    e = html.escape
-    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
-    htm = (f'<p class="note">{e(note)}</p><table><thead><tr>' + "".join(f"<th>{e(h)}</th>" for h in header)
-           + f"</tr></thead><tbody>{body}</tbody></table>")  # fmt: skip
+    md = "\n".join([note, "", md_table(header, rows, pad=True)])
+    htm = f'<p class="note">{html.escape(note)}</p>' + html_table(header, rows)
     table = [["" if v is None else f"{v:.6g}" if isinstance(v, float) else v for v in m.values()] for m in metrics]
     files = {"drift.csv": _csv([list(metrics[0])] + table)}
     return Section("drift", "Drift and accuracy drop", md, htm, metrics, files)
