@@ -1,7 +1,9 @@
-"""Atomic writes: a temporary file in the same folder, fsync'd, then renamed over the target."""
+"""File helpers: atomic writes (a temporary file in the same folder, fsync'd, then renamed over the target),
+JSON reading and writing, and file digests."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -49,3 +51,12 @@ def _jsonable(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()
     return str(o)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

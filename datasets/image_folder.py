@@ -38,6 +38,7 @@ import torch
 
 from shiftbench.data import Batch, Environment, ShiftDataset, Split, holdout_split
 from shiftbench.errors import UserError
+from shiftbench.io import sha256_file
 from shiftbench.hparams import HParam, choice, log_uniform, log_uniform_int, seed_hash
 from shiftbench.models import resnet_hparams
 from shiftbench.registry import DATASETS
@@ -63,15 +64,6 @@ small tests and probes)."""
 
 
 # --------------------------------------------------------------------------------------------------- versions
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def digest_pairs(pairs: Sequence[tuple[str, str]]) -> str:

@@ -27,6 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..io import sha256_file
 from .predictions import LEAF_FORMAT
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -39,14 +40,6 @@ PREDICTIONS, WEIGHTS, METRICS, MANIFEST, RESULTS, SPEC = (
 )  # fmt: skip
 SUBJECTS = (PREDICTIONS, WEIGHTS, METRICS, MANIFEST, RESULTS, SPEC)
 PACKAGES = ("shiftbench", "torch", "numpy", "scipy", "scikit-learn", "cryptography", "pqcrypto")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @functools.lru_cache(maxsize=1)
@@ -111,7 +104,7 @@ def build_statement(trial_dir: Path, meta: Mapping[str, Any], metrics: Mapping[s
         n_leaves: number of committed predictions.
         signer_keyids: (scheme, keyid) of every key that will sign.
     """
-    subjects = [{"name": name, "digest": {"sha256": file_sha256(trial_dir / name)}} for name in SUBJECTS]
+    subjects = [{"name": name, "digest": {"sha256": sha256_file(trial_dir / name)}} for name in SUBJECTS]
     predicate = {
         "trial_hash": meta["hash"],
         "spec": meta["spec"],

@@ -14,14 +14,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..io import read_json
+from ..io import read_json, sha256_file
 from .dsse import PublicKey, b64decode_strict, local_public_keys, read_public_keys, verify_envelope
 from .log import LOG_DIRNAME, TransparencyLog, TreeHead, check_receipt, log_dir_for, verify_log
 from .merkle import MerkleTree, leaf_hash, merkle_root, verify_inclusion
 from .predictions import encode_leaf, leaf_hashes, load_predictions
 from .record import ENVELOPE, RECEIPT
 from .statement import (MANIFEST, METRICS, PAYLOAD_TYPE, PREDICATE_TYPE, PREDICTIONS, RESULTS, SPEC, STATEMENT_TYPE,
-                        SUBJECTS, WEIGHTS, file_sha256)
+                        SUBJECTS, WEIGHTS)
 
 METRIC_ATOL = 1e-6
 """Recomputed accuracies and losses may differ from the recorded ones by float32 summation order only."""
@@ -104,7 +104,7 @@ def _check_subjects(res: Result, statement: Mapping[str, Any]) -> None:
         path = res.trial / str(name)
         if not path.is_file():
             res.failures.append(f"{name}: file missing")
-        elif file_sha256(path) != digest:
+        elif sha256_file(path) != digest:
             res.failures.append(f"{name}: sha256 differs from the attested digest")
 
 
@@ -234,7 +234,7 @@ def verify_trial(trial_dir: str | os.PathLike, trust: Trust | None = None, log_d
     if not env_path.is_file():
         res.failures.append(f"{ENVELOPE}: missing (the trial was not attested; add `attest` to its callbacks)")
         return res
-    res.envelope_sha256 = file_sha256(env_path)
+    res.envelope_sha256 = sha256_file(env_path)
     try:
         envelope = read_json(env_path)
     except (OSError, ValueError):

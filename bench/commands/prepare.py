@@ -77,7 +77,8 @@ def prepare(params: Path, out: Path, root: str | None, download: bool = False) -
 
     from ..config import load_suite
     from ..data import TensorSplit
-    from ..datasets.image_folder import MANIFEST, MANIFEST_SCHEMA, digest_pairs, sha256_file
+    from ..datasets.image_folder import MANIFEST, MANIFEST_SCHEMA, digest_pairs
+    from ..io import sha256_file
     from ..registry import DATASETS
     from ..trainer import load_dataset
 
@@ -143,7 +144,8 @@ def prepare(params: Path, out: Path, root: str | None, download: bool = False) -
 
 def check_manifest(out: Path) -> int:
     """Re-hashes every file of ``out``'s manifest; raises UserError naming the first missing or changed file."""
-    from ..datasets.image_folder import MANIFEST, read_manifest, sha256_file
+    from ..datasets.image_folder import MANIFEST, read_manifest
+    from ..io import sha256_file
 
     path = Path(out) / MANIFEST
     if not path.is_file():
