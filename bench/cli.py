@@ -34,7 +34,7 @@ def _callbacks(s: str) -> list[str]:
     return out
 
 
-def _kv(items: list[str] | None, what: str) -> dict[str, str]:
+def parse_kv(items: list[str] | None, what: str) -> dict[str, str]:
     out = {}
     for item in items or []:
         if "=" not in item:
@@ -185,8 +185,8 @@ def cmd_train(a, parser) -> int:
 
     spec = TrialSpec.resolve(
         a.dataset, a.method, a.test_envs, seed=a.seed, hparams_seed=a.hparams_seed, steps=a.steps,
-        eval_every=a.eval_every, hparams=_kv(a.hparams, "--hparams"), dataset_options=_kv(a.option, "--option"),
-        model=a.model, callbacks=tuple(a.callbacks),
+        eval_every=a.eval_every, hparams=parse_kv(a.hparams, "--hparams"),
+        dataset_options=parse_kv(a.option, "--option"), model=a.model, callbacks=tuple(a.callbacks),
     )  # fmt: skip
     options = _run_options(a)
     final = run_trial(spec, a.out, options)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from shiftbench import drift
-from shiftbench.cli import _kv
+from shiftbench.cli import parse_kv
 from shiftbench.errors import UserError
 
 FILE_SUFFIXES = (".csv", ".parquet", ".pq", ".npy")
@@ -181,7 +181,7 @@ def divide_shared(ref: Source, test: Source, rng: np.random.Generator) -> int:
 
 
 def load_sources(a: argparse.Namespace, rng: np.random.Generator) -> tuple[Source, Source, int]:
-    options = _kv(a.option, "--option")
+    options = parse_kv(a.option, "--option")
     sources = []
     for side in ("ref", "test"):
         text = getattr(a, side)
