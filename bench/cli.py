@@ -181,8 +181,10 @@ def _first_line(doc: str | None) -> str:
 
 def cmd_train(a, parser) -> int:
     from .config import TrialSpec
+    from .io import check_out_dir
     from .trainer import run_trial
 
+    check_out_dir(a.out)
     spec = TrialSpec.resolve(
         a.dataset, a.method, a.test_envs, seed=a.seed, hparams_seed=a.hparams_seed, steps=a.steps,
         eval_every=a.eval_every, hparams=parse_kv(a.hparams, "--hparams"),

@@ -127,6 +127,7 @@ class TrialSpec:
             raise UserError(f"method {method!r} does not train on {dcls.TASK} datasets such as {dataset!r}; "
                             f"methods that do: {', '.join(fits) or 'none'}")
         options = dcls.resolve_options(dataset_options or {})
+        mcls.validate(dcls, options)  # e.g. a group method refuses a dataset without groups
         names = env_names_of(dataset, options)
         test_envs = tuple(dcls.DEFAULT_TEST_ENVS if test_envs is None else test_envs)
         for i in test_envs:
@@ -238,31 +239,40 @@ class SweepSpec:
                 raise UserError(f"{where}: unknown key {k!r}{hint}; known: {', '.join(SWEEP_KEYS)}")
         d = dict(raw)
         for k in ("datasets", "methods"):
-            v = d.get(k)
-            if isinstance(v, str):
-                v = [s.strip() for s in v.split(",") if s.strip()]
-            if not v:
+            d[k] = _names(d.get(k), k, where)
+            if not d[k]:
                 raise UserError(f"{where}: '{k}' must name at least one")
-            d[k] = tuple(v)
-        d["callbacks"] = tuple(d.get("callbacks") or ())
+        d["callbacks"] = _callback_names(d.get("callbacks"), where)
         te = d.get("test_envs", "each")
         if isinstance(te, str):
             if te not in TEST_ENV_MODES:
                 raise UserError(f"{where}: test_envs {te!r} must be one of {TEST_ENV_MODES} or a list of lists")
         else:
             try:
-                te = tuple(tuple(int(i) for i in ([t] if isinstance(t, int) else t)) for t in te)
-            except (TypeError, ValueError):
-                raise UserError(f"{where}: test_envs must be a mode name or a list of lists of integers") from None
+                if isinstance(te, Mapping) or not all(_is_int(i) for t in te for i in ([t] if _is_int(t) else t)):
+                    raise TypeError
+                te = tuple(tuple(int(i) for i in ([t] if _is_int(t) else t)) for t in te)
+            except TypeError:
+                raise UserError(f"{where}: test_envs must be a mode name or a list of lists of integers "
+                                f"(got {te!r})") from None  # fmt: skip
         d["test_envs"] = te
         for k in ("n_hparams", "n_seeds", "steps", "eval_every"):
-            if d.get(k) is not None and (not isinstance(d[k], int) or d[k] <= 0):
+            if d.get(k) is not None and (not _is_int(d[k]) or d[k] <= 0):
                 raise UserError(f"{where}: {k} must be a positive integer (got {d[k]!r})")
+        for k in ("name", "model"):
+            if d.get(k) is not None and not isinstance(d[k], str):
+                raise UserError(f"{where}: {k} must be text (got {d[k]!r})")
         for k in ("hparams", "dataset_options"):
             if d.get(k) is None:
                 d[k] = {}
             elif not isinstance(d[k], Mapping):
-                raise UserError(f"{where}: {k} must be a mapping")
+                raise UserError(f"{where}: {k} must be a mapping (got {d[k]!r})")
+        _check_per_name(d["dataset_options"], DATASETS, "dataset_options", where)
+        if any(isinstance(v, Mapping) for v in d["hparams"].values()):
+            if not all(isinstance(v, Mapping) for v in d["hparams"].values()):
+                raise UserError(f"{where}: hparams mixes fixed values and per-method tables; use one form: "
+                                f"{{name: value}} for every method or {{method: {{name: value}}}}")  # fmt: skip
+            _check_per_name(d["hparams"], METHODS, "hparams", where)
         spec = cls(**d)
         spec.trials()  # validates every name and value now, before anything runs
         return spec
@@ -304,6 +314,47 @@ class SweepSpec:
                         )
                     )
         return out
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # YAML's true is an int to Python; never a count
+
+
+def _names(v: Any, key: str, where: str) -> tuple[str, ...]:
+    """A list of names, or one comma-separated string of them (names never hold commas); nothing else."""
+    if isinstance(v, str):
+        v = [s.strip() for s in v.split(",") if s.strip()]
+    if v is None:
+        return ()
+    if isinstance(v, Mapping) or not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+        raise UserError(f"{where}: '{key}' must be a list of names or a comma-separated string (got {v!r})")
+    return tuple(v)
+
+
+def _callback_names(v: Any, where: str) -> tuple[str, ...]:
+    """A list of callback names; one string is one callback (``robust_eval:eps=0.3,steps=20`` holds commas of its
+    own), so a string with a comma before any ``:`` (``drift,attest``) is refused as ambiguous."""
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        if "," in v.split(":", 1)[0]:
+            raise UserError(f"{where}: callbacks {v!r} is one string; write a list, e.g. [{', '.join(v.split(','))}]")
+        return (v,)
+    if isinstance(v, Mapping) or not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+        raise UserError(f"{where}: callbacks must be a list of callback names (got {v!r})")
+    return tuple(v)
+
+
+def _check_per_name(table: Mapping, registry, key: str, where: str) -> None:
+    """``{name: {...}}`` tables: every key a registered name (a misspelt one would be silently ignored), every
+    value a mapping. Names outside the sweep are fine: a CLI override may narrow a suite's list."""
+    for k, v in table.items():
+        if str(k) not in registry.names():
+            near = difflib.get_close_matches(str(k), registry.names(), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise UserError(f"{where}: {key} names {k!r}{hint}, which is no registered {registry.kind}")
+        if not isinstance(v, Mapping):
+            raise UserError(f"{where}: {key}[{k!r}] must be a mapping of name: value (got {v!r})")
 
 
 def suite_names() -> list[str]:

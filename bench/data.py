@@ -66,6 +66,9 @@ class TensorSplit(Split):
         return next(iter(self.tensors.values())).device
 
     def batch_at(self, k: int, batch_size: int, seed: int, keys: tuple[str, ...] | None = None) -> Batch:
+        if batch_size <= 0 or self.n == 0:
+            # hyperparameters are validated when the spec is resolved; this guards direct callers
+            raise ValueError(f"batch_size must be positive and the split non-empty (got {batch_size}, n={self.n})")
         bs = min(batch_size, self.n)
         per_epoch = self.n // bs
         epoch, pos = divmod(k, per_epoch)

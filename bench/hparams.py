@@ -6,7 +6,10 @@ changes the draws of the others. ``hparams_seed == 0`` means the defaults.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -21,16 +24,36 @@ def seed_hash(*parts: Any) -> int:
 
 
 @dataclass(frozen=True)
+class Rule:
+    """A condition a hyperparameter's value must meet, and how the error states it (``must be <text>``)."""
+
+    text: str
+    ok: Callable[[Any], bool]
+
+
+POSITIVE = Rule("> 0", lambda v: v > 0)
+NON_NEGATIVE = Rule(">= 0", lambda v: v >= 0)
+
+
+def between(lo: float, hi: float) -> Rule:
+    """lo <= value <= hi."""
+    return Rule(f"between {lo} and {hi}", lambda v: lo <= v <= hi)
+
+
+@dataclass(frozen=True)
 class HParam:
     """One hyperparameter.
 
     Attributes:
-        default: the value used when hparams_seed is 0.
+        default: the value used when hparams_seed is 0; its type is the type a user's value must have.
         sample: draws a value from a seeded numpy RandomState.
+        check: what a user's value must also meet (a numeric one is always refused when NaN or infinite). A
+            redeclaration without a check (a dataset's own learning-rate range) keeps the one declared before it.
     """
 
     default: Any
     sample: Callable[[np.random.RandomState], Any]
+    check: Rule | None = None
 
 
 def log_uniform(lo_exp: float, hi_exp: float) -> Callable[[np.random.RandomState], float]:
@@ -59,7 +82,10 @@ def collect(*sources: Mapping[str, HParam]) -> dict[str, HParam]:
     """Merges declarations; later sources override earlier ones."""
     out: dict[str, HParam] = {}
     for s in sources:
-        out.update(s)
+        for name, hp in s.items():
+            if hp.check is None and name in out and out[name].check is not None:
+                hp = dataclasses.replace(hp, check=out[name].check)
+            out[name] = hp
     return out
 
 
@@ -80,9 +106,40 @@ def resolve(space: Mapping[str, HParam], hparams_seed: int, overrides: Mapping[s
             near = difflib.get_close_matches(name, space, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise UserError(f"unknown hyperparameter {name!r}{hint}; known: {', '.join(sorted(space))}")
-        default = space[name].default
-        out[name] = coerce(value, default, name)
+        out[name] = validate(name, coerce(value, space[name].default, name), space[name])
     return out
+
+
+def validate(name: str, value: Any, hp: HParam) -> Any:
+    """A user's value of ``hp`` if it has the default's type (an integral float passes for an int), is finite
+    where numeric and meets ``hp.check``.
+
+    Raises:
+        UserError: naming the hyperparameter, the value and what it must be.
+    """
+    like = hp.default
+
+    def refuse(what: str) -> UserError:
+        return UserError(f"hyperparameter {name}={value!r} must be {what} (default {like!r})")
+
+    if isinstance(like, bool):
+        if not isinstance(value, bool):
+            raise refuse("true or false")
+        return value
+    if isinstance(like, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise refuse("a number")
+        if not math.isfinite(value):
+            raise refuse("a finite number")
+        if isinstance(like, int) and not isinstance(value, numbers.Integral):
+            if not float(value).is_integer():
+                raise refuse("a whole number")
+            value = int(value)
+    elif isinstance(like, str) and not isinstance(value, str):
+        raise refuse("text")
+    if hp.check is not None and not hp.check.ok(value):
+        raise refuse(hp.check.text)
+    return value
 
 
 def coerce(value: Any, like: Any, name: str) -> Any:

@@ -60,3 +60,53 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Refuses an output folder that can never be written, before anything is created.
+
+    The folder may exist (then it must be a folder we can write in) or not (then its nearest existing ancestor
+    must be a folder we can write in, as ``mkdir -p`` needs).
+
+    Raises:
+        UserError: the path is a file, an ancestor is a file, or the folder (or that ancestor) is not writable.
+    """
+    from .errors import UserError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder; give a folder path (new or existing)")
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.exists():
+        probe = Path(".")
+    if not probe.is_dir():
+        raise UserError(f"{flag} {path}: {probe} is a file, so no folder can be made under it; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write in {probe} (permission denied or read-only); "
+                        f"choose a folder you can write to")  # fmt: skip
+    return path
+
+
+class CreatedDirs:
+    """Remembers which folders of ``path`` (it and its missing ancestors) did not exist, so that a run refused early
+    can remove exactly those, while still empty, and leave nothing behind (``remove_if_empty``)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.missing: list[Path] = []
+        p = self.path
+        while not p.exists() and p != p.parent:
+            self.missing.append(p)  # deepest first
+            p = p.parent
+
+    def remove_if_empty(self) -> None:
+        """Removes the folders this run created, deepest first, stopping at the first that is not empty."""
+        for p in self.missing:
+            try:
+                p.rmdir()  # only ever removes an empty folder
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return

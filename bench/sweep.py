@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from .config import SweepSpec, TrialSpec
 from .errors import UserError
-from .io import read_json, write_json
+from .io import check_out_dir, read_json, write_json
 from .trainer import FAILED, RunOptions, run_trial, trial_status
 
 
@@ -54,8 +54,8 @@ def check_data(sweep: SweepSpec, options: RunOptions) -> None:
 
 
 def prepare_out(out: Path, sweep: SweepSpec) -> None:
-    """Claims ``out`` for this sweep, or refuses if it holds a different one."""
-    out = Path(out)
+    """Claims ``out`` for this sweep, or refuses if it holds a different one or can never be written."""
+    out = check_out_dir(out)
     meta = out / "sweep.json"
     if meta.exists():
         held = read_json(meta)
