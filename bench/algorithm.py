@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
 
 from .data import Batch, Split
-from .hparams import HParam, collect, log_uniform, log_uniform_int
+from .hparams import NON_NEGATIVE, POSITIVE, HParam, collect, log_uniform, log_uniform_int
 from .registry import METHODS
 from .tasks import Task
 
@@ -48,6 +48,9 @@ class MethodContext:
     train_reference: Callable[..., nn.Module] | None = None
     input_range: tuple[float, float] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    train_envs: tuple[int, ...] = ()
+    """The dataset indices of the training environments, in the order of ``update``'s minibatches: their ``in``
+    and ``out`` splits are ``splits[f"env{i}_in"]`` and ``splits[f"env{i}_out"]``."""
 
 
 def concat_batches(batches: list[Batch]) -> Batch:
@@ -67,9 +70,9 @@ class Algorithm(nn.Module):
 
     HPARAMS: ClassVar[dict[str, HParam]] = {
         # DomainBed's ranges for small images: lr 10^U(-4.5,-2.5), batch 2^U(3,9), weight decay 10^U(-6,-2).
-        "lr": HParam(1e-3, log_uniform(-4.5, -2.5)),
-        "weight_decay": HParam(0.0, log_uniform(-6, -2)),
-        "batch_size": HParam(64, log_uniform_int(3, 9, base=2)),
+        "lr": HParam(1e-3, log_uniform(-4.5, -2.5), POSITIVE),
+        "weight_decay": HParam(0.0, log_uniform(-6, -2), NON_NEGATIVE),
+        "batch_size": HParam(64, log_uniform_int(3, 9, base=2), POSITIVE),
     }
 
     TASKS: ClassVar[tuple[str, ...] | None] = None
@@ -101,6 +104,11 @@ class Algorithm(nn.Module):
             lr=self.hparams["lr"],
             weight_decay=self.hparams["weight_decay"],
         )
+
+    @classmethod
+    def validate(cls, dataset_cls: type, options: Mapping[str, Any]) -> None:
+        """Refuses (``UserError``, one line) a dataset this method cannot train on, e.g. one without the per-example
+        groups it needs; called by ``TrialSpec.resolve`` with the dataset class and its resolved options."""
 
     def setup(self, context: MethodContext) -> None:
         """Called once before the first step (and again on resume, before the checkpoint is loaded)."""
