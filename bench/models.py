@@ -15,15 +15,45 @@ from .registry import MODELS
 
 
 class Model(nn.Module):
-    """featurizer -> head. ``featurizer.n_outputs`` is the feature width."""
+    """featurizer -> head. ``featurizer.n_outputs`` is the feature width (also ``n_features``)."""
 
     def __init__(self, featurizer: nn.Module, n_outputs: int):
         super().__init__()
         self.featurizer = featurizer
         self.head = nn.Linear(featurizer.n_outputs, n_outputs)
 
+    @property
+    def n_features(self) -> int:
+        """Width of the featurizer's output, the head's input: what a method sizes its own extra networks by
+        (a domain discriminator, a style head, a projection)."""
+        return int(self.featurizer.n_outputs)
+
+    @property
+    def n_outputs(self) -> int:
+        """Width of the head's output (classes, or 1 for a reward model)."""
+        return int(self.head.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.featurizer(x))
+
+
+def feature_width(model: nn.Module) -> int:
+    """The feature width of any featurizer + head model: ``n_features`` where it declares one, else the
+    featurizer's ``n_outputs``, else the (linear) head's ``in_features``."""
+    for get in (lambda: model.n_features, lambda: model.featurizer.n_outputs, lambda: model.head.in_features):
+        try:
+            return int(get())
+        except AttributeError:
+            continue
+    raise TypeError(f"{type(model).__name__} has no featurizer width (n_features, featurizer.n_outputs or "
+                    "head.in_features)")
+
+
+def output_width(model: nn.Module) -> int:
+    """The head's output width of any featurizer + head model (``n_outputs``, else a linear head's
+    ``out_features``)."""
+    width = getattr(model, "n_outputs", None)
+    return int(width if width is not None else model.head.out_features)
 
 
 @MODELS.register("mlp")

@@ -1,0 +1,181 @@
+"""Defining effects of the DomainBed algorithms of issue 17 (first half), each on a tiny case worked out by hand or
+by an independent (numpy / finite-difference / plain-autograd) computation.
+
+Shared fixture: the "identity" linear model of tests/test_methods.py (featurizer = identity, bias-free head with
+weights set by hand), so features are the inputs and logits are ``x @ W.T``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from shiftbench.featurewise import env_features, input_features, scores_from_features
+from shiftbench.methods.coral import CORAL, coral_discrepancy
+from shiftbench.methods.erm import ERM
+from shiftbench.methods.mmd import GAMMAS, MMD, gaussian_mmd
+from shiftbench.methods.sd import SD
+from shiftbench.models import build_model, feature_width
+from shiftbench.registry import METHODS
+from shiftbench.tasks import Classification, Preference
+
+
+def defaults(cls, **overrides) -> dict:
+    return {**{k: v.default for k, v in cls.hparam_space().items()}, **overrides}
+
+
+class Linear(nn.Module):
+    """featurizer (identity) -> bias-free linear head, weights set by hand."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.featurizer = nn.Identity()
+        self.head = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(weight)
+
+    def forward(self, x):
+        return self.head(self.featurizer(x))
+
+
+def make(cls, model=None, n_envs=2, task=None, **overrides):
+    model = Linear(torch.eye(2)) if model is None else model
+    return cls(model, task or Classification(), n_envs, defaults(cls, **overrides))
+
+
+def env_batches(seed: int = 0, n_envs: int = 2, n: int = 6, d: int = 3, k: int = 3) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randn(n, d, generator=g) + e, "y": torch.randint(0, k, (n,), generator=g),
+             "idx": torch.arange(n)} for e in range(n_envs)]  # fmt: skip
+
+
+def pref_batches(seed: int = 0, n_envs: int = 2, n: int = 5, d: int = 4) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"chosen": torch.randn(n, d, generator=g) + e, "rejected": torch.randn(n, d, generator=g),
+             "idx": torch.arange(n)} for e in range(n_envs)]  # fmt: skip
+
+
+def test_defaults_and_ranges_are_domainbeds():
+    expected = {"mmd": ("mmd_gamma", 1.0, (0.1, 10)), "coral": ("mmd_gamma", 1.0, (0.1, 10)),
+                "sd": ("sd_reg", 0.1, (1e-5, 1e-1))}  # fmt: skip
+    for name, (key, default, (lo, hi)) in expected.items():
+        space = METHODS.get(name).hparam_space()
+        assert space[key].default == default
+        draws = [space[key].sample(np.random.RandomState(s)) for s in range(50)]
+        assert lo <= min(draws) and max(draws) <= hi and max(draws) / min(draws) > 3  # a log-uniform spread
+
+
+# ---------------------------------------------------------------- feature-level scoring (shared by the zoo)
+
+
+@pytest.mark.parametrize("task", [Classification(), Preference()])
+def test_features_then_head_give_the_tasks_scores(task):
+    torch.manual_seed(0)
+    n_out = 1 if isinstance(task, Preference) else 3
+    model = build_model("mlp", (4,), n_out, {"mlp_width": 8})
+    assert feature_width(model) == model.n_features == 8
+    envs = pref_batches(d=4) if isinstance(task, Preference) else env_batches(d=4)
+    for b in envs:
+        f = input_features(model, task, b)
+        assert len(f) == (10 if isinstance(task, Preference) else 6)  # preference: chosen and rejected rows
+        assert torch.allclose(scores_from_features(model.head, task, b, f), task.scores(model, b), atol=1e-6)
+    # one pass over all environments: each environment's block is its own featurisation
+    for f, b in zip(env_features(model, task, envs), envs):
+        assert torch.allclose(f, input_features(model, task, b), atol=1e-6)
+
+
+# ---------------------------------------------------------------- MMD and CORAL
+
+
+def numpy_coral(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean((x.mean(0) - y.mean(0)) ** 2) + np.mean((np.cov(x, rowvar=False) - np.cov(y, rowvar=False))
+                                                                  ** 2))
+
+
+def numpy_mmd(x: np.ndarray, y: np.ndarray) -> float:
+    def k(a, b):
+        d = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+        return sum(np.exp(-g * d) for g in GAMMAS)
+
+    return float(k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean())
+
+
+def test_coral_discrepancy_by_hand_and_against_numpy():
+    # x = [[0, 0], [2, 0]], y = [[0, 0], [0, 2]]: means [1, 0] and [0, 1] -> mean diff² = (1 + 1) / 2 = 1;
+    # covariances (n - 1 = 1) diag(2, 0) and diag(0, 2) -> cov diff² = (4 + 4) / 4 = 2; total 3.
+    x, y = torch.tensor([[0.0, 0.0], [2.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, 2.0]])
+    assert coral_discrepancy(x, y).item() == pytest.approx(3.0)
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(7, 4, generator=g, dtype=torch.float64), 2 * torch.randn(5, 4, generator=g, dtype=torch.float64)
+    assert coral_discrepancy(a, b).item() == pytest.approx(numpy_coral(a.numpy(), b.numpy()), rel=1e-10)
+
+
+def test_gaussian_mmd_by_hand_and_against_numpy():
+    # one point each at distance² 1: K(x,x) = K(y,y) = 7 kernels × e^0 = 7, K(x,y) = Σ_γ e^-γ;
+    # mmd = 14 − 2 Σ_γ e^-γ
+    x, y = torch.tensor([[0.0]]), torch.tensor([[1.0]])
+    assert gaussian_mmd(x, y).item() == pytest.approx(14 - 2 * sum(math.exp(-g) for g in GAMMAS), rel=1e-6)
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
+    assert gaussian_mmd(a, b).item() == pytest.approx(numpy_mmd(a.numpy(), b.numpy()), rel=1e-8)
+    assert gaussian_mmd(a, a).item() == pytest.approx(0.0, abs=1e-10)
+
+
+@pytest.mark.parametrize("cls, reference", [(CORAL, numpy_coral), (MMD, numpy_mmd)])
+def test_feature_matching_update_penalises_every_pair_of_environments(cls, reference):
+    envs = env_batches(n_envs=3, d=2, k=2)
+    algo = make(cls, n_envs=3, mmd_gamma=0.5)
+    xs = [b["x"].double().numpy() for b in envs]  # identity featurizer: the features are the inputs
+    pairs = [reference(xs[i], xs[j]) for i, j in ((0, 1), (0, 2), (1, 2))]
+    nll = np.mean([nn.functional.cross_entropy(b["x"], b["y"]).item() for b in envs])  # W = I: logits = x
+    stats = algo.update(envs, 0)
+    assert stats["penalty"].item() == pytest.approx(np.mean(pairs), rel=1e-5)
+    assert stats["nll"].item() == pytest.approx(nll, rel=1e-6)
+    assert stats["loss"].item() == pytest.approx(nll + 0.5 * np.mean(pairs), rel=1e-5)
+
+
+def test_feature_matching_without_weight_is_erm():
+    envs = env_batches(k=2, d=2)
+    erm, coral = make(ERM), make(CORAL, mmd_gamma=0.0)
+    erm.update(envs, 0)
+    coral.update(envs, 0)
+    assert torch.allclose(erm.model.head.weight, coral.model.head.weight, atol=1e-7)
+
+
+def test_coral_trains_a_reward_model_on_both_responses_features():
+    torch.manual_seed(0)
+    envs = pref_batches(n=6, d=2)
+    algo = make(CORAL, model=Linear(torch.tensor([[1.0, -1.0]])), task=Preference())
+    stats = algo.update(envs, 0)
+    feats = [torch.cat([b["chosen"], b["rejected"]]).double().numpy() for b in envs]
+    assert stats["penalty"].item() == pytest.approx(numpy_coral(*feats), rel=1e-5)
+
+
+# ---------------------------------------------------------------- SD
+
+
+def test_sd_penalty_is_the_mean_squared_logit_by_hand():
+    # logits with W = I are the inputs: [1, 0] and [0, 1] -> mean(z²) = (1 + 0 + 0 + 1) / 4 = 0.5
+    envs = [{"x": torch.tensor([[1.0, 0.0]]), "y": torch.tensor([0]), "idx": torch.tensor([0])},
+            {"x": torch.tensor([[0.0, 1.0]]), "y": torch.tensor([0]), "idx": torch.tensor([0])}]  # fmt: skip
+    algo = make(SD, sd_reg=0.2)
+    stats = algo.update(envs, 0)
+    nll = (math.log(1 + math.exp(-1)) + math.log(1 + math.e)) / 2
+    assert stats["penalty"].item() == pytest.approx(0.5)
+    assert stats["loss"].item() == pytest.approx(nll + 0.2 * 0.5, abs=1e-6)
+    # the penalty's gradient on W is 2 λ mean(z x^T) over the 4 logits: 2 · 0.2 · I / 4 = 0.1 I, added to CE's
+    s = 1 / (1 + math.exp(-1))
+    ce_grad = 0.5 * torch.tensor([[s - 1, -s], [1 - s, s]])
+    assert torch.allclose(algo.model.head.weight.grad, ce_grad + 0.1 * torch.eye(2), atol=1e-6)
+
+
+def test_sd_on_preference_penalises_the_reward_difference():
+    # w = [1, 0]: r = first feature; pairs (2 vs 0) and (0 vs 1) -> d = [2, -1], mean(d²) = 2.5
+    envs = [{"chosen": torch.tensor([[2.0, 5.0]]), "rejected": torch.tensor([[0.0, 1.0]]), "idx": torch.tensor([0])},
+            {"chosen": torch.tensor([[0.0, 3.0]]), "rejected": torch.tensor([[1.0, 0.0]]), "idx": torch.tensor([0])}]
+    algo = make(SD, model=Linear(torch.tensor([[1.0, 0.0]])), task=Preference())
+    assert algo.update(envs, 0)["penalty"].item() == pytest.approx(2.5)
