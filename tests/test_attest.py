@@ -172,6 +172,12 @@ def home(tmp_path_factory):
         yield h
 
 
+@pytest.fixture(autouse=True)
+def witness_state(tmp_path, monkeypatch):
+    """Each test's own verifier memory (the last checkpoint seen per log), so tests do not see each other's logs."""
+    monkeypatch.setattr("shiftbench.attest.witness.default_state", lambda: tmp_path / "witness_state.json")
+
+
 @pytest.fixture(scope="module")
 def pristine(home, tmp_path_factory):
     """A sweep folder with two attested trials (Ed25519) and its log."""
@@ -389,13 +395,16 @@ def _resigned(pristine: Path, out: Path, schemes=("ed25519",), keys_dir=None) ->
     return trial
 
 
-def test_a_run_signed_by_another_key_fails_unless_its_public_key_is_given(pristine, home, tmp_path, capsys):
+def test_a_run_signed_by_another_key_is_untrusted_unless_its_public_key_is_given(pristine, home, tmp_path, capsys):
     other = tmp_path / "other_keys"
     trial = _resigned(pristine, tmp_path / "theirs", keys_dir=other)
-    assert main(["verify", str(trial)]) == 1
-    assert "is not trusted" in capsys.readouterr().out
+    key = dsse.read_public_keys(other / "ed25519.pub")[0]
+    assert main(["verify", str(trial)]) == 3
+    assert f"UNTRUSTED: signed by (unnamed) (ed25519 {key.keyid[:16]}); signed by an unknown key" in \
+        capsys.readouterr().out
     assert main(["verify", str(trial), "--public-key", str(other / "ed25519.pub")]) == 0
-    assert main(["verify", str(trial), "--public-key", str(home / "keys" / "ed25519.pub")]) == 1
+    assert "trusted: given with --public-key (your own runs; not a policy)" in capsys.readouterr().out
+    assert main(["verify", str(trial), "--public-key", str(home / "keys" / "ed25519.pub")]) == 3
 
 
 def test_hybrid_signatures_are_both_required_and_mlflow_run_ids_resolve(pristine, home, tmp_path, capsys):
@@ -410,7 +419,6 @@ def test_hybrid_signatures_are_both_required_and_mlflow_run_ids_resolve(pristine
     keys = home / "keys"
     both = [str(keys / "ed25519.pub"), str(keys / "slh-dsa-sha2-128f.pub")]
     assert main(["verify", str(trial), "--public-key", both[0], "--public-key", both[1]]) == 0
-    assert main(["verify", str(trial), "--public-key", both[0]]) == 1  # the SLH-DSA signature's key is not trusted
     capsys.readouterr()
     signers = [s["keyid"] for s in json.loads(base64.b64decode(env["payload"]))["predicate"]["signers"]]
     _, failures = dsse.verify_envelope(dict(env, signatures=env["signatures"][:1]), dsse.local_public_keys(), signers)
@@ -435,7 +443,7 @@ def _append_many(path: str, keys_dir: str, tag: int, n: int) -> None:
     key = dsse.load_signing_key("ed25519", keys_dir)
     log = TransparencyLog(path)
     for i in range(n):
-        log.append({"envelope_sha256": f"{tag}-{i}", "trial": str(tag), "trial_hash": f"{tag}-{i}"}, [key])
+        log.append({"envelope_sha256": f"{tag}-{i}", "trial": str(tag), "trial_hash": f"{tag}-{i}"}, key)
 
 
 def test_concurrent_appends_from_processes_keep_the_log_consistent(tmp_path):
@@ -448,25 +456,24 @@ def test_concurrent_appends_from_processes_keep_the_log_consistent(tmp_path):
     for p in procs:
         p.join()
     log = TransparencyLog(tmp_path / "log")
-    latest, tree, failures = verify_log(log, dsse.local_public_keys(keys))
+    latest, tree, failures = verify_log(log)
     assert failures == [] and latest.size == 60
     assert len({json.loads(e)["envelope_sha256"] for e in log.entries()}) == 60
-    assert len(log.head_envelopes()) == 60
+    assert len(log.checkpoints()) == 60
 
 
 def test_a_torn_append_is_dropped_by_the_next_append_and_truncation_is_caught(tmp_path):
     key = dsse.load_signing_key("ed25519", tmp_path / "keys")
-    trusted = dsse.local_public_keys(tmp_path / "keys")
     log = TransparencyLog(tmp_path / "log")
     for i in range(5):
-        log.append({"envelope_sha256": str(i), "trial": "t", "trial_hash": str(i)}, [key])
+        log.append({"envelope_sha256": str(i), "trial": "t", "trial_hash": str(i)}, key)
     with open(tmp_path / "log" / "entries.jsonl", "ab") as f:
         f.write(b'{"envelope_sha256":"crashed"}\n')  # an entry whose tree head was never signed
-    receipt = log.append({"envelope_sha256": "5", "trial": "t", "trial_hash": "5"}, [key])
-    assert receipt["log_index"] == 5 and verify_log(log, trusted)[2] == []
+    receipt = log.append({"envelope_sha256": "5", "trial": "t", "trial_hash": "5"}, key)
+    assert receipt["log_index"] == 5 and verify_log(log)[2] == []
     lines = (tmp_path / "log" / "entries.jsonl").read_bytes().splitlines(keepends=True)
     (tmp_path / "log" / "entries.jsonl").write_bytes(b"".join(lines[:3]))
-    assert any("entries" in f for f in verify_log(log, trusted)[2])
+    assert any("entries" in f for f in verify_log(log)[2])
 
 
 def test_report_prints_tree_head_and_each_trials_digest(pristine, tmp_path):
@@ -474,9 +481,10 @@ def test_report_prints_tree_head_and_each_trials_digest(pristine, tmp_path):
 
     metrics, text = build_report(pristine, tmp_path / "rep", plots=False)
     section = metrics["sections"]["attestation"]
-    head = json.loads(base64.b64decode(json.loads(TransparencyLog(pristine / "attestation_log")
-                                                  .head_envelopes()[-1])["payload"]))
-    assert head["root_hash"] in text and head["tree_size"] == 2
+    head = TransparencyLog(pristine / "attestation_log").latest_checkpoint()
+    assert head.root.hex() in text and head.size == 2
     for t in (pristine / "trials").iterdir():
         assert json.loads((t / "final.json").read_text())["attestation"] in text
     assert section["notes"] == []
+    assert section["trust"] == [{"dataset": "colored_digits", "method": "erm", "self-attested": 2, "host-verified": 0,
+                                 "failed": 0}]

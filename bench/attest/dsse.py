@@ -72,14 +72,30 @@ def b64encode(data: bytes) -> str:
 
 
 def b64decode_strict(text: Any) -> bytes:
-    """Standard base64 that must re-encode to itself: a flipped unused bit is a different envelope, not the same."""
+    """Base64 in either alphabet, with or without padding, as DSSE requires of verifiers (``protocol.md``: "Verifiers
+    MUST accept either" the standard or the URL-safe alphabet, "with or without padding").
+
+    The text must still re-encode to itself in the alphabet and padding style it uses: a flipped unused bit in the
+    last character is a different envelope, not the same one, so no two texts decode to one payload per style.
+    """
     if not isinstance(text, str):
         raise ValueError("not a base64 string")
+    urlsafe = "-" in text or "_" in text
+    if urlsafe and ("+" in text or "/" in text):
+        raise ValueError("malformed base64 (mixes the standard and URL-safe alphabets)")
+    bare = text.rstrip("=")
+    padded = bare + "=" * (-len(bare) % 4)
+    if text not in (bare, padded) or len(bare) % 4 == 1:
+        raise ValueError("malformed base64")
     try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
+        std = padded.translate(str.maketrans("-_", "+/")) if urlsafe else padded
+        data = base64.b64decode(std, validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
         raise ValueError("malformed base64") from None
-    if b64encode(data) != text:
+    again = b64encode(data)
+    if urlsafe:
+        again = again.translate(str.maketrans("+/", "-_"))
+    if again.rstrip("=") != bare:
         raise ValueError("non-canonical base64")
     return data
 

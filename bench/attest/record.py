@@ -5,7 +5,7 @@ A trial folder gains::
     data_manifest.json      dataset name, options, data version (see statement.data_manifest)
     metrics.json            the final record (final.json repeats it)
     attestation.dsse.json   the DSSE envelope of the in-toto Statement (its sha256 goes into final.json "attestation")
-    attestation.log.json    the log receipt: leaf index, leaf hash, the signed tree head right after the append
+    attestation.log.json    the log receipt: leaf index, leaf hash, origin, the checkpoint signed right after the append
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..io import atomic_write, write_json
-from .dsse import ED25519, envelope_bytes, load_signing_key, sign_envelope
+from . import keys as identities
+from .dsse import ED25519, envelope_bytes, sign_envelope
 from .log import TransparencyLog, log_dir_for
 from .predictions import commit, load_predictions
 from .statement import MANIFEST, METRICS, PAYLOAD_TYPE, PREDICTIONS, build_statement, data_manifest
@@ -40,7 +41,7 @@ def attest_trial(trial_dir: str | os.PathLike, record: Mapping[str, Any], scheme
         record: the final record (``final["record"]``).
         schemes: signature schemes; with several, verification requires every one.
         log_dir: the transparency log's folder (default: :func:`.log.log_dir_for`).
-        keys_dir: the signing keys' folder (default: ``<config>/keys``).
+        keys_dir: the signer's keys folder, one identity (default: ``<config>/keys``).
 
     Returns:
         The sha256 (hex) of the envelope file.
@@ -50,12 +51,17 @@ def attest_trial(trial_dir: str | os.PathLike, record: Mapping[str, Any], scheme
     write_json(trial / MANIFEST, data_manifest(meta["spec"], meta))
     write_json(trial / METRICS, dict(record))
     tree = commit(load_predictions(trial / PREDICTIONS))
-    keys = [load_signing_key(s, keys_dir) for s in dict.fromkeys(schemes)]
-    statement = build_statement(trial, meta, record, tree.root, len(tree), [(k.scheme, k.keyid) for k in keys])
+    signer = identities.load(schemes, keys_dir)
+    keys = list(signer.keys)
+    statement = build_statement(trial, meta, record, tree.root, len(tree), [
+        {"scheme": k.scheme, "keyid": k.keyid, "identity": signer.name, "public_key": k.public.pem().decode("ascii")}
+        for k in keys])
     data = envelope_bytes(sign_envelope(PAYLOAD_TYPE, canonical_bytes(statement), keys))
     atomic_write(trial / ENVELOPE, lambda f: f.write(data), mode="wb")
     digest = hashlib.sha256(data).hexdigest()
     log = TransparencyLog(log_dir if log_dir is not None else log_dir_for(trial))
-    receipt = log.append({"envelope_sha256": digest, "trial": trial.name, "trial_hash": meta["hash"]}, keys)
+    operator = identities.log_operator().keys[0]  # the log's own key, never the trial's
+    receipt = log.append({"envelope_sha256": digest, "identity": signer.name, "trial": trial.name,
+                          "trial_hash": meta["hash"]}, operator)
     write_json(trial / RECEIPT, receipt)
     return digest

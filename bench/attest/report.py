@@ -1,4 +1,6 @@
-"""The report's attestation section: each log's signed tree head and each row's attestation digest.
+"""The report's attestation section: each log's checkpoint, each row's attestation digest, and per leaderboard row
+(dataset, method) how many trials are self-attested, host-verified (a countersigned SLSA verification summary that
+verifies and names the trial's envelope, see :mod:`.vsa`) or failed by a host.
 
 It reads the trial folders and the logs only (no signature checks: that is ``shiftbench verify``), and says which
 trials carry no attestation, which are not in their log, and which logged runs the report does not show.
@@ -13,20 +15,19 @@ from typing import Any, Sequence
 
 from ..report import Section, html_table, md_table, report_section
 from .log import TransparencyLog, log_dir_for
+from . import vsa
 from .record import ENVELOPE, RECEIPT
 
 
 def _head(log: TransparencyLog) -> dict[str, Any] | None:
-    from .dsse import b64decode_strict
-
-    env = log.latest_head()
-    if env is None:
+    heads = log.checkpoints()
+    if not heads:
         return None
-    try:
-        body = json.loads(b64decode_strict(env["payload"]))
-    except (ValueError, KeyError, TypeError):
-        return {"tree_size": None, "root_hash": "unreadable", "timestamp": None, "signers": []}
-    return {**body, "signers": [str(s.get("keyid", ""))[:16] for s in env.get("signatures", [])]}
+    cp = log.latest_checkpoint()
+    if cp is None:
+        return {"tree_size": None, "root_hash": "unreadable", "origin": None, "signers": []}
+    return {"tree_size": cp.size, "root_hash": cp.root.hex(), "origin": cp.origin,
+            "signers": [name for name, _ in cp.signatures]}
 
 
 @report_section("attestation")
@@ -45,9 +46,11 @@ def attestation_section(trials: Sequence[dict]) -> Section | None:
         except (OSError, ValueError, KeyError):
             index = None
         spec = t.get("spec") or {}
+        summary = vsa.read(d)
         rows.append({"trial": t["hash"][:16], "method": spec.get("method"), "dataset": spec.get("dataset"),
                      "test_envs": spec.get("test_envs"), "seed": spec.get("seed"),
-                     "hparams_seed": spec.get("hparams_seed"), "attestation_sha256": digest, "log_index": index})
+                     "hparams_seed": spec.get("hparams_seed"), "attestation_sha256": digest, "log_index": index,
+                     "status": summary["status"], "host": summary["host"]})
     if not rows:
         return None
     shown = {t["hash"] for t in trials}
@@ -67,21 +70,36 @@ def attestation_section(trials: Sequence[dict]) -> Section | None:
         notes.append(f"{unattested} trial(s) in this report carry no attestation")
     notes += [f"trial {r['trial']} is not in its log" for r in rows if r["log_index"] is None]
 
-    md = ["Signed tree heads (`shiftbench verify RUNS` checks signatures, digests, metrics and log proofs):", ""]
+    trust: dict[tuple, dict[str, int]] = {}
+    for r in rows:
+        c = trust.setdefault((r["dataset"], r["method"]), {vsa.SELF: 0, vsa.HOST: 0, vsa.FAILED_ROW: 0})
+        c[r["status"]] += 1
+    trust_rows = [[ds, m, c[vsa.SELF], c[vsa.HOST], c[vsa.FAILED_ROW]] for (ds, m), c in sorted(trust.items(),
+                                                                                               key=str)]
+    md = ["Checkpoints (`shiftbench verify RUNS` checks signatures, digests, the data, metrics and log proofs):", ""]
     for ld, h in heads.items():
         if h is None:
-            md.append(f"- `{ld}`: no tree head")
+            md.append(f"- `{ld}`: no checkpoint")
         else:
-            md.append(f"- `{ld}`: size {h['tree_size']}, root `{h['root_hash']}`, {h['timestamp']}, "
+            md.append(f"- `{ld}`: {h['origin']}, size {h['tree_size']}, root `{h['root_hash']}`, "
                       f"signed by {', '.join(h['signers'])}")
+    md += ["", "Trust per leaderboard row (host-verified: countersigned by a host that re-ran examples; whether to "
+           "trust that host is yours to decide):", "",
+           md_table(["dataset", "method", "self-attested", "host-verified", "failed"],
+                    [[str(x) for x in row] for row in trust_rows])]
     md += [""] + [f"- **{n}**" for n in notes] + ([""] if notes else [])
-    cols = ("trial", "method", "dataset", "test_envs", "hparams_seed", "seed", "log_index", "attestation_sha256")
-    md.append(md_table(["trial", "method", "dataset", "test envs", "draw", "seed", "log index", "attestation sha256"],
+    cols = ("trial", "method", "dataset", "test_envs", "hparams_seed", "seed", "log_index", "status",
+            "attestation_sha256")
+    md.append(md_table(["trial", "method", "dataset", "test envs", "draw", "seed", "log index", "status",
+                        "attestation sha256"],
                        [[str(r[c]) for c in cols[:-1]] + [f"`{r['attestation_sha256']}`"] for r in rows]))
     e = html.escape
     body = "".join(f"<li><code>{e(ld)}</code>: size {e(str(h and h['tree_size']))}, root <code>"
                    f"{e(str(h and h['root_hash']))}</code></li>" for ld, h in heads.items())
     body = f"<ul>{body}</ul>" + "".join(f"<p class=\"note\"><b>{e(n)}</b></p>" for n in notes)
+    body += html_table(["dataset", "method", "self-attested", "host-verified", "failed"], trust_rows)
     body += html_table(cols, [[r[c] for c in cols] for r in rows])
     return Section("attestation", "Attestations", "\n".join(md), body,
-                   metrics={"tree_heads": heads, "trials": rows, "notes": notes})
+                   metrics={"tree_heads": heads, "trials": rows, "notes": notes,
+                            "trust": [dict(zip(("dataset", "method", vsa.SELF, vsa.HOST, vsa.FAILED_ROW), row))
+                                      for row in trust_rows]})

@@ -12,7 +12,8 @@ The predicate (type :data:`PREDICATE_TYPE`) holds the resolved spec and its hash
 sha256 of the uncommitted diff of tracked files, the digest of the installed source), package versions, the data
 version, the MLflow run id when the trial runs inside one (``MLFLOW_RUN_ID``; a sweep mirrors trials to MLflow only
 after they end, so there the MLflow run carries the envelope's digest as a tag instead), the Merkle root of the
-predictions, the metrics, and the signers' key ids (signed, so that no signature can be stripped unnoticed).
+predictions, the metrics, and the signers: scheme, key id, identity and public key of each (signed, so that no
+signature can be stripped unnoticed and the identity cannot be swapped).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def data_manifest(spec: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str,
 
 
 def build_statement(trial_dir: Path, meta: Mapping[str, Any], metrics: Mapping[str, Any], merkle_root: bytes,
-                    n_leaves: int, signer_keyids: Sequence[tuple[str, str]]) -> dict[str, Any]:
+                    n_leaves: int, signers: Sequence[Mapping[str, str]]) -> dict[str, Any]:
     """The Statement over the files in ``trial_dir`` (they must all be written).
 
     Args:
@@ -102,7 +103,9 @@ def build_statement(trial_dir: Path, meta: Mapping[str, Any], metrics: Mapping[s
         metrics: the final record.
         merkle_root: root of the predictions' Merkle tree.
         n_leaves: number of committed predictions.
-        signer_keyids: (scheme, keyid) of every key that will sign.
+        signers: ``{"scheme", "keyid", "identity", "public_key"}`` (PEM) of every key that will sign: the identity
+            is bound into the signed payload, and the public key lets anyone check the signature is valid before
+            deciding (by a policy) whether its holder is trusted.
     """
     subjects = [{"name": name, "digest": {"sha256": sha256_file(trial_dir / name)}} for name in SUBJECTS]
     predicate = {
@@ -115,7 +118,7 @@ def build_statement(trial_dir: Path, meta: Mapping[str, Any], metrics: Mapping[s
         "predictions": {"merkle_root": merkle_root.hex(), "leaves": n_leaves, "hash": MERKLE_HASH,
                         "leaf_format": LEAF_FORMAT},
         "metrics": dict(metrics),
-        "signers": [{"scheme": s, "keyid": k} for s, k in signer_keyids],
+        "signers": [dict(s) for s in signers],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return {"_type": STATEMENT_TYPE, "subject": subjects, "predicateType": PREDICATE_TYPE, "predicate": predicate}
