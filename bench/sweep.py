@@ -1,14 +1,22 @@
 """Sweeps: expand a SweepSpec into content-addressed trials and run the unfinished ones.
 
 The local launcher runs trials in a pool of worker processes; the driver alone writes the MLflow mirror, after
-each trial ends, so the store never sees concurrent writers. Rerunning a sweep skips done trials, resumes partial
-ones from their checkpoints, and creates no new MLflow runs.
+each trial ends. Rerunning a sweep skips done trials, resumes partial ones from their checkpoints, and creates no
+new MLflow runs.
+
+Several drivers may run one sweep on one ``--out`` at once (e.g. a relaunch while the first launch still runs, or
+two launches to use two machines' worth of workers on a shared disk): a trial runs only while its worker holds the
+trial's lock file (``OUT/.locks/trial-<hash16>.lock``). A driver whose worker finds a trial locked skips it for
+now; once its own trials are through it waits for each skipped one, then mirrors it (or, if the other driver died
+before finishing it, runs it itself, resuming from its checkpoint). So no trial is trained twice at once, and every
+driver ends with the whole sweep done and mirrored.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict
@@ -18,11 +26,18 @@ from typing import Any, Callable
 from .config import SweepSpec, TrialSpec
 from .errors import UserError
 from .io import check_out_dir, read_json, write_json
+from .locks import FileLock
+from .mlflow_store import LOCK_DIR
 from .trainer import FAILED, RunOptions, run_trial, trial_status
 
 
 def trial_dir(out: Path, spec: TrialSpec) -> Path:
     return Path(out) / "trials" / spec.short_hash
+
+
+def trial_lock(out: Path, spec: TrialSpec) -> Path:
+    """The lock file held while a trial of the sweep in ``out`` runs (outside the trial folder: it is no result)."""
+    return Path(out) / LOCK_DIR / f"trial-{spec.short_hash}.lock"
 
 
 def _init_worker(threads: int) -> None:
@@ -31,8 +46,35 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_one(spec_dict: dict, directory: str, options: dict) -> dict[str, Any]:
-    """Worker entry point: never raises for a trial's own failure (the sweep goes on)."""
+def _run_one(spec_dict: dict, directory: str, options: dict, lock_path: str, wait: bool = False) -> dict[str, Any]:
+    """Worker entry point: runs the trial while holding its lock; never raises for a trial's own failure.
+
+    Args:
+        spec_dict: the trial spec (``TrialSpec.to_dict``).
+        directory: the trial folder.
+        options: ``RunOptions`` as a dict.
+        lock_path: the trial's lock file (``trial_lock``).
+        wait: wait for another driver that holds the lock, instead of returning ``{"status": "busy"}``.
+
+    Returns:
+        The trial's end record (``final.json`` or ``failed.json``), with ``"elsewhere": True`` when the trial
+        turned out to have ended in another driver meanwhile; ``{"status": "busy"}``; or ``{"status": "error"}``
+        for a refusal (``UserError``) that stops the sweep.
+    """
+    lock = FileLock(lock_path)
+    if not lock.acquire(blocking=wait):
+        return {"status": "busy"}
+    try:
+        before = trial_status(Path(directory))  # read under the lock: another driver may have ended it since
+        result = _train(spec_dict, directory, options)
+        if before == "done" or (before == "failed" and not options.get("retry_failed")):
+            result = {**result, "elsewhere": True}
+        return result
+    finally:
+        lock.release()
+
+
+def _train(spec_dict: dict, directory: str, options: dict) -> dict[str, Any]:
     spec = TrialSpec.from_dict(spec_dict)
     try:
         return run_trial(spec, Path(directory), RunOptions(**options))
@@ -79,7 +121,11 @@ def run_sweep(
     track: bool = True,
     on_result: Callable[[TrialSpec, dict], None] | None = None,
 ) -> dict[str, Any]:
-    """Runs every unfinished trial of ``sweep`` under ``out``; returns counts and the MLflow parent run id."""
+    """Runs every unfinished trial of ``sweep`` under ``out``; returns counts and the MLflow parent run id.
+
+    The counts: ``total``, ``skipped_done`` (done before this call), ``resumed``, ``done`` and ``failed`` (trials
+    this call ran), ``elsewhere`` (trials another driver on ``out`` ended while this one waited), ``failed_total``.
+    """
     options = options or RunOptions()
     out = Path(out)
     trials = sweep.trials()
@@ -106,40 +152,63 @@ def run_sweep(
                 tracker.mirror_trial(trial_dir(out, t), parent)
 
     errors: list[str] = []
+    busy: list[TrialSpec] = []  # locked by another driver on this --out
+    counts["elsewhere"] = 0  # pending here, but ended by another driver (not in "done"/"failed")
 
-    def finished(t: TrialSpec, result: dict) -> None:
+    def finished(t: TrialSpec, result: dict) -> bool:
+        """Book one worker's answer; False if the trial is still to come (another driver holds it)."""
+        if result.get("status") == "busy":
+            busy.append(t)
+            return False
         if result.get("status") == "error":
             errors.append(result["reason"])
-            return
-        counts["done" if result.get("status") == "done" else "failed"] += 1
+            return True
+        if result.get("elsewhere"):
+            counts["elsewhere"] += 1
+        else:
+            counts["done" if result.get("status") == "done" else "failed"] += 1
         if tracker:
             tracker.mirror_trial(trial_dir(out, t), parent)
         if on_result:
             on_result(t, result)
+        return True
 
     bar = _progress(len(pending), progress)
     opts = asdict(options)
+
+    def job(t: TrialSpec) -> tuple[dict, str, dict, str]:
+        return t.to_dict(), str(trial_dir(out, t)), opts, str(trial_lock(out, t))
+
     if workers <= 1 or len(pending) <= 1:
         for t in pending:
-            finished(t, _run_one(t.to_dict(), str(trial_dir(out, t)), opts))
-            bar.update(1)
+            if finished(t, _run_one(*job(t))):
+                bar.update(1)
             if errors:
                 break
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
-            futures = {pool.submit(_run_one, t.to_dict(), str(trial_dir(out, t)), opts): t for t in pending}
+            futures = {pool.submit(_run_one, *job(t)): t for t in pending}
             remaining = set(futures)
             while remaining:
                 done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
                 for f in done:
-                    finished(futures[f], f.result())
-                    bar.update(1)
+                    if finished(futures[f], f.result()):
+                        bar.update(1)
                 if errors:
                     for f in remaining:
                         f.cancel()
                     break
+    if busy and not errors:
+        # In this process, one at a time: usually the other driver is mid-trial and finishes it; if it died, the
+        # trial resumes here from its checkpoint.
+        bar.write(f"{len(busy)} trial(s) are running in another driver on {out}; waiting for them", file=sys.stderr)
+        for t in busy:
+            finished(t, _run_one(*job(t), wait=True))
+            bar.update(1)
+            if errors:
+                break
     bar.close()
     if errors:
         raise UserError(errors[0])

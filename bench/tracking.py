@@ -1,27 +1,38 @@
 """The MLflow mirror of a sweep: one parent run per sweep, one nested run per trial.
 
 The trial folder is the source of truth (see ``docs/records.md``); MLflow is a dashboard written from it by the
-sweep driver, sequentially, after each trial ends. Workers never touch MLflow, so a local sqlite store needs no
-server and sees no concurrent writers. Every run is found again by a tag (``shiftbench.sweep_hash`` for the
-parent, ``shiftbench.trial_hash`` for a trial), so mirroring is idempotent: rerunning a sweep reuses its parent
-run and leaves trials that are already mirrored as they are. A trial run is marked complete (tag
-``shiftbench.mirrored``) only after everything is logged; a run left incomplete by a crash is deleted and written
-afresh, because logging its metrics again would duplicate their history.
+sweep driver after each trial ends. Workers never touch MLflow, so a local sqlite store needs no server. Every run
+is found again by a tag (``shiftbench.sweep_hash`` for the parent, ``shiftbench.trial_hash`` for a trial), so
+mirroring is idempotent: rerunning a sweep reuses its parent run and leaves trials that are already mirrored as
+they are. A trial run is marked complete (tag ``shiftbench.mirrored``) only after everything is logged; a run left
+incomplete by a crash is deleted and written afresh, because logging its metrics again would duplicate their
+history.
+
+Several drivers may share one store (one ``--out``, or ``MLFLOW_TRACKING_URI``). A sqlite store is created and
+checked by ``mlflow_store.ensure_store`` (never half-built, rebuilt if damaged); finding, replacing and writing the
+run of one trial (or sweep) happens under a lock file keyed by its hash, so an incomplete run seen while holding
+that lock is never one that a live driver on this machine is still writing; and calls that sqlite refuses with
+"database is locked" are retried.
 
 MLflow is imported inside the functions that use it: importing it costs about a second.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
+import random
 import re
 import shlex
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+
+from .locks import FileLock
+from .mlflow_store import LOCK_DIR, StoreState, ensure_store, sqlite_file
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -39,6 +50,12 @@ TAG_SWEEP_HASH = "shiftbench.sweep_hash"
 TAG_TRIAL_HASH = "shiftbench.trial_hash"
 TAG_MIRRORED = "shiftbench.mirrored"
 TAG_STATUS = "shiftbench.status"
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+"""The experiment tag MLflow 3's UI reads to open an experiment as model training or as GenAI."""
+EXPERIMENT_KIND = "custom_model_development"
+"""Its value for model training (the UI's other main value is ``genai_development``)."""
+LOCKED_PATIENCE_S = 300.0
+"""How long a call refused with "database is locked" is retried before the error is let through."""
 
 _SKIPPED_FILES = {"checkpoint.pt"}
 """Trial files that are never mirrored: the checkpoint is working state, not a result."""
@@ -112,12 +129,16 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def param_value(value: Any) -> str:
-    """A value as an MLflow param: scalars with ``str``, containers and None as compact JSON."""
+    """A value as an MLflow param or tag: scalars with ``str``, containers and None as compact JSON.
+
+    Non-ASCII characters stay as they are (``["0°","15°"]``, not ``["0\\u00b0",...]``): the UI shows values as
+    plain text.
+    """
     if isinstance(value, str):
         return value
     if isinstance(value, (bool, int, float)):
         return str(value)
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str, ensure_ascii=False)
 
 
 def run_name(spec: Mapping[str, Any]) -> str:
@@ -193,6 +214,55 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _is_locked(error: BaseException) -> bool:
+    """Whether ``error`` (or one it was raised from) is sqlite's "database is locked" / "database table is locked".
+
+    sqlite answers a writer that would deadlock with another one at once, whatever its busy timeout, so MLflow
+    lets these through; the whole transaction was rolled back and the call can be made again.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if "database is locked" in text or "database table is locked" in text:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _retry(call: Callable[..., Any], *args: Any, patience: float = LOCKED_PATIENCE_S, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)``, retried with jittered backoff while sqlite says the database is locked."""
+    deadline = time.monotonic() + patience
+    delay = 0.05
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except Exception as e:
+            if not _is_locked(e) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 2.0)
+
+
+class _RetryingClient:
+    """An ``MlflowClient`` whose every method is retried on "database is locked" (see ``_retry``)."""
+
+    def __init__(self, client: MlflowClient):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return _retry(attr, *args, **kwargs)
+
+        return call
+
+
 def _mtime_ms(path: Path) -> int:
     """The modification time of ``path`` in milliseconds since the epoch, as MLflow counts time."""
     return int(path.stat().st_mtime * 1000)
@@ -201,7 +271,8 @@ def _mtime_ms(path: Path) -> int:
 class Tracker:
     """The MLflow mirror of one sweep's output folder, created once by the sweep driver.
 
-    Creating it creates the experiment (get-or-create) before any trial starts: experiments created concurrently
+    Creating it makes sure a sqlite store is complete (``mlflow_store.ensure_store``: built safely, or rebuilt if
+    damaged) and creates the experiment (get-or-create) before any trial starts: experiments created concurrently
     by several processes send runs to the Default experiment.
 
     Args:
@@ -211,8 +282,10 @@ class Tracker:
 
     Attributes:
         uri: the tracking URI (see ``tracking_uri``).
-        client: the ``MlflowClient`` on that store.
+        client: the ``MlflowClient`` on that store (its calls retried on "database is locked").
         experiment_id: the experiment's id.
+        store: what ``ensure_store`` found and did for a sqlite store (None for a server or another database).
+        lock_dir: the lock files of this store's runs: beside a sqlite file, else in ``out_dir``.
     """
 
     def __init__(
@@ -229,9 +302,21 @@ class Tracker:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.uri = tracking_uri(self.out_dir)
         self.max_artifact_bytes = max_artifact_bytes
+        db = sqlite_file(self.uri)
+        self.store: StoreState | None = ensure_store(db) if db else None
+        self.lock_dir = (db.parent if db else self.out_dir) / LOCK_DIR
+        self._lock_prefix = db.name if db else "mlflow"
         # The client, not mlflow.set_tracking_uri: no process-wide state for other code to trip over.
-        self.client: MlflowClient = MlflowClient(tracking_uri=self.uri)
+        self.client: MlflowClient = _RetryingClient(MlflowClient(tracking_uri=self.uri))  # type: ignore[assignment]
         self.experiment_id = self._experiment(experiment_name)
+
+    def _run_lock(self, key: str) -> FileLock:
+        """The lock held while the run tagged with hash ``key`` is found, replaced or written.
+
+        Hashes share 256 lock files by their first two hex digits: a bounded number of files beside a long-lived
+        store, at the price of now and then waiting for an unrelated run's write.
+        """
+        return FileLock(self.lock_dir / f"{self._lock_prefix}.run-{key[:2].lower()}.lock")
 
     def _experiment(self, name: str) -> str:
         """The id of experiment ``name``, created with its artifacts in ``out_dir`` unless a server stores them."""
@@ -247,7 +332,9 @@ class Tracker:
             if not self.uri.startswith(("http:", "https:", "databricks")):
                 location = (self.out_dir / ARTIFACTS_DIR).as_uri()
             try:
-                return self.client.create_experiment(name, artifact_location=location)
+                return self.client.create_experiment(
+                    name, artifact_location=location, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND}
+                )
             except MlflowException:
                 experiment = self.client.get_experiment_by_name(name)  # another process won the race
                 if experiment is None:
@@ -257,6 +344,8 @@ class Tracker:
                 f"MLflow experiment {name!r} is deleted in {self.uri}; restore it (mlflow experiments restore "
                 f"--experiment-id {experiment.experiment_id}) or choose another experiment name"
             )
+        if TAG_EXPERIMENT_KIND not in experiment.tags:  # made before the tag existed; a kind someone chose stays
+            self.client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return experiment.experiment_id
 
     def _find(self, tag: str, value: str) -> list[Run]:
@@ -310,19 +399,20 @@ class Tracker:
         """
         from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
-        found = self._find(TAG_SWEEP_HASH, sweep_hash)
-        if found:
-            run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
+        with self._run_lock(sweep_hash):  # two drivers of one sweep starting together make one parent, not two
+            found = self._find(TAG_SWEEP_HASH, sweep_hash)
+            if found:
+                run_id = found[0].info.run_id
+                self.client.update_run(run_id, status="RUNNING")
+                return run_id
+            name = f"sweep-{sweep_hash[:12]}"
+            run = self.client.create_run(
+                self.experiment_id, tags={TAG_SWEEP_HASH: sweep_hash, MLFLOW_RUN_NAME: name}, run_name=name
+            )
+            run_id = run.info.run_id
+            self._log(run_id, params=flatten(sweep_spec))
+            self.client.log_dict(run_id, {"hash": sweep_hash, "spec": dict(sweep_spec)}, "sweep.json")
             return run_id
-        name = f"sweep-{sweep_hash[:12]}"
-        run = self.client.create_run(
-            self.experiment_id, tags={TAG_SWEEP_HASH: sweep_hash, MLFLOW_RUN_NAME: name}, run_name=name
-        )
-        run_id = run.info.run_id
-        self._log(run_id, params=flatten(sweep_spec))
-        self.client.log_dict(run_id, {"hash": sweep_hash, "spec": dict(sweep_spec)}, "sweep.json")
-        return run_id
 
     def end_sweep(self, parent_run_id: str, summary: Mapping[str, Any], status: str = "FINISHED") -> None:
         """Log a sweep's summary on its parent run and end it.
@@ -353,7 +443,9 @@ class Tracker:
 
         A run already mirrored with the trial's current status is returned as it is (its parent tag is updated if
         ``parent_run_id`` differs). A run left incomplete by a crash, or mirrored with another status (a failed
-        trial that has since been rerun), is deleted and written afresh.
+        trial that has since been rerun), is deleted and written afresh. All of it happens under the trial's run
+        lock, which every writer of that trial's run holds while writing: an incomplete run found here belongs to
+        no live driver on this machine.
 
         Args:
             trial_dir: the trial folder, with ``spec.json`` and ``final.json`` or ``failed.json``.
@@ -377,16 +469,17 @@ class Tracker:
         meta = _read_json(trial / "spec.json")
         trial_hash = str(meta["hash"])
 
-        runs = self._find(TAG_TRIAL_HASH, trial_hash)
-        keep = next((run for run in runs if run.data.tags.get(TAG_MIRRORED) == status), None)
-        for run in runs:  # incomplete, outdated or (after a concurrent driver) duplicate runs
-            if run is not keep:
-                self.client.delete_run(run.info.run_id)
-        if keep is None:
-            return self._write_trial(trial, meta, end_file, status, parent_run_id)
-        if parent_run_id and keep.data.tags.get(MLFLOW_PARENT_RUN_ID) != parent_run_id:
-            self.client.set_tag(keep.info.run_id, MLFLOW_PARENT_RUN_ID, parent_run_id)
-        return keep.info.run_id
+        with self._run_lock(trial_hash):
+            runs = self._find(TAG_TRIAL_HASH, trial_hash)
+            keep = next((run for run in runs if run.data.tags.get(TAG_MIRRORED) == status), None)
+            for run in runs:  # incomplete (its writer died), outdated, or a duplicate from a driver without locks
+                if run is not keep:
+                    self.client.delete_run(run.info.run_id)
+            if keep is None:
+                return self._write_trial(trial, meta, end_file, status, parent_run_id)
+            if parent_run_id and keep.data.tags.get(MLFLOW_PARENT_RUN_ID) != parent_run_id:
+                self.client.set_tag(keep.info.run_id, MLFLOW_PARENT_RUN_ID, parent_run_id)
+            return keep.info.run_id
 
     def _write_trial(
         self, trial: Path, meta: Mapping[str, Any], end_file: Path, status: str, parent_run_id: str | None
@@ -494,6 +587,7 @@ class Tracker:
                 not path.is_file()
                 or path.name in _SKIPPED_FILES
                 or any(part.startswith((".", "tmp")) or ".tmp" in part for part in rel.parts)
+                or rel.parts[0] == ARTIFACTS_DIR or rel.name.startswith(DB_NAME)  # `train`'s store lives here
                 or path.stat().st_size > self.max_artifact_bytes
             ):
                 continue
