@@ -15,9 +15,14 @@ import pytest
 import torch
 from torch import nn
 
+from shiftbench.methods.causirl_coral import CausIRLCORAL
+from shiftbench.methods.causirl_mmd import CausIRLMMD, split_halves
+from shiftbench.methods.eqrm import EQRM, kde_quantile
 from shiftbench.methods.ib_erm import IBERM, ib_penalty
 from shiftbench.methods.ib_irm import IBIRM
 from shiftbench.methods.irm import irm_penalty
+from shiftbench.methods.rdm import GAMMAS as RDM_GAMMAS
+from shiftbench.methods.rdm import RDM, rdm_penalties
 from shiftbench.registry import METHODS
 from shiftbench.tasks import Classification, Preference
 
@@ -64,6 +69,10 @@ def test_registered_with_domainbed_defaults():
         "ib_erm": {"ib_lambda": 1e2, "ib_penalty_anneal_iters": 500},
         "ib_irm": {"ib_lambda": 1e2, "ib_penalty_anneal_iters": 500, "irm_lambda": 1e2,
                    "irm_penalty_anneal_iters": 500},
+        "causirl_coral": {"mmd_gamma": 1.0},
+        "causirl_mmd": {"mmd_gamma": 1.0},
+        "eqrm": {"eqrm_quantile": 0.75, "eqrm_burnin_iters": 2500, "eqrm_lr": 1e-6},
+        "rdm": {"rdm_lambda": 5.0, "rdm_penalty_anneal_iters": 1500, "rdm_variance_weight": 0.004, "rdm_lr": 1.5e-5},
     }  # fmt: skip
     for name, hp in expected.items():
         space = METHODS.get(name).hparam_space()
@@ -106,3 +115,112 @@ def test_ib_irm_adds_both_penalties():
     assert stats["penalty"].item() == pytest.approx(irm, abs=1e-6)
     assert stats["ib_penalty"].item() == pytest.approx(1.0)
     assert stats["loss"].item() == pytest.approx(nll + irm + 3.0, abs=1e-5)
+
+
+# ---------------------------------------------------------------- CausIRL
+
+
+def np_coral(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a.mean(0) - b.mean(0)) ** 2).mean() + ((np.cov(a.T) - np.cov(b.T)) ** 2).mean())
+
+
+def np_mmd(a: np.ndarray, b: np.ndarray, gammas) -> float:
+    def k(u, v):
+        d = ((u[:, None, :] - v[None, :, :]) ** 2).sum(-1)
+        return sum(np.exp(-g * d) for g in gammas).mean()
+
+    return float(k(a, a) + k(b, b) - 2 * k(a, b))
+
+
+@pytest.mark.parametrize("cls, distance", [(CausIRLCORAL, np_coral),
+                                           (CausIRLMMD, lambda a, b: np_mmd(a, b, (1e-3, 1e-2, 1e-1, 1, 10, 100, 1e3)))])
+def test_causirl_penalty_between_the_two_halves(cls, distance):
+    envs = env_batches(seed=2, n=6, d=2, k=2)
+    algo = make(cls, mmd_gamma=2.0)
+    torch.manual_seed(5)
+    cuts = [int(torch.randint(0, 6, ())) for _ in envs]  # what update draws from the same generator state
+    x = [b["x"].numpy() for b in envs]
+    first = np.concatenate([xe[:c] for xe, c in zip(x, cuts)])
+    second = np.concatenate([xe[c:] for xe, c in zip(x, cuts)])
+    assert len(first) >= 2 and len(second) >= 2, cuts
+    torch.manual_seed(5)
+    stats = algo.update(envs, 0)
+    nll = np.mean([nn.functional.cross_entropy(torch.tensor(xe) @ torch.eye(2), b["y"]).item()
+                   for xe, b in zip(x, envs)])  # fmt: skip
+    assert stats["penalty"].item() == pytest.approx(distance(first, second), rel=1e-5)
+    assert stats["loss"].item() == pytest.approx(nll + 2.0 * distance(first, second), rel=1e-5)
+
+
+def test_causirl_halves_keep_a_pairs_responses_together_and_degenerate_halves_give_zero():
+    chosen, rejected = torch.arange(8.0).reshape(4, 2), -torch.arange(8.0).reshape(4, 2)
+    f = torch.cat([chosen, rejected])  # featurewise layout: chosen rows, then rejected rows
+    first, second = split_halves([f], [1], n_inputs=2)
+    assert torch.equal(first, torch.stack([chosen[0], rejected[0]]))
+    assert torch.equal(second, torch.cat([chosen[1:], rejected[1:]]))
+    algo = make(CausIRLCORAL)
+    assert algo.penalty([torch.randn(4, 2)], [1]).item() == 0.0  # a half of one example: no covariance, no penalty
+
+
+# ---------------------------------------------------------------- EQRM
+
+
+def scipy_kde_quantile(r: np.ndarray, alpha: float) -> float:
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    h = 1.06 * r.std(ddof=1) * len(r) ** -0.2
+    return brentq(lambda q: norm.cdf((q - r) / h).mean() - alpha, r.min() - 10 * h, r.max() + 10 * h, xtol=1e-13)
+
+
+def test_eqrm_quantile_of_risks_and_its_gradient():
+    r = np.array([0.3, 0.9, 0.5, 1.6])
+    risks = torch.tensor(r, dtype=torch.float64, requires_grad=True)
+    q = kde_quantile(risks, 0.8)
+    assert q.item() == pytest.approx(scipy_kde_quantile(r, 0.8), abs=1e-9)
+    q.backward()
+    eps = 1e-6  # central differences of the scipy quantile, bandwidth re-estimated each time
+    fd = [(scipy_kde_quantile(r + eps * e, 0.8) - scipy_kde_quantile(r - eps * e, 0.8)) / (2 * eps) for e in np.eye(4)]
+    assert np.allclose(risks.grad.numpy(), fd, atol=1e-5)
+    # symmetric risks: the median is the centre
+    assert kde_quantile(torch.tensor([1.0, 2.0, 3.0]), 0.5).item() == pytest.approx(2.0, abs=1e-5)
+    assert kde_quantile(torch.tensor([0.7, 0.7]), 0.9).item() == pytest.approx(0.7)  # no spread: that value
+
+
+def test_eqrm_burn_in_then_quantile_with_its_learning_rate():
+    envs = env_batches(seed=3, n_envs=3, d=2, k=2)
+    algo = make(EQRM, lr=0.01, eqrm_burnin_iters=1, eqrm_quantile=0.9, eqrm_lr=1e-4)
+    risks = [nn.functional.cross_entropy(b["x"], b["y"]).item() for b in envs]  # W = I
+    assert algo.update(envs, 0)["loss"].item() == pytest.approx(np.mean(risks), abs=1e-6)
+    w = algo.model.head.weight.detach().clone()
+    risks = np.array([nn.functional.cross_entropy(b["x"] @ w.T, b["y"]).item() for b in envs])
+    stats = algo.update(envs, 1)
+    assert stats["loss"].item() == pytest.approx(scipy_kde_quantile(risks, 0.9), abs=1e-5)
+    assert algo.optimizer.param_groups[0]["lr"] == 1e-4
+    # cleared at the switch: Adam's first step again, |Δw| = lr where the gradient is not zero
+    moved = (algo.model.head.weight.detach() - w).abs()
+    assert torch.allclose(moved[moved > 0], torch.full_like(moved[moved > 0], 1e-4), rtol=1e-3)
+
+
+# ---------------------------------------------------------------- RDM
+
+
+def test_rdm_matches_worst_domain_losses_to_the_pooled_ones():
+    losses = [torch.tensor([0.1, 0.5, 0.3]), torch.tensor([1.0, 0.2, 2.0]), torch.tensor([0.4, 0.4, 0.6])]
+    matching, variance, worst = rdm_penalties(losses)
+    assert worst == 1  # mean 1.067 against 0.3 and 0.467
+    pooled = np.concatenate([t.numpy() for t in losses])
+    w = losses[1].numpy()
+    assert matching.item() == pytest.approx(np_mmd(w[:, None], pooled[:, None], RDM_GAMMAS), rel=1e-5)
+    assert variance.item() == pytest.approx(np.var(pooled, ddof=1) + np.var(w, ddof=1), rel=1e-6)
+
+
+def test_rdm_update_weights_and_learning_rate_switch():
+    envs = env_batches(seed=4, d=2, k=2)
+    algo = make(RDM, rdm_penalty_anneal_iters=1, rdm_lambda=2.0, rdm_variance_weight=0.5, rdm_lr=1e-3)
+    per = [nn.functional.cross_entropy(b["x"], b["y"], reduction="none") for b in envs]
+    stats = algo.update(envs, 0)  # weights 0 before the switch
+    assert stats["loss"].item() == pytest.approx(np.mean([p.mean().item() for p in per]), abs=1e-6)
+    stats = algo.update(envs, 1)
+    expected = stats["nll"] + 2.0 * stats["matching"] + 0.5 * stats["variance"]
+    assert stats["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert algo.optimizer.param_groups[0]["lr"] == 1e-3
