@@ -15,7 +15,10 @@ from .registry import MODELS
 
 
 class Model(nn.Module):
-    """featurizer -> head. ``featurizer.n_outputs`` is the feature width (also ``n_features``)."""
+    """featurizer -> head. ``featurizer.n_outputs`` is the feature width (also ``n_features``); ``build_model``
+    also records the per-example ``input_shape``."""
+
+    input_shape: tuple[int, ...] | None = None
 
     def __init__(self, featurizer: nn.Module, n_outputs: int):
         super().__init__()
@@ -106,7 +109,9 @@ def build_model(name: str, input_shape, n_outputs: int, hparams: dict) -> Model:
     params = inspect.signature(cls.__init__).parameters
     prefix = name + "_"
     kwargs = {k[len(prefix):]: v for k, v in hparams.items() if k.startswith(prefix) and k[len(prefix):] in params}
-    return Model(cls(tuple(input_shape), **kwargs), n_outputs)
+    model = Model(cls(tuple(input_shape), **kwargs), n_outputs)
+    model.input_shape = tuple(int(d) for d in input_shape)  # for methods that build input-space networks (ARM)
+    return model
 
 
 class TorchvisionResNet(nn.Module):

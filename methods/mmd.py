@@ -19,7 +19,7 @@ def gaussian_mmd(x: torch.Tensor, y: torch.Tensor, gammas: Sequence[float] = GAM
     """The biased (V-statistic) squared MMD of two samples under ``k(a, b) = Σ_γ exp(−γ‖a − b‖²)``:
     ``mean K(x, x) + mean K(y, y) − 2 mean K(x, y)`` (Gretton et al., JMLR 2012, Eq. 5)."""
     def kernel(a, b):
-        # squared distances from the expanded form, clamped: rounding can make ‖a‖² + ‖b‖² − 2ab slightly negative
+        # squared distances, expanded; clamped since rounding can make ‖a‖² + ‖b‖² − 2ab slightly negative
         d = (a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1)[None] - 2 * a @ b.T).clamp_min(1e-30)
         return sum(torch.exp(-g * d) for g in gammas)
 

@@ -15,9 +15,13 @@ import torch
 from torch import nn
 
 from shiftbench.featurewise import env_features, input_features, scores_from_features
+from shiftbench.methods.andmask import ANDMask, and_mask
 from shiftbench.methods.coral import CORAL, coral_discrepancy
 from shiftbench.methods.erm import ERM
+from shiftbench.methods.iga import IGA, gradient_spread
+from shiftbench.methods.mixup import Mixup, mix_inputs
 from shiftbench.methods.mmd import GAMMAS, MMD, gaussian_mmd
+from shiftbench.methods.sandmask import SANDMask, sand_mask
 from shiftbench.methods.sd import SD
 from shiftbench.models import build_model, feature_width
 from shiftbench.registry import METHODS
@@ -179,3 +183,114 @@ def test_sd_on_preference_penalises_the_reward_difference():
             {"chosen": torch.tensor([[0.0, 3.0]]), "rejected": torch.tensor([[1.0, 0.0]]), "idx": torch.tensor([0])}]
     algo = make(SD, model=Linear(torch.tensor([[1.0, 0.0]])), task=Preference())
     assert algo.update(envs, 0)["penalty"].item() == pytest.approx(2.5)
+
+
+# ---------------------------------------------------------------- Mixup
+
+
+class Recorder(nn.Module):
+    """Identity featurizer + linear head that records every input it is called on."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.inner = Linear(weight)
+        self.featurizer, self.head, self.seen = self.inner.featurizer, self.inner.head, []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.inner(x)
+
+
+def test_mixup_scores_convex_combinations_with_the_drawn_lambda():
+    # env 0 is all ones with label 0, env 1 all zeros with label 1 (and one example more, which is cut): a mixed
+    # input is λ·1 + (1 − λ)·0 = λ or (1 − λ)·1 when env 1 comes first, so λ can be read off the input itself.
+    envs = [{"x": torch.ones(3, 2), "y": torch.zeros(3, dtype=torch.long), "idx": torch.arange(3)},
+            {"x": torch.zeros(4, 2), "y": torch.ones(4, dtype=torch.long), "idx": torch.arange(4)}]  # fmt: skip
+    w = torch.tensor([[1.0, 0.5], [-1.0, 2.0]])
+    model = Recorder(w)
+    algo = make(Mixup, model=model, mixup_alpha=0.5)
+    torch.manual_seed(3)
+    stats = algo.update(envs, 0)
+    assert len(model.seen) == 2 and all(x.shape == (3, 2) for x in model.seen)  # one mixed batch per pair, cut to 3
+    expected, lams = 0.0, []
+    for x in model.seen:
+        m = x[0, 0].item()
+        assert torch.allclose(x, torch.full_like(x, m)) and 0 < m < 1  # one λ per pair, convex
+        lams.append(m)
+        logits = x @ w.T
+        ce0 = nn.functional.cross_entropy(logits, torch.zeros(3, dtype=torch.long)).item()
+        ce1 = nn.functional.cross_entropy(logits, torch.ones(3, dtype=torch.long)).item()
+        # whichever env came first, the ones-env's weight is m and the zeros-env's is 1 − m
+        expected += m * ce0 + (1 - m) * ce1
+    assert lams[0] != lams[1]  # drawn afresh per pair
+    assert stats["loss"].item() == pytest.approx(expected / 2, rel=1e-6)
+
+
+def test_mixup_lambda_is_beta_distributed_and_mixes_both_responses():
+    algo = make(Mixup, mixup_alpha=0.2)
+    torch.manual_seed(0)
+    draws = torch.stack([algo.draw_lambda() for _ in range(4000)])
+    # Beta(0.2, 0.2): mean 1/2, variance αβ / ((α+β)²(α+β+1)) = 0.04 / (0.16 · 1.4) = 0.178571
+    assert draws.mean().item() == pytest.approx(0.5, abs=0.02)
+    assert draws.var().item() == pytest.approx(0.17857, abs=0.01)
+    a = {"chosen": torch.ones(2, 3), "rejected": 2 * torch.ones(2, 3), "margin": torch.zeros(2)}
+    b = {"chosen": torch.zeros(2, 3), "rejected": torch.zeros(2, 3), "margin": torch.ones(2)}
+    mixed = mix_inputs(Preference(), a, b, 0.25)
+    assert torch.equal(mixed["chosen"], torch.full((2, 3), 0.25))
+    assert torch.equal(mixed["rejected"], torch.full((2, 3), 0.5))
+    assert torch.equal(mixed["margin"], a["margin"])
+
+
+# ---------------------------------------------------------------- IGA, AND-mask, SAND-mask
+
+S = 1 / (1 + math.exp(-1))  # sigmoid(1)
+
+
+def test_iga_penalty_is_the_spread_of_environment_gradients_by_hand():
+    # W = I, env 0: x = e0, env 1: x = e1, both label 0. dCE/dW = (p − onehot) x^T:
+    #   g0 = [[s − 1, 0], [1 − s, 0]],  g1 = [[0, −s], [0, s]]  (s = sigmoid(1))
+    # Σ_e ‖g_e − ḡ‖² = 2 · ‖(g0 − g1) / 2‖² = (2 (1 − s)² + 2 s²) / 2 = (1 − s)² + s²
+    envs = [{"x": torch.tensor([[1.0, 0.0]]), "y": torch.tensor([0]), "idx": torch.tensor([0])},
+            {"x": torch.tensor([[0.0, 1.0]]), "y": torch.tensor([0]), "idx": torch.tensor([0])}]  # fmt: skip
+    stats = make(IGA, iga_penalty=10.0).update(envs, 0)
+    spread = (1 - S) ** 2 + S**2
+    nll = (math.log(1 + math.exp(-1)) + math.log(1 + math.e)) / 2
+    assert stats["penalty"].item() == pytest.approx(spread, rel=1e-6)
+    assert stats["loss"].item() == pytest.approx(nll + 10 * spread, rel=1e-6)
+    assert gradient_spread([(torch.tensor([1.0, 2.0]),), (torch.tensor([3.0, 2.0]),)]).item() == pytest.approx(2.0)
+
+
+def mask_envs() -> list[dict]:
+    """W = I; env 0: x = [1, 1], env 1: x = [1, −1], both label 0. With q_e the class-1 probability
+    (q0 = 1/2, q1 = sigmoid(−2)), g_e = [[−q_e, −q_e·x2], [q_e, q_e·x2]]: column 0 has the same signs in both
+    environments, column 1 opposite ones."""
+    return [{"x": torch.tensor([[1.0, 1.0]]), "y": torch.tensor([0]), "idx": torch.tensor([0])},
+            {"x": torch.tensor([[1.0, -1.0]]), "y": torch.tensor([0]), "idx": torch.tensor([0])}]
+
+
+def test_andmask_zeroes_components_whose_signs_disagree_by_hand():
+    algo = make(ANDMask)
+    algo.update(mask_envs(), 0)
+    q = 0.5 + 1 / (1 + math.exp(2))  # q0 + q1
+    # kept: column 0, mean [−q/2, q/2], scaled by 1 / (kept share 1/2); column 1 zeroed
+    expected = torch.tensor([[-q, 0.0], [q, 0.0]])
+    assert torch.allclose(algo.model.head.weight.grad, expected, atol=1e-6)
+    grads = torch.tensor([[1.0, -2.0, 3.0, 0.5], [2.0, 1.0, 3.0, -0.5], [1.0, 1.0, -1.0, 0.5]])
+    # |mean sign| = [1, 1/3, 1/3, 1/3]: τ = 1 keeps the first only, τ = 0.3 keeps all
+    assert torch.equal(and_mask(grads, 1.0), torch.tensor([1.0, 0, 0, 0]))
+    assert torch.equal(and_mask(grads, 0.3), torch.ones(4))
+
+
+def test_sandmask_is_a_smooth_mask_by_hand():
+    grads = torch.tensor([[1.0, 1.0, -1.0], [3.0, 1.5, 1.0]])
+    # agreement [1, 1, 0]; unbiased variances [2, 0.125, 2]; τ = 0.5, k = 1:
+    # tanh(0.5 / 2) = 0.244919, tanh(0.5 / 0.125) = tanh(4) = 0.999329, tanh(−0.5 / 2) < 0 -> 0
+    mask = sand_mask(grads, 0.5, 1.0)
+    assert torch.allclose(mask, torch.tensor([math.tanh(0.25), math.tanh(4.0), 0.0]), atol=1e-6)
+    algo = make(SANDMask, sandmask_tau=0.5, sandmask_k=1.0)
+    algo.update(mask_envs(), 0)
+    q0, q1 = 0.5, 1 / (1 + math.exp(2))
+    g = torch.stack([torch.tensor([[-q0, -q0], [q0, q0]]), torch.tensor([[-q1, q1], [q1, -q1]])])
+    m = torch.tanh(0.5 / g.var(0)) * torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert torch.allclose(algo.model.head.weight.grad, m * g.mean(0) / m.mean(), atol=1e-6)
+    assert "andmask_tau" not in SANDMask.hparam_space()
