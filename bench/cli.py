@@ -112,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(sw)
 
     rp = sub.add_parser("report", help="write leaderboards, metrics.json and plots from a runs folder")
-    rp.add_argument("runs", type=Path)
-    rp.add_argument("--out", type=Path, default=Path("reports"))
+    rp.add_argument("runs", type=Path, nargs="+", metavar="RUNS",
+                    help="sweep folder(s); several make one leaderboard (a trial in two folders counts once; a method "
+                         "run in several sweeps gets a row per sweep, 'erm (name)')")
+    rp.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports)")
 
     dm = sub.add_parser("demo", help="run the quickstart suite and print its leaderboard")
     dm.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -249,19 +251,24 @@ def _sweep_and_print(sweep, out: Path, workers: int, options, track: bool, progr
 
 
 def cmd_report(a) -> int:
-    if not a.runs.exists():
-        raise UserError(f"runs folder {a.runs} does not exist")
+    for runs in a.runs:
+        if not runs.is_dir():
+            raise UserError(f"runs folder {runs} {'is not a folder' if runs.exists() else 'does not exist'}")
     _report(a.runs, a.out)
-    print(f"reports written to {a.out} (leaderboard.md/.html/.tex, metrics.json, plots/)", file=sys.stderr)
+    print(f"reports written to {a.out} (leaderboard.md/.html/.tex, report.json, metrics.json, plots/)",
+          file=sys.stderr)
     return 0
 
 
-def _report(runs: Path, out: Path) -> None:
+def _report(runs: Path | list[Path], out: Path) -> None:
     from .report import build_report, scan_runs
 
-    if not scan_runs(runs).done:
-        raise UserError(f"{runs} holds no finished trial (looked for final.json in trials/*/)")
-    _, text = build_report(runs, out)  # the tables and sections are computed once, for the files and the terminal
+    folders = runs if isinstance(runs, list) else [runs]
+    if not any(scan_runs(r).done for r in folders):
+        raise UserError(f"{', '.join(map(str, folders))} hold{'s' if len(folders) == 1 else ''} no finished trial "
+                        "(looked for final.json in trials/*/)")
+    # the tables and sections are computed once, for the files and the terminal; long sections print one line here
+    _, text = build_report(folders, out, terminal=True)
     print(text)
 
 

@@ -8,12 +8,19 @@ environments per seed, over the seeds that have a selection for every environmen
 
 Files written by :func:`write_report` into ``out_dir``:
 
-- ``leaderboard.md``, ``leaderboard.html`` (standalone), ``leaderboard.tex`` (booktabs tabulars)
+- ``leaderboard.md``, ``leaderboard.html`` (standalone; each cell links the trial folders it selected),
+  ``leaderboard.tex`` (booktabs tabulars)
 - ``leaderboard.csv`` (long form: dataset, rule, method, env, mean, se, n_seeds, n_trials)
 - ``selections.csv`` (which trial, draw and step each rule picked per seed and test environment)
 - ``leaderboard_extra.csv`` (the extra-metric tables below, long form with a ``metric`` column)
-- ``metrics.json`` (the same numbers, machine-readable, stable keys)
+- ``report.json`` (everything above, machine-readable, stable keys: env names, titles, failures, sections)
+- ``metrics.json`` (its numbers only, as ``dvc metrics show`` and ``dvc metrics diff`` read them: no strings, no
+  lists, no keys built from paths, so two clones' files line up key by key)
+- ``plot_methods.csv`` (one row per method: the headline accuracy ``dvc plots`` draws as one bar each)
 - ``plots/accuracy_by_env_<dataset>.png`` and ``plots/accuracy_over_steps.png``
+
+Several sweep folders make one report (:func:`scan_sweeps`): a trial found in two folders (same hash) counts once,
+and a method whose trials come from more than one sweep gets one row per sweep, labelled ``method (sweep)``.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ import math
 import os
 import re
 import tempfile
+import textwrap
+import urllib.parse
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,12 +57,16 @@ class Section:
     """An extra part of the report contributed by another module (drift statistics, attestations, ...).
 
     Attributes:
-        key: stable key of the section in metrics.json.
+        key: stable key of the section in report.json and metrics.json.
         title: heading.
-        markdown: body in Markdown (also printed to the terminal).
+        markdown: body in Markdown (leaderboard.md; also printed to the terminal unless ``terminal`` is set).
         html: body in HTML (escaped by the contributor).
-        metrics: machine-readable content for metrics.json.
+        metrics: machine-readable content for report.json.
         files: extra files to write, relative path -> text or bytes.
+        terminal: a one-line summary printed to the terminal instead of ``markdown`` (a long table belongs in the
+            files, not above the leaderboard); None: the terminal shows ``markdown``.
+        numbers: the section's entry in metrics.json (numbers only); None: the numeric leaves of ``metrics``
+            (see :func:`numbers_only`).
     """
 
     key: str
@@ -62,6 +75,8 @@ class Section:
     html: str
     metrics: Any = None
     files: Mapping[str, str | bytes] = field(default_factory=dict)
+    terminal: str | None = None
+    numbers: Mapping[str, Any] | None = None
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], pad: bool = False) -> str:
@@ -128,12 +143,16 @@ class Scan:
         failed: trials with failed.json and no final.json: ``{"hash", "dir", "reason", "step", "spec"}``.
         incomplete: folders of trials with neither marker (running or interrupted); ignored by the report.
         unreadable: ``{"dir", "reason"}`` for done trials whose files could not be parsed; ignored by the report.
+        sweeps: with several folders (:func:`scan_sweeps`), ``{"label", "dir", "done"}`` per folder, in order.
+        duplicates: done trials left out because an earlier folder holds the same trial (same hash).
     """
 
     done: list[Trial] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)
     unreadable: list[dict] = field(default_factory=list)
+    sweeps: list[dict] = field(default_factory=list)
+    duplicates: int = 0
 
 
 def _trial_dirs(runs_dir: Path) -> list[Path]:
@@ -222,6 +241,71 @@ def load_failed(runs_dir: str | os.PathLike) -> list[dict]:
     return scan_runs(runs_dir).failed
 
 
+def sweep_name(runs_dir: str | os.PathLike) -> str:
+    """The sweep's name from its ``sweep.json`` (``spec.name``), else the folder's name."""
+    root = Path(runs_dir)
+    try:
+        name = _read_json(root / "sweep.json").get("spec", {}).get("name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return str(name) if name else (root.resolve().name or str(root))
+
+
+def sweep_labels(runs_dirs: Sequence[str | os.PathLike]) -> list[str]:
+    """One label per folder: the sweep names, or the folder names where sweep names clash, or the paths as given
+    where folder names clash too."""
+    for label in (sweep_name, lambda d: Path(d).resolve().name, str):
+        labels = [label(d) for d in runs_dirs]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(d) for d in runs_dirs]  # the same folder given twice: its trials count once anyway
+
+
+def scan_sweeps(runs_dirs: Sequence[str | os.PathLike]) -> Scan:
+    """Scans several runs folders into one :class:`Scan` for one leaderboard over all of them.
+
+    A trial done in two folders (same hash) counts once, from the first folder given; a failed or unfinished trial
+    that another folder holds done is not counted as failed or incomplete. Each done trial gets ``sweep`` (its
+    folder's label, :func:`sweep_labels`) and ``row`` (its leaderboard row): the method name, or ``method (label)``
+    when that method's done trials come from more than one folder.
+
+    Args:
+        runs_dirs: sweep output folders (each as :func:`scan_runs` accepts), in order of precedence.
+
+    Returns:
+        The merged scan, with ``sweeps`` listing ``{"label", "dir", "done"}`` per folder.
+    """
+    merged = Scan()
+    scans = [scan_runs(d) for d in runs_dirs]
+    labels = sweep_labels(runs_dirs)
+    done: set[str] = set()
+    for d, label, scan in zip(runs_dirs, labels, scans):
+        kept = 0
+        for t in scan.done:
+            if t["hash"] in done:
+                merged.duplicates += 1
+                continue
+            done.add(t["hash"])
+            merged.done.append({**t, "sweep": label})
+            kept += 1
+        merged.sweeps.append({"label": label, "dir": str(d), "done": kept})
+    failed: set[str] = set()
+    done16 = {h[:16] for h in done}  # an unfinished trial's folder is named by its hash's first 16 digits
+    for scan in scans:
+        for f in scan.failed:
+            if f["hash"] not in done and f["hash"] not in failed:
+                failed.add(f["hash"])
+                merged.failed.append(f)
+        merged.incomplete += [i for i in scan.incomplete if Path(i).name not in done16]
+        merged.unreadable += scan.unreadable
+    sweeps_of: dict[str, set[str]] = defaultdict(set)
+    for t in merged.done:
+        sweeps_of[_method(t)].add(t["sweep"])
+    for t in merged.done:
+        t["row"] = f"{_method(t)} ({t['sweep']})" if len(sweeps_of[_method(t)]) > 1 else _method(t)
+    return merged
+
+
 # ------------------------------------------------------------------------------------------------------- computation
 
 
@@ -242,8 +326,11 @@ class Cell:
     n_trials: int
 
     def text(self) -> str:
-        """``"72.3 ± 1.2"`` or the dash for an empty cell."""
-        return DASH if self.mean is None else f"{self.mean:.1f} ± {self.se:.1f}"
+        """``"72.3 ± 1.2"``; ``"72.3"`` from one seed (an SE over one seed is no estimate, not "± 0.0"); the dash
+        for an empty cell."""
+        if self.mean is None:
+            return DASH
+        return f"{self.mean:.1f}" if self.n_seeds <= 1 else f"{self.mean:.1f} ± {self.se:.1f}"
 
 
 @dataclass
@@ -275,8 +362,14 @@ class Table:
         return rule_title(self.rule) if self.metric == "acc" else f"{rule_title(self.rule)}: {self.metric}"
 
     def columns(self) -> list[tuple[Any, str]]:
-        """(key, display name) of every column after "Method"."""
-        return list(zip(self.envs, self.env_names)) + [(AVG, "Avg")]
+        """(key, display name) of every column after "Method"; "Avg" only with two or more test environments (the
+        average of one would repeat it)."""
+        return list(zip(self.envs, self.env_names)) + ([(AVG, "Avg")] if len(self.envs) > 1 else [])
+
+    def trials_of(self, method: str, env: int) -> list[tuple[Any, str]]:
+        """(seed, trial hash) of the checkpoints behind cell (method, env), one per seed, in seed order."""
+        return sorted(((seed, s.hash) for (m, seed, e), s in self.selections.items() if m == method and e == env),
+                      key=lambda x: str(x[0]))
 
 
 def _cell(values: Sequence[float], n_trials: int) -> Cell:
@@ -295,11 +388,20 @@ def _seed(trial: Trial) -> Any:
     return trial["spec"].get("seed", 0)
 
 
+def _method(trial: Trial) -> str:
+    return str(trial["spec"].get("method", "?"))
+
+
+def _row(trial: Trial) -> str:
+    """The leaderboard row: the method, or ``method (sweep)`` set by :func:`scan_sweeps`."""
+    return str(trial.get("row") or _method(trial))
+
+
 def _groups(trials: Sequence[Trial]) -> dict[str, dict[str, dict[Any, list[Trial]]]]:
-    """dataset -> method -> seed -> trials."""
+    """dataset -> row (method) -> seed -> trials."""
     out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for t in trials:
-        out[str(t["spec"].get("dataset", "?"))][str(t["spec"].get("method", "?"))][_seed(t)].append(t)
+        out[str(t["spec"].get("dataset", "?"))][_row(t)][_seed(t)].append(t)
     return out
 
 
@@ -417,6 +519,26 @@ def _rule_blurb(rule_name: str) -> str:
     return doc[0].strip() if doc else ""
 
 
+MINUS_90 = ("-90%", "−90%")
+"""ColoredMNIST's test environment, where the colour agrees with the label in 10% of the examples."""
+COLOUR_NOTE = ("{env}: training-domain validation picks colour-reliant models. Both training environments reward the "
+               "colour (it agrees with the label in 90% and 80% of their examples), so the checkpoints that score best "
+               "on their validation splits follow it, and here it agrees in only 10%: accuracy sits near 10%, below "
+               "chance (50%), for every method, as DomainBed found (Gulrajani & Lopez-Paz, ICLR 2021).")
+
+
+def table_notes(t: Table) -> list[str]:
+    """One-line notes under a table, each only where its situation occurs.
+
+    The colour note: a training-domain-validation accuracy table of a colored dataset (ColoredMNIST's protocol)
+    whose −90% column has a cell below chance (50% on its binary label), i.e. a model that follows the colour.
+    """
+    if t.rule != "training_domain" or t.metric != "acc" or "colored" not in t.dataset.lower():
+        return []
+    return [COLOUR_NOTE.format(env=name) for k, name in t.columns() if name in MINUS_90
+            and any(t.cells[(m, k)].mean is not None and t.cells[(m, k)].mean < 50.0 for m in t.methods)]
+
+
 def _failure_lines(failed: Sequence[Mapping[str, Any]]) -> list[tuple[str, int, list[str]]]:
     by_reason: dict[str, list[str]] = defaultdict(list)
     for f in failed:
@@ -431,8 +553,18 @@ def _summary_counts(trials: Sequence[Trial], failed: Sequence[Mapping[str, Any]]
             "seeds": len({str(_seed(t)) for t in trials})}
 
 
+def _sweep_lines(sweeps: Sequence[Mapping[str, Any]], duplicates: int) -> list[str]:
+    """The run summary's lines for a report over several sweep folders (none for one)."""
+    if len(sweeps) < 2:
+        return []
+    shown = ", ".join(f"{s['label']} ({s['dir']}: {s['done']} done)" for s in sweeps)
+    dup = f"; {duplicates} trial(s) found in more than one folder counted once" if duplicates else ""
+    return [f"sweeps: {shown}{dup}"]
+
+
 INTRO = ("Test accuracy (%) on the held-out environment of each column, for the checkpoint the selection rule picks; "
-         "mean ± standard error over trial seeds (SE = 100·std/√n, ddof=0, as in DomainBed). "
+         "mean ± standard error over trial seeds (SE = 100·std/√n, ddof=0, as in DomainBed); a cell from one seed "
+         "shows its value alone. "
          "n = done trials the rule considered (all hyperparameter draws of those seeds). "
          "Avg = per-seed mean over the environments, over seeds with a selection for every environment. "
          f"{DASH} = nothing to select.")
@@ -454,13 +586,20 @@ def _seed_note(t: Table) -> str:
 
 
 def format_markdown(tables: Sequence[Table], counts: Mapping[str, int],
-                    failed: Sequence[Mapping[str, Any]] = (), sections: Sequence[Section] = ()) -> str:
+                    failed: Sequence[Mapping[str, Any]] = (), sections: Sequence[Section] = (),
+                    terminal: bool = False, details: str | None = None,
+                    sweeps: Sequence[Mapping[str, Any]] = (), duplicates: int = 0) -> str:
     """The leaderboard as Markdown with padded columns (readable in a terminal too).
 
     Args:
         tables: from :func:`compute_tables`.
         counts: from the run summary (done, failed, incomplete, ...).
         failed: failed-trial dicts with ``reason`` and ``hash``.
+        sections: extra sections, after the tables.
+        terminal: the terminal form: a section with a ``terminal`` line shows only that line, in the run summary.
+        details: where the full form is (e.g. ``reports/leaderboard.md``), named after each such line.
+        sweeps: ``Scan.sweeps`` of a report over several folders (listed in the run summary).
+        duplicates: ``Scan.duplicates``.
 
     Returns:
         The Markdown text, ending in a newline.
@@ -478,10 +617,13 @@ def format_markdown(tables: Sequence[Table], counts: Mapping[str, int],
         widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
         fmt = lambda r: "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |"  # noqa: E731
         out += [fmt(header), "| " + " | ".join("-" * w for w in widths) + " |"] + [fmt(r) for r in rows] + [""]
+        out += [f"Note: {n}" for n in table_notes(t)] + ([""] if table_notes(t) else [])
     if not tables:
         out += ["No done trials.", ""]
+    short = [sec for sec in sections if terminal and sec.terminal]
     for sec in sections:
-        out += [f"## {sec.title}", "", sec.markdown.rstrip(), ""]
+        if sec not in short:
+            out += [f"## {sec.title}", "", sec.markdown.rstrip(), ""]
     out += ["## Run summary", "",
             f"- done trials: {counts['done']} (datasets: {counts['datasets']}, methods: {counts['methods']}, "
             f"seeds: {counts['seeds']})",
@@ -489,21 +631,40 @@ def format_markdown(tables: Sequence[Table], counts: Mapping[str, int],
     for reason, n, hashes in _failure_lines(failed):
         shown = ", ".join(hashes[:5]) + (", …" if len(hashes) > 5 else "")
         out.append(f"  - {_md_escape(reason)}: {n} ({shown})")
-    out += [f"- incomplete trials (no final.json, ignored): {counts['incomplete']}", ""]
-    return "\n".join(out)
+    out += [f"- incomplete trials (no final.json, ignored): {counts['incomplete']}"]
+    out += [f"- {line}" for line in _sweep_lines(sweeps, duplicates)]
+    out += [f"- {sec.terminal}" + (f"; details in {details}" if details else "") for sec in short]
+    return "\n".join(out + [""])
 
 
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:72em;
 color:#222;padding:0 1em}h1{font-size:1.5em}h2{font-size:1.15em;margin-top:2em}p.note{color:#555;font-size:.9em}
 table{border-collapse:collapse;margin:.5em 0}th,td{padding:.3em .8em;text-align:right;border-bottom:1px solid #ddd}
 th{border-bottom:2px solid #444}td:first-child,th:first-child{text-align:left}tr:hover td{background:#f5f5f5}
-sup.n{color:#888;font-size:.7em;margin-left:.2em}td.avg,th.avg{border-left:1px solid #bbb}"""
+sup.n{color:#888;font-size:.7em;margin-left:.2em}td.avg,th.avg{border-left:1px solid #bbb}
+span.trials{font-size:.7em;margin-left:.3em}span.trials a{color:#0072B2;margin-left:.15em}"""
+
+
+def _trial_links(t: Table, method: str, env: int, links: Mapping[str, str]) -> str:
+    """Links to the trial folders behind a cell, one per seed (``s0``, ``s1``, ...), titled by the trial hash."""
+    e = html.escape
+    tags = [f'<a href="{e(links[h])}" title="{e(h[:16])}">s{e(str(seed))}</a>'
+            for seed, h in t.trials_of(method, env) if h in links]
+    return f'<span class="trials">{"".join(tags)}</span>' if tags else ""
 
 
 def format_html(tables: Sequence[Table], counts: Mapping[str, int], failed: Sequence[Mapping[str, Any]] = (),
-                sections: Sequence[Section] = ()) -> str:
-    """The leaderboard as one standalone HTML page (inline CSS, no external assets)."""
+                sections: Sequence[Section] = (), links: Mapping[str, str] | None = None,
+                sweeps: Sequence[Mapping[str, Any]] = (), duplicates: int = 0) -> str:
+    """The leaderboard as one standalone HTML page (inline CSS, no external assets).
+
+    Args:
+        tables, counts, failed, sections, sweeps, duplicates: as for :func:`format_markdown`.
+        links: trial hash -> href of its folder (relative to the page); each environment cell then links the
+            trials its number rests on, one per seed.
+    """
     e = html.escape
+    links = links or {}
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', "<title>shiftbench leaderboard</title>",
            f"<style>{_CSS}</style></head><body>", "<h1>shiftbench leaderboard</h1>", f'<p class="note">{e(INTRO)}</p>']
     for t in tables:
@@ -520,9 +681,10 @@ def format_html(tables: Sequence[Table], counts: Mapping[str, int], failed: Sequ
                     tds.append(f"<td{cls}>{DASH}</td>")
                 else:
                     tip = f"{c.n_seeds} seeds, {c.n_trials} trials"
-                    tds.append(f'<td{cls}>{e(c.text())}<sup class="n" title="{tip}">n={c.n_trials}</sup></td>')
+                    runs = "" if k == AVG else _trial_links(t, m, k, links)
+                    tds.append(f'<td{cls}>{e(c.text())}<sup class="n" title="{tip}">n={c.n_trials}</sup>{runs}</td>')
             out.append(f"<tr><td>{e(m)}</td>{''.join(tds)}</tr>")
-        out += ["</tbody></table>"]
+        out += ["</tbody></table>"] + [f'<p class="note"><b>Note:</b> {e(n)}</p>' for n in table_notes(t)]
     for sec in sections:
         out += [f"<h2>{e(sec.title)}</h2>", sec.html]
     out += ["<h2>Run summary</h2>", "<ul>",
@@ -532,8 +694,9 @@ def format_html(tables: Sequence[Table], counts: Mapping[str, int], failed: Sequ
     if lines:
         out.append("<ul>" + "".join(f"<li>{e(r)}: {n} <code>{e(', '.join(h[:5]))}</code></li>" for r, n, h in lines)
                    + "</ul>")
-    out += ["</li>", f"<li>incomplete trials (no final.json, ignored): {counts['incomplete']}</li>", "</ul>",
-            "</body></html>", ""]
+    out += ["</li>", f"<li>incomplete trials (no final.json, ignored): {counts['incomplete']}</li>"]
+    out += [f"<li>{e(line)}</li>" for line in _sweep_lines(sweeps, duplicates)]
+    out += ["</ul>", "</body></html>", ""]
     return "\n".join(out)
 
 
@@ -544,6 +707,13 @@ _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "
 def tex_escape(s: str) -> str:
     """Escapes LaTeX's special characters in plain text."""
     return "".join(_TEX_SPECIAL.get(ch, ch) for ch in s)
+
+
+def _tex_cell(c: Cell) -> str:
+    if c.mean is None:
+        return "--"
+    value = f"{c.mean:.1f}" if c.n_seeds <= 1 else f"{c.mean:.1f} \\pm {c.se:.1f}"
+    return f"${value}$\\textsuperscript{{\\tiny {c.n_trials}}}"
 
 
 def format_tex(tables: Sequence[Table]) -> str:
@@ -558,17 +728,15 @@ def format_tex(tables: Sequence[Table]) -> str:
                 f"\\begin{{tabular}}{{l{'c' * len(cols)}}}", "\\toprule",
                 " & ".join(["\\textbf{Method}"] + [tex_escape(n) for _, n in cols]) + " \\\\", "\\midrule"]
         for m in t.methods:
-            row = [tex_escape(m)]
-            for k, _ in cols:
-                c = t.cells[(m, k)]
-                row.append("--" if c.mean is None else
-                           f"${c.mean:.1f} \\pm {c.se:.1f}$\\textsuperscript{{\\tiny {c.n_trials}}}")
-            out.append(" & ".join(row) + " \\\\")
-        out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+            out.append(" & ".join([tex_escape(m)] + [_tex_cell(t.cells[(m, k)]) for k, _ in cols]) + " \\\\")
+        out += ["\\bottomrule", "\\end{tabular}"]
+        out += [f"\\par\\smallskip{{\\footnotesize {tex_escape(n)}}}" for n in table_notes(t)]
+        out += ["\\end{table}", ""]
     return "\n".join(out)
 
 
-def _metrics(tables: Sequence[Table], counts: Mapping[str, int], failed: Sequence[Mapping[str, Any]]) -> dict:
+def _report_dict(tables: Sequence[Table], counts: Mapping[str, int], failed: Sequence[Mapping[str, Any]]) -> dict:
+    """What report.json holds (before the sections): every number with its names and titles."""
     datasets: dict[str, Any] = {}
     for t in tables:
         ds = datasets.setdefault(t.dataset, {"envs": {f"env{i}": n for i, n in zip(t.envs, t.env_names)},
@@ -590,6 +758,33 @@ def _metrics(tables: Sequence[Table], counts: Mapping[str, int], failed: Sequenc
             "failures": [{"hash": str(f.get("hash", "")), "reason": str(f.get("reason", "")), "step": f.get("step")}
                          for f in failed],
             "datasets": datasets}
+
+
+def numbers_only(obj: Any) -> Any:
+    """The numeric leaves of nested dicts, as ``dvc metrics`` compares them: strings, None, booleans, lists and
+    non-finite numbers are dropped, and so are keys that are absolute paths (they differ between clones, so
+    ``dvc metrics diff`` could never line them up); dicts left empty disappear. None when nothing is left."""
+    if isinstance(obj, bool):
+        return None
+    if isinstance(obj, (int, float)):
+        return obj if math.isfinite(obj) else None
+    if not isinstance(obj, Mapping):
+        return None
+    out = {}
+    for k, v in obj.items():
+        kept = numbers_only(v)
+        if kept is not None and not os.path.isabs(str(k)):
+            out[str(k)] = kept
+    return out or None
+
+
+def _metrics(report: Mapping[str, Any], sections: Sequence[Section]) -> dict:
+    """metrics.json: report.json's counts and cells (same key paths, numbers only), and each section's numbers."""
+    out = {"counts": numbers_only(report["counts"]) or {}, "datasets": numbers_only(report["datasets"]) or {}}
+    nums = {sec.key: numbers_only(sec.numbers if sec.numbers is not None else sec.metrics) for sec in sections}
+    if any(v is not None for v in nums.values()):
+        out["sections"] = {k: v for k, v in nums.items() if v is not None}
+    return out
 
 
 def _csv(rows: list[list[Any]]) -> str:
@@ -614,6 +809,24 @@ def _leaderboard_csv(tables: Sequence[Table], extra: bool = False) -> str:
     return _csv(rows)
 
 
+def headline(t: Table, method: str) -> Cell:
+    """A table's one number per method: its Avg cell, or its only environment's cell."""
+    return t.cells[(method, AVG if len(t.envs) > 1 else t.envs[0])] if t.envs else Cell(None, None, 0, 0)
+
+
+def _plot_methods_csv(tables: Sequence[Table]) -> str:
+    """One row per method for ``dvc plots``: the mean over datasets of its training-domain-validation headline
+    (blank unless every dataset has one, as DomainBed's Avg column), then each dataset's headline."""
+    main = [t for t in tables if t.rule == PLOT_RULE and t.metric == "acc"]
+    rows: list[list[Any]] = [["method", "accuracy", *[t.dataset for t in main]]]
+    for m in sorted({m for t in main for m in t.methods}):
+        values = [headline(t, m).mean if m in t.methods else None for t in main]
+        full = values and all(v is not None for v in values)
+        rows.append([m, f"{float(np.mean(values)):.4f}" if full else ""]
+                    + ["" if v is None else f"{v:.4f}" for v in values])
+    return _csv(rows)
+
+
 def _selections_csv(tables: Sequence[Table]) -> str:
     rows: list[list[Any]] = [["dataset", "rule", "method", "seed", "test_env", "env", "hash", "hparams_seed", "step",
                               "val_acc", "test_acc"]]
@@ -627,26 +840,47 @@ def _selections_csv(tables: Sequence[Table]) -> str:
 
 # ------------------------------------------------------------------------------------------------------------- plots
 
+OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
+"""The Okabe–Ito palette (Okabe & Ito, "Color Universal Design", 2008): told apart with every common colour-vision
+deficiency. Blue first: the yellow is weak on white, so it comes late."""
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINESTYLES = ("-", "--", "-.", ":")
+HATCHES = ("", "//", "..", "xx", "\\\\", "++", "oo", "--")
+
+
+def series_style(i: int) -> dict[str, Any]:
+    """Colour, marker, line style and bar hatch of the i-th series: the colour and the marker or hatch both differ
+    between neighbours, so a series reads without colour (greyscale print, colour-vision deficiency) too."""
+    return {"color": OKABE_ITO[i % len(OKABE_ITO)], "marker": MARKERS[i % len(MARKERS)],
+            "linestyle": LINESTYLES[i % len(LINESTYLES)], "hatch": HATCHES[i % len(HATCHES)]}
+
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "dataset"
 
 
-def _new_figure(width: float, height: float) -> Any:
-    # A bare Figure with an Agg canvas: no pyplot state, no backend switch for the caller.
+def _new_figure(width: float, height: float, layout: str | None = None) -> Any:
+    # A bare Figure with an Agg canvas: no pyplot state, no backend switch for the caller. layout="constrained"
+    # keeps titles, labels and an outside legend inside the canvas.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=100)
+    fig = Figure(figsize=(width, height), dpi=100, layout=layout)
     FigureCanvasAgg(fig)
     return fig
+
+
+def _wrap(title: str, width_in: float, fontsize: float = 10) -> str:
+    """The title wrapped to the axes' width (about 0.55 · fontsize points per character)."""
+    return textwrap.fill(title, max(20, int(width_in * 72 / (0.55 * fontsize))))
 
 
 def plot_env_bars(table: Table, path: Path) -> None:
     """Grouped bar chart: test accuracy per environment (and Avg) per method, error bars = SE over seeds."""
     cols = table.columns()
     n = max(len(table.methods), 1)
-    fig = _new_figure(max(5.0, 1.2 * len(cols) * max(1, n / 2)), 4.0)
+    width_in = max(5.5, 1.0 * len(cols) * max(1, n / 2) + 2.0)
+    fig = _new_figure(width_in, 4.0, layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / n
     x = np.arange(len(cols))
@@ -654,22 +888,25 @@ def plot_env_bars(table: Table, path: Path) -> None:
         cells = [table.cells[(m, k)] for k, _ in cols]
         means = [np.nan if c.mean is None else c.mean for c in cells]
         errs = [0.0 if c.se is None else c.se for c in cells]
-        ax.bar(x + (i - (n - 1) / 2) * width, means, width, yerr=errs, capsize=3, label=m)
+        st = series_style(i)
+        ax.bar(x + (i - (n - 1) / 2) * width, means, width, yerr=errs, capsize=3, label=m, color=st["color"],
+               hatch=st["hatch"], edgecolor="white" if not st["hatch"] else "#333333", linewidth=0.5)
     ax.set_xticks(x)
     ax.set_xticklabels([name for _, name in cols])
+    ax.set_xlabel("test environment (held out)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{table.dataset}: {table.title}, mean ± SE over seeds", fontsize=10)
-    ax.legend(fontsize=8, loc="best")
+    ax.set_title(_wrap(f"{table.dataset}: {table.title}, mean ± SE over seeds", width_in - 1.5), fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method", title_fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
     fig.savefig(path, format="png")
 
 
 def plot_over_steps(trials: Sequence[Trial], path: Path) -> None:
     """One panel per dataset: the test environment's "in" accuracy against step, mean ± SE over trials per method.
 
-    Only trials that hold out a single environment are drawn (the leave-one-domain-out pairs are not test runs).
+    Only trials that hold out a single environment are drawn (the leave-one-domain-out pairs are not test runs). A
+    method keeps its colour, marker and line style in every panel.
     """
     by_ds: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for t in trials:
@@ -680,10 +917,11 @@ def plot_over_steps(trials: Sequence[Trial], path: Path) -> None:
         for r in t.get("records", []):
             v = r.get(key)
             if isinstance(v, (int, float)) and math.isfinite(v):
-                by_ds[str(t["spec"].get("dataset", "?"))][str(t["spec"].get("method", "?"))][int(r.get("step", 0))] \
-                    .append(100.0 * v)
+                by_ds[str(t["spec"].get("dataset", "?"))][_row(t)][int(r.get("step", 0))].append(100.0 * v)
     names = sorted(by_ds) or ["(no trials)"]
-    fig = _new_figure(max(5.0, 4.5 * len(names)), 3.8)
+    styles = {m: series_style(i) for i, m in enumerate(sorted({m for d in by_ds.values() for m in d}))}
+    panel_in = 4.8
+    fig = _new_figure(panel_in * len(names), 4.0, layout="constrained")
     for i, ds in enumerate(names):
         ax = fig.add_subplot(1, len(names), i + 1)
         for m, by_step in sorted(by_ds.get(ds, {}).items()):
@@ -691,15 +929,16 @@ def plot_over_steps(trials: Sequence[Trial], path: Path) -> None:
             vals = [np.asarray(by_step[s]) for s in steps]
             mean = np.array([v.mean() for v in vals])
             se = np.array([v.std() / math.sqrt(len(v)) for v in vals])
-            (line,) = ax.plot(steps, mean, marker="o", markersize=3, label=m)
-            ax.fill_between(steps, mean - se, mean + se, alpha=0.2, color=line.get_color())
-        ax.set_title(f"{ds}: test-env accuracy vs step, mean ± SE over trials", fontsize=10)
-        ax.set_xlabel("step")
+            st = styles[m]
+            ax.plot(steps, mean, marker=st["marker"], linestyle=st["linestyle"], color=st["color"], markersize=4,
+                    label=m)
+            ax.fill_between(steps, mean - se, mean + se, alpha=0.15, color=st["color"], linewidth=0)
+        ax.set_title(_wrap(f"{ds}: test-environment accuracy by step, mean ± SE over trials", panel_in), fontsize=10)
+        ax.set_xlabel("training step")
         ax.set_ylabel("test-env in-split accuracy (%)")
         ax.grid(alpha=0.3)
         if ds in by_ds:
-            ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
+            ax.legend(fontsize=8, loc="best", title="method", title_fontsize=8)
     fig.savefig(path, format="png")
 
 
@@ -724,24 +963,88 @@ def _plot_atomic(plot: Any, target: Path, *args: Any) -> None:
     _atomic_write(target, buf.getvalue())
 
 
-def leaderboard_text(trials: Sequence[Trial], failed: Sequence[Mapping[str, Any]] = (), incomplete: int = 0) -> str:
+def _links(trials: Sequence[Trial], out: Path) -> dict[str, str]:
+    """Trial hash -> its folder relative to ``out`` (URL-quoted, ending in ``/``), for the HTML cells."""
+    base = out.resolve()
+    links = {}
+    for t in trials:
+        if t.get("dir"):
+            rel = Path(os.path.relpath(Path(t["dir"]).resolve(), base)).as_posix()
+            links[str(t["hash"])] = urllib.parse.quote(rel) + "/"
+    return links
+
+
+def leaderboard_text(trials: Sequence[Trial], failed: Sequence[Mapping[str, Any]] = (), incomplete: int = 0,
+                     terminal: bool = False) -> str:
     """The Markdown leaderboard (what leaderboard.md holds), for printing to a terminal.
 
     Args:
         trials: done trials, as :func:`load_trials` returns them.
         failed: failed-trial dicts (:func:`load_failed`), listed by reason in the run summary.
         incomplete: number of trials without a done or failed marker.
+        terminal: the short form: sections with a one-line terminal summary show only that line.
 
     Returns:
         The text.
     """
     return format_markdown(all_tables(trials), _summary_counts(trials, failed, incomplete), failed,
-                           build_sections(trials))
+                           build_sections(trials), terminal=terminal)
+
+
+@dataclass(frozen=True)
+class Written:
+    """What :func:`write_files` wrote: report.json's content and the two Markdown forms."""
+
+    report: dict
+    markdown: str
+    terminal: str
+
+
+def write_files(trials: Sequence[Trial], out_dir: str | os.PathLike, failed: Sequence[Mapping[str, Any]] = (),
+                incomplete: int = 0, plots: bool = True, sweeps: Sequence[Mapping[str, Any]] = (),
+                duplicates: int = 0) -> Written:
+    """:func:`write_report`, also returning the Markdown (as in leaderboard.md) and its terminal form."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = all_tables(trials)
+    counts = _summary_counts(trials, failed, incomplete)
+    if len(sweeps) > 1:
+        counts.update(sweeps=len(sweeps), duplicates=int(duplicates))
+    sections = build_sections(trials)
+    report = _report_dict(tables, counts, failed)
+    if len(sweeps) > 1:
+        report["sweeps"] = [dict(s) for s in sweeps]
+    if sections:
+        report["sections"] = {sec.key: sec.metrics for sec in sections}
+    for sec in sections:
+        for rel, data in sec.files.items():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(out / rel, data)
+    kw = {"sweeps": sweeps, "duplicates": duplicates}
+    markdown = format_markdown(tables, counts, failed, sections, **kw)
+    terminal = format_markdown(tables, counts, failed, sections, terminal=True, details=str(out / "leaderboard.md"),
+                               **kw)
+    _atomic_write(out / "leaderboard.md", markdown)
+    _atomic_write(out / "leaderboard.html", format_html(tables, counts, failed, sections, _links(trials, out), **kw))
+    _atomic_write(out / "leaderboard.tex", format_tex(tables))
+    _atomic_write(out / "leaderboard.csv", _leaderboard_csv(tables))
+    _atomic_write(out / "leaderboard_extra.csv", _leaderboard_csv(tables, extra=True))
+    _atomic_write(out / "plot_methods.csv", _plot_methods_csv(tables))
+    _atomic_write(out / "selections.csv", _selections_csv(tables))
+    _atomic_write(out / "report.json", json.dumps(report, indent=2, sort_keys=False) + "\n")
+    _atomic_write(out / "metrics.json", json.dumps(_metrics(report, sections), indent=2, sort_keys=False) + "\n")
+    if plots:
+        for t in tables:
+            if t.rule == PLOT_RULE and t.metric == "acc":
+                _plot_atomic(plot_env_bars, out / "plots" / f"accuracy_by_env_{_safe(t.dataset)}.png", t)
+        _plot_atomic(plot_over_steps, out / "plots" / "accuracy_over_steps.png", trials)
+    return Written(report, markdown, terminal)
 
 
 def write_report(trials: Sequence[Trial], out_dir: str | os.PathLike, failed: Sequence[Mapping[str, Any]] = (),
                  incomplete: int = 0, plots: bool = True) -> dict:
-    """Writes every leaderboard file, the metrics and the plots into ``out_dir`` (see the module docstring).
+    """Writes every leaderboard file, report.json, metrics.json and the plots into ``out_dir`` (see the module
+    docstring).
 
     Args:
         trials: done trials, as :func:`load_trials` returns them.
@@ -751,49 +1054,30 @@ def write_report(trials: Sequence[Trial], out_dir: str | os.PathLike, failed: Se
         plots: also draw ``plots/*.png``.
 
     Returns:
-        The metrics dict, as written to metrics.json.
+        The report dict, as written to report.json (metrics.json holds its numbers).
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tables = all_tables(trials)
-    counts = _summary_counts(trials, failed, incomplete)
-    sections = build_sections(trials)
-    metrics = _metrics(tables, counts, failed)
-    if sections:
-        metrics["sections"] = {sec.key: sec.metrics for sec in sections}
-    for sec in sections:
-        for rel, data in sec.files.items():
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(out / rel, data)
-    _atomic_write(out / "leaderboard.md", format_markdown(tables, counts, failed, sections))
-    _atomic_write(out / "leaderboard.html", format_html(tables, counts, failed, sections))
-    _atomic_write(out / "leaderboard.tex", format_tex(tables))
-    _atomic_write(out / "leaderboard.csv", _leaderboard_csv(tables))
-    _atomic_write(out / "leaderboard_extra.csv", _leaderboard_csv(tables, extra=True))
-    _atomic_write(out / "selections.csv", _selections_csv(tables))
-    _atomic_write(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=False) + "\n")
-    if plots:
-        for t in tables:
-            if t.rule == PLOT_RULE and t.metric == "acc":
-                _plot_atomic(plot_env_bars, out / "plots" / f"accuracy_by_env_{_safe(t.dataset)}.png", t)
-        _plot_atomic(plot_over_steps, out / "plots" / "accuracy_over_steps.png", trials)
-    return metrics
+    return write_files(trials, out_dir, failed, incomplete, plots).report
 
 
-def build_report(runs_dir: str | os.PathLike, out_dir: str | os.PathLike, plots: bool = True) -> tuple[dict, str]:
-    """Scans ``runs_dir`` and writes the report into ``out_dir``.
+def build_report(runs_dir: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                 plots: bool = True, terminal: bool = False) -> tuple[dict, str]:
+    """Scans ``runs_dir`` (one folder, or several: :func:`scan_sweeps`) and writes the report into ``out_dir``.
 
     Args:
-        runs_dir: see :func:`scan_runs`.
+        runs_dir: see :func:`scan_runs`; a list or tuple of folders makes one report over all of them.
         out_dir: see :func:`write_report`.
         plots: also draw ``plots/*.png``.
+        terminal: return the terminal form of the leaderboard (long sections as one line each) instead of
+            leaderboard.md's text.
 
     Returns:
-        (metrics dict, Markdown leaderboard text).
+        (report dict as in report.json, Markdown leaderboard text).
     """
-    scan = scan_runs(runs_dir)
+    dirs = list(runs_dir) if isinstance(runs_dir, (list, tuple)) else [runs_dir]
+    scan = scan_sweeps(dirs) if len(dirs) > 1 else scan_runs(dirs[0])
     # A done trial whose files cannot be parsed is unusable; it is listed with the failures so nobody misses it.
     failed = scan.failed + [{"hash": Path(u["dir"]).name, "dir": u["dir"], "reason": f"unreadable: {u['reason']}",
                              "step": None} for u in scan.unreadable]
-    metrics = write_report(scan.done, out_dir, failed=failed, incomplete=len(scan.incomplete), plots=plots)
-    return metrics, Path(out_dir, "leaderboard.md").read_text(encoding="utf-8")
+    w = write_files(scan.done, out_dir, failed=failed, incomplete=len(scan.incomplete), plots=plots,
+                    sweeps=scan.sweeps, duplicates=scan.duplicates)
+    return w.report, w.terminal if terminal else w.markdown

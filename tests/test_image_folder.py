@@ -131,7 +131,7 @@ def test_sweep_trains_a_resnet_and_reports(tmp_path, capsys):
                  str(tmp_path / "data"), "--no-progress", "--no-mlflow"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")]) == 0
-    metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "rep" / "report.json").read_text())
     cells = metrics["datasets"]["vlcs"]["rules"]["training_domain"]["methods"]
     assert set(cells) == {"erm", "groupdro"} and cells["erm"]["env0"]["name"] == "C"
     for trial in (tmp_path / "runs" / "trials").iterdir():

@@ -149,14 +149,24 @@ def test_leaderboard_text_matches_file(report: tuple[Path, dict], sweep: Path):
     assert text == (out / "leaderboard.md").read_text(encoding="utf-8")
 
 
-def test_metrics_json(report: tuple[Path, dict]):
+def _leaves(obj, path=()):
+    """(key path, leaf) of every leaf of nested dicts and lists."""
+    if isinstance(obj, dict):
+        return [x for k, v in obj.items() for x in _leaves(v, (*path, k))]
+    if isinstance(obj, list):
+        return [x for i, v in enumerate(obj) for x in _leaves(v, (*path, i))]
+    return [(path, obj)]
+
+
+def test_report_json(report: tuple[Path, dict]):
     out, returned = report
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics == returned
-    assert metrics["unit"] == "percent"
-    assert {k: metrics["counts"][k] for k in ("done", "failed", "incomplete")} == {"done": 24, "failed": 1,
-                                                                                     "incomplete": 1}
-    toy = metrics["datasets"]["toy"]
+    full = json.loads((out / "report.json").read_text())
+    assert full == returned
+    assert full["unit"] == "percent"
+    assert {k: full["counts"][k] for k in ("done", "failed", "incomplete")} == {"done": 24, "failed": 1,
+                                                                                  "incomplete": 1}
+    assert full["failures"][0]["reason"] == "non-finite loss"
+    toy = full["datasets"]["toy"]
     assert toy["envs"] == {"env0": "+90%", "env1": "+80%", "env2": "-90%"}
     assert list(toy["rules"]) == list(RULES)
     erm = toy["rules"]["training_domain"]["methods"]["erm"]
@@ -170,6 +180,34 @@ def test_metrics_json(report: tuple[Path, dict]):
     assert irm_orc["env2"]["mean"] == pytest.approx(52.0) and irm_orc["env2"]["se"] == pytest.approx(3 / math.sqrt(2))
     loo = toy["rules"]["leave_one_domain_out"]["methods"]["irm"]["env1"]
     assert loo == {"name": "+80%", "mean": None, "se": None, "n_seeds": 0, "n_trials": 0}
+
+
+def test_metrics_json_is_numbers_at_report_json_paths(report: tuple[Path, dict]):
+    out, full = report
+    metrics = json.loads((out / "metrics.json").read_text())
+    leaves = _leaves(metrics)
+    assert leaves and all(type(v) in (int, float) for _, v in leaves)  # no str, None, bool or list leaf
+    assert not any("/" in str(k) for path, _ in leaves for k in path)
+    for path, v in leaves:  # every number sits where report.json has it
+        node = full
+        for k in path:
+            node = node[k]
+        assert node == v, path
+    erm = metrics["datasets"]["toy"]["rules"]["training_domain"]["methods"]["erm"]
+    assert erm["env2"] == {"mean": pytest.approx(35.0), "se": pytest.approx(5 / math.sqrt(2)), "n_seeds": 2,
+                           "n_trials": 4}
+    assert metrics["datasets"]["toy"]["rules"]["leave_one_domain_out"]["methods"]["irm"]["env1"] == {
+        "n_seeds": 0, "n_trials": 0}
+    assert metrics["counts"]["failed"] == 1 and "failures" not in metrics and "schema" not in metrics
+
+
+def test_numbers_only_drops_strings_lists_and_path_keys(tmp_path: Path):
+    from shiftbench.report import numbers_only
+
+    raw = {"tree_heads": {str(tmp_path / "runs" / "attestation_log"): {"root_hash": "ab" * 32, "tree_size": 3}},
+           "rows": [{"n": 1}], "ok": True, "nan": float("nan"), "n": 2, "p": 0.5, "erm/env3": {"acc": 0.7},
+           "empty": {"s": "x"}}
+    assert numbers_only(raw) == {"n": 2, "p": 0.5, "erm/env3": {"acc": 0.7}}
 
 
 def test_html_and_tex(report: tuple[Path, dict]):
@@ -253,3 +291,177 @@ def test_leave_one_domain_out_in_report(tmp_path: Path):
     td = metrics["datasets"]["toy"]["rules"]["training_domain"]["methods"]["erm"]
     assert td["env0"]["mean"] == pytest.approx(61.0) and td["env0"]["n_trials"] == 1  # tie -> earliest step
     assert td["env1"]["mean"] is None and td["avg"]["mean"] is None  # env1/env2 are only held out in pairs
+
+
+# ------------------------------------------------------------------------------------ what a newcomer reads (issue 12)
+
+
+def _one(root: Path, method: str = "erm", acc: float = 0.412, dataset: str = "toy", seed: int = 0, hp: int = 0,
+         envs: tuple[int, ...] = (2,), steps: int = 100) -> str:
+    """A done trial with one record at step 100: training envs' out .7, the test envs' in accuracy ``acc``."""
+    spec = {**_spec(method, seed, hp, list(envs)), "dataset": dataset, "steps": steps}
+    rec = {"step": 100}
+    for i in range(3):
+        rec[f"env{i}_in_acc"] = acc if i in envs else 0.9
+        rec[f"env{i}_out_acc"] = 0.5 if i in envs else 0.7
+    return _write_trial(root / "trials", spec, [rec], "done")
+
+
+def _row(md: str, heading: str, method: str) -> list[str]:
+    body = md.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return [c.strip() for c in next(x for x in body.splitlines() if x.startswith(f"| {method} ")).strip("|").split("|")]
+
+
+def _header(md: str, heading: str) -> list[str]:
+    return _row(md, heading, "Method")
+
+
+def test_one_seed_cell_has_no_se_and_one_env_has_no_avg(tmp_path: Path):
+    from shiftbench.report import Cell
+
+    _one(tmp_path / "s")
+    full = write_report(load_trials(tmp_path / "s"), tmp_path / "r", plots=False)
+    md = (tmp_path / "r" / "leaderboard.md").read_text(encoding="utf-8")
+    assert _header(md, "toy — training-domain validation") == ["Method", "-90%"]  # no Avg of a single column
+    assert _row(md, "toy — training-domain validation", "erm") == ["erm", "41.2 (n=1)"]
+    assert "± 0.0" not in md
+    assert Cell(41.2, 0.0, 1, 1).text() == "41.2" and Cell(41.2, 0.0, 2, 2).text() == "41.2 ± 0.0"
+    page = (tmp_path / "r" / "leaderboard.html").read_text(encoding="utf-8")
+    assert "<td>41.2<sup" in page and ">Avg<" not in page
+    tex = (tmp_path / "r" / "leaderboard.tex").read_text(encoding="utf-8")
+    assert "$41.2$\\textsuperscript{\\tiny 1}" in tex and "Avg" not in tex
+    assert list(full["datasets"]["toy"]["rules"]["training_domain"]["methods"]["erm"]) == ["env2"]
+    with open(tmp_path / "r" / "leaderboard.csv", newline="") as f:
+        assert {r["env"] for r in csv.DictReader(f)} == {"-90%"}
+
+
+def _note_count(text: str) -> int:
+    return text.count("training-domain validation picks colour-reliant models")
+
+
+@pytest.mark.parametrize("dataset,acc,expected", [("colored_digits", 0.10, 1), ("colored_mnist", 0.49, 1),
+                                                  ("colored_digits", 0.50, 0), ("rotated_digits", 0.10, 0),
+                                                  ("toy", 0.10, 0)])
+def test_colour_note_exactly_where_training_domain_validation_follows_the_colour(tmp_path, dataset, acc, expected):
+    for seed in (0, 1):
+        _one(tmp_path / "s", "erm", acc, dataset=dataset, seed=seed)
+        _one(tmp_path / "s", "irm", 0.72, dataset=dataset, seed=seed)
+    write_report(load_trials(tmp_path / "s"), tmp_path / "r", plots=False)
+    md = (tmp_path / "r" / "leaderboard.md").read_text(encoding="utf-8")
+    assert _note_count(md) == expected  # once: under the training-domain table, not the oracle's or the others'
+    if expected:
+        td = md.split(f"## {dataset} — training-domain validation\n", 1)[1].split("\n## ", 1)[0]
+        (line,) = [x for x in td.splitlines() if x.startswith("Note: ")]
+        assert line.startswith("Note: -90%: training-domain validation picks colour-reliant models.")
+        assert "Gulrajani & Lopez-Paz" in line
+    assert _note_count((tmp_path / "r" / "leaderboard.html").read_text(encoding="utf-8")) == expected
+    assert _note_count((tmp_path / "r" / "leaderboard.tex").read_text(encoding="utf-8")) == expected
+
+
+def test_colour_note_absent_from_the_main_fixture(report: tuple[Path, dict]):
+    out, _ = report  # "toy" has a -90% column at 35% and 47%, but is no colored dataset
+    assert _note_count((out / "leaderboard.md").read_text(encoding="utf-8")) == 0
+
+
+def _sweep_json(root: Path, name: str) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sweep.json").write_text(json.dumps({"hash": "h" * 64, "spec": {"name": name}}))
+
+
+def test_report_over_two_sweeps_labels_repeated_methods_and_counts_shared_trials_once(tmp_path: Path):
+    qs, cd = tmp_path / "runs" / "qs_folder", tmp_path / "runs" / "cd_folder"
+    _sweep_json(qs, "qs")
+    _sweep_json(cd, "cd")
+    for seed, (a, b) in enumerate(((0.60, 0.20), (0.70, 0.30))):
+        _one(qs, "erm", a, seed=seed)
+        _one(qs, "irm", 0.55, seed=seed)
+        _one(cd, "erm", b, seed=seed, steps=200)  # a different trial: another step count
+    _one(cd, "irm", 0.55, seed=0)  # the very trial qs holds (same spec, same hash): counted once, from qs
+    full, text = build_report([qs, cd], tmp_path / "r", plots=False)
+    assert full["counts"]["done"] == 6 and full["counts"]["duplicates"] == 1 and full["counts"]["sweeps"] == 2
+    assert full["sweeps"] == [{"label": "qs", "dir": str(qs), "done": 4}, {"label": "cd", "dir": str(cd), "done": 2}]
+    rows = full["datasets"]["toy"]["rules"]["training_domain"]["methods"]
+    assert list(rows) == ["erm (cd)", "erm (qs)", "irm"]  # irm ran in qs only (cd's copy is qs's trial)
+    assert rows["erm (qs)"]["env2"]["mean"] == pytest.approx(65.0) and rows["erm (qs)"]["env2"]["n_trials"] == 2
+    assert rows["erm (cd)"]["env2"]["mean"] == pytest.approx(25.0) and rows["irm"]["env2"]["n_trials"] == 2
+    assert _row(text, "toy — training-domain validation", "erm (cd)") == ["erm (cd)", "25.0 ± 3.5 (n=2)"]  # SE = 10 / 2 / √2
+    assert f"- sweeps: qs ({qs}: 4 done), cd ({cd}: 2 done); 1 trial(s) found in more than one folder counted once" \
+        in text
+    with open(tmp_path / "r" / "plot_methods.csv", newline="") as f:
+        assert [(r["method"], r["accuracy"]) for r in csv.DictReader(f)] == [
+            ("erm (cd)", "25.0000"), ("erm (qs)", "65.0000"), ("irm", "55.0000")]
+
+
+def test_two_sweeps_with_one_name_are_labelled_by_folder(tmp_path: Path):
+    from shiftbench.report import scan_sweeps, sweep_labels
+
+    a, b = tmp_path / "a" / "demo1", tmp_path / "b" / "demo2"
+    for d in (a, b):
+        _sweep_json(d, "quickstart")
+    _one(a, "erm", 0.5)
+    _one(b, "erm", 0.6, seed=1)
+    assert sweep_labels([a, b]) == ["demo1", "demo2"]
+    c = tmp_path / "c" / "demo1"
+    _sweep_json(c, "quickstart")
+    assert sweep_labels([a, c]) == [str(a), str(c)]  # sweep and folder names clash: the paths as given
+    assert sorted(t["row"] for t in scan_sweeps([a, b]).done) == ["erm (demo1)", "erm (demo2)"]
+
+
+def test_html_cells_link_the_selected_trial_folders(report: tuple[Path, dict], sweep: Path):
+    import re
+
+    out, _ = report
+    page = (out / "leaderboard.html").read_text(encoding="utf-8")
+    with open(out / "selections.csv", newline="") as f:
+        picked = {r["hash"][:16] for r in csv.DictReader(f) if r["rule"] == "training_domain"}
+    links = re.findall(r'<a href="([^"]+)" title="([0-9a-f]{16})">s(\d)</a>', page)
+    assert {title for _, title, _ in links} >= picked and len(picked) == 12
+    for href, title, _ in links:  # relative, offline, and each lands on its trial's folder
+        assert not href.startswith(("/", "http")) and href.endswith(f"trials/{title}/")
+        assert ((out / href) / "spec.json").is_file()
+    erm_row = next(r for r in page.split("<tr>") if r.startswith("<td>erm</td>"))  # first table: training-domain
+    cells = erm_row.split("<td")[2:]
+    assert [len(re.findall(r"<a href", c)) for c in cells] == [2, 2, 2, 0]  # one link per seed; none in Avg
+
+
+def test_plot_methods_csv_has_one_row_per_method(report: tuple[Path, dict]):
+    out, _ = report
+    with open(out / "plot_methods.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [{"method": "erm", "accuracy": "57.3333", "toy": "57.3333"},
+                    {"method": "irm", "accuracy": "64.3333", "toy": "64.3333"}]  # the training-domain Avg cells
+
+
+def test_terminal_form_prints_a_long_section_as_one_line(sweep: Path, tmp_path: Path):
+    from shiftbench import report
+
+    @report.report_section("test_long")
+    def long_table(trials):
+        md = "\n".join(f"| row {i} |" for i in range(32))
+        return report.Section("test_long", "Long table", md, "<p>long</p>", {"n": 32},
+                              terminal=f"long: {len(trials)} trials listed")
+
+    try:
+        _, short = build_report(sweep, tmp_path / "r", plots=False, terminal=True)
+        _, full = build_report(sweep, tmp_path / "r", plots=False)
+    finally:
+        report.SECTIONS.pop("test_long")
+    assert f"- long: 24 trials listed; details in {tmp_path / 'r' / 'leaderboard.md'}" in short
+    assert "| row 31 |" not in short and "## Long table" not in short
+    assert "## Long table" in full and "| row 31 |" in full and "long: 24 trials listed" not in full
+    assert full == (tmp_path / "r" / "leaderboard.md").read_text(encoding="utf-8")
+    assert short.index("## toy — training-domain validation") < short.index("- long: 24")
+
+
+def test_attestation_terminal_line():
+    from shiftbench.attest.report import _numbers, _terminal_line
+
+    rows = [{"status": "self-attested", "log_index": i} for i in range(31)] + [
+        {"status": "host-verified", "log_index": None}]
+    heads = {"/somewhere/runs/demo/attestation_log": {"root_hash": "0123456789abcdef" * 4, "tree_size": 32}}
+    assert _terminal_line(rows, heads, []) == (
+        "attestation: 32 trial(s) signed (1 host-verified, 0 failed by a host), log root 0123456789abcdef… (size 32)")
+    assert _terminal_line(rows[:2], {"a": None}, ["x is not in its log"]) == (
+        "attestation: 2 trial(s) signed, no checkpoint; 1 warning(s), first: x is not in its log")
+    assert _numbers(rows, heads, []) == {"signed": 32, "host_verified": 1, "host_failed": 0, "not_in_log": 1,
+                                         "logs": 1, "tree_size": 32, "warnings": 0}

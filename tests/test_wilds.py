@@ -396,7 +396,7 @@ def test_sweep_to_mlflow_and_worst_group_leaderboard(waterbirds_sweep_args, caps
     assert "env0_out_worst_group_acc" in run.data.metrics
 
     assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")]) == 0
-    metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "rep" / "report.json").read_text())
     cell = metrics["datasets"]["wilds:waterbirds"]["rules"]["worst_group"]["methods"]["erm"]["env0"]
     records = [json.loads(x) for x in (trial / "results.jsonl").read_text().splitlines()]
     best = max(records, key=lambda r: (r["env0_out_worst_group_acc"], -r["step"]))  # first of the best

@@ -99,7 +99,29 @@ def attestation_section(trials: Sequence[dict]) -> Section | None:
     body = f"<ul>{body}</ul>" + "".join(f"<p class=\"note\"><b>{e(n)}</b></p>" for n in notes)
     body += html_table(["dataset", "method", "self-attested", "host-verified", "failed"], trust_rows)
     body += html_table(cols, [[r[c] for c in cols] for r in rows])
-    return Section("attestation", "Attestations", "\n".join(md), body,
+    return Section("attestation", "Attestations", "\n".join(md), body, terminal=_terminal_line(rows, heads, notes),
+                   numbers=_numbers(rows, heads, notes),
                    metrics={"tree_heads": heads, "trials": rows, "notes": notes,
                             "trust": [dict(zip(("dataset", "method", vsa.SELF, vsa.HOST, vsa.FAILED_ROW), row))
                                       for row in trust_rows]})
+
+
+def _terminal_line(rows: Sequence[dict], heads: dict[str, Any], notes: Sequence[str]) -> str:
+    """The section in one line for the terminal: the full table goes to the report files only."""
+    n_host = sum(r["status"] == vsa.HOST for r in rows)
+    n_failed = sum(r["status"] == vsa.FAILED_ROW for r in rows)
+    trust = f" ({n_host} host-verified, {n_failed} failed by a host)" if n_host or n_failed else ""
+    roots = [f"{h['root_hash'][:16]}… (size {h['tree_size']})" for h in heads.values() if h]
+    where = (f"log root {roots[0]}" if len(roots) == 1 else f"{len(heads)} logs, roots {', '.join(roots)}"
+             if roots else "no checkpoint")
+    warn = f"; {len(notes)} warning(s), first: {notes[0]}" if notes else ""
+    return f"attestation: {len(rows)} trial(s) signed{trust}, {where}{warn}"
+
+
+def _numbers(rows: Sequence[dict], heads: dict[str, Any], notes: Sequence[str]) -> dict[str, Any]:
+    """metrics.json's entry: counts only (tree heads are keyed by their folder's path in report.json, which
+    differs between clones)."""
+    return {"signed": len(rows), "host_verified": sum(r["status"] == vsa.HOST for r in rows),
+            "host_failed": sum(r["status"] == vsa.FAILED_ROW for r in rows),
+            "not_in_log": sum(r["log_index"] is None for r in rows), "logs": len(heads),
+            "tree_size": sum(int(h["tree_size"] or 0) for h in heads.values() if h), "warnings": len(notes)}
