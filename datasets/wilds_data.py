@@ -229,6 +229,8 @@ class WildsDataset(ShiftDataset):
     N_STEPS = 5001
     EVAL_EVERY = 500
     TEST_ENV = "test"
+    METADATA_KEYS: ClassVar[tuple[str, ...]] = ("group",)
+    """Every split carries each example's training-group index (-1: none), for the group methods."""
 
     @classmethod
     def groupby(cls, options: Mapping[str, Any]) -> list[str]:

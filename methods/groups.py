@@ -84,4 +84,13 @@ def balanced_stream(cells: list[tuple[str, int, Split]], total: int, seed: int, 
     whole group (each group lies in one training environment), so groups are drawn uniformly."""
     per = max(1, -(-total // len(cells)))
     seeds = [seed_hash(seed, salt, name, g) for name, g, _ in cells]
-    return lambda k: concat_batches([s.batch_at(k, per, sd) for (_, _, s), sd in zip(cells, seeds)])
+
+    def draw(s: Split, sd: int, k: int) -> Batch:
+        if len(s) >= per:
+            return s.batch_at(k, per, sd)
+        # a cell smaller than its share: several passes of its stream (a split never returns more than it holds)
+        reps = -(-per // len(s))
+        parts = concat_batches([s.batch_at(k * reps + t, len(s), sd) for t in range(reps)])
+        return {key: v[:per] for key, v in parts.items()}
+
+    return lambda k: concat_batches([draw(s, sd, k) for (_, _, s), sd in zip(cells, seeds)])
