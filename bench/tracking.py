@@ -515,6 +515,9 @@ class Tracker:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         if status == "done" and end.get("attestation"):  # the envelope itself is among the artifacts
             tags["shiftbench.attestation_sha256"] = str(end["attestation"])
+            from .attest.vsa import mlflow_tags  # signer identity; a host's outcome once countersigned
+
+            tags.update(mlflow_tags(trial))
         if status == "failed":
             tags["shiftbench.failure_reason"] = str(end.get("reason", ""))
             tags["shiftbench.failed_step"] = str(end.get("step", ""))

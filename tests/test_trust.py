@@ -431,3 +431,22 @@ def test_a_host_countersigns_and_the_report_counts_host_verified_rows(sweep, pol
     forge(a, lambda x: None)
     metrics, _ = build_report(sweep, tmp_path / "rep2", plots=False)
     assert metrics["sections"]["attestation"]["trust"][0]["self-attested"] == 1
+
+
+@pytest.mark.slow
+def test_mlflow_runs_carry_the_signer_and_after_countersigning_the_hosts_outcome(sweep, policy, tmp_path):
+    from shiftbench.tracking import Tracker
+
+    host = tmp_path / "host"
+    identities.create("leaderboard.example.org", ("ed25519",), host)
+    trial = _trials(sweep)[0]
+    tracker = Tracker(sweep, "t")
+    run_id = tracker.mirror_trial(trial)
+    tags = tracker.client.get_run(run_id).data.tags
+    assert tags["shiftbench.signer_identity"] == ALICE and "shiftbench.verification" not in tags
+    assert main(["verify", str(trial), "--trust", policy, "--reexecute", "10", "--seed", "0", "--countersign",
+                 str(host), "--runs", str(sweep), "--state", str(tmp_path / "s.json")]) == 0
+    tags = tracker.client.get_run(run_id).data.tags
+    assert tags["shiftbench.verification"] == "PASSED" and tags["shiftbench.verifier"] == "leaderboard.example.org"
+    names = {a.path for a in tracker.client.list_artifacts(run_id)}
+    assert {"attestation.dsse.json", "verification.dsse.json"} <= names
