@@ -18,6 +18,8 @@ from torch import nn
 from shiftbench.methods.causirl_coral import CausIRLCORAL
 from shiftbench.methods.causirl_mmd import CausIRLMMD, split_halves
 from shiftbench.methods.eqrm import EQRM, kde_quantile
+from shiftbench.methods.fish import Fish
+from shiftbench.methods.fishr import Fishr, gradient_variance, per_example_head_grads
 from shiftbench.methods.ib_erm import IBERM, ib_penalty
 from shiftbench.methods.ib_irm import IBIRM
 from shiftbench.methods.irm import irm_penalty
@@ -69,6 +71,8 @@ def test_registered_with_domainbed_defaults():
         "ib_erm": {"ib_lambda": 1e2, "ib_penalty_anneal_iters": 500},
         "ib_irm": {"ib_lambda": 1e2, "ib_penalty_anneal_iters": 500, "irm_lambda": 1e2,
                    "irm_penalty_anneal_iters": 500},
+        "fish": {"meta_lr": 0.5},
+        "fishr": {"fishr_lambda": 1000.0, "fishr_penalty_anneal_iters": 1500, "fishr_ema": 0.95},
         "causirl_coral": {"mmd_gamma": 1.0},
         "causirl_mmd": {"mmd_gamma": 1.0},
         "eqrm": {"eqrm_quantile": 0.75, "eqrm_burnin_iters": 2500, "eqrm_lr": 1e-6},
@@ -132,8 +136,11 @@ def np_mmd(a: np.ndarray, b: np.ndarray, gammas) -> float:
     return float(k(a, a) + k(b, b) - 2 * k(a, b))
 
 
+MMD_GAMMAS = (1e-3, 1e-2, 1e-1, 1, 10, 100, 1e3)
+
+
 @pytest.mark.parametrize("cls, distance", [(CausIRLCORAL, np_coral),
-                                           (CausIRLMMD, lambda a, b: np_mmd(a, b, (1e-3, 1e-2, 1e-1, 1, 10, 100, 1e3)))])
+                                           (CausIRLMMD, lambda a, b: np_mmd(a, b, MMD_GAMMAS))])
 def test_causirl_penalty_between_the_two_halves(cls, distance):
     envs = env_batches(seed=2, n=6, d=2, k=2)
     algo = make(cls, mmd_gamma=2.0)
@@ -224,3 +231,117 @@ def test_rdm_update_weights_and_learning_rate_switch():
     expected = stats["nll"] + 2.0 * stats["matching"] + 0.5 * stats["variance"]
     assert stats["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert algo.optimizer.param_groups[0]["lr"] == 1e-3
+
+
+# ---------------------------------------------------------------- Fish
+
+R0, R1 = math.log(1 + math.exp(-1)), math.log(1 + math.e)
+
+
+def identity_envs() -> list[dict]:
+    """x = e0 and x = e1, both label 0: with W = I the risks are R0 = log(1 + e^-1) and R1 = log(1 + e)."""
+    return [{"x": torch.tensor([[1.0, 0.0]]), "y": torch.tensor([0]), "idx": torch.tensor([0])},
+            {"x": torch.tensor([[0.0, 1.0]]), "y": torch.tensor([0]), "idx": torch.tensor([0])}]  # fmt: skip
+
+
+def test_fish_meta_update_by_hand():
+    algo = make(Fish, lr=0.1, meta_lr=0.5)
+    stats = algo.update(identity_envs(), 0)
+    # Inner step 1 (env 0, x = e0): only column 0 has a gradient, (softmax([1, 0]) - e0) = [-(1 - s), 1 - s];
+    #   Adam's first step moves it by lr * sign: column 0 -> [1.1, -0.1]. Column 1 is untouched, so env 1's logits
+    #   are still [0, 1] and its risk is R1.
+    # Inner step 2 (env 1, x = e1): column 1's gradient [-s, s] is new: its bias-corrected Adam ratio is
+    #   (g / (1 + b1)) / sqrt(g^2 / (1 + b2)) = sqrt(1 + b2) / (1 + b1); column 0 has gradient 0 now, its moments
+    #   decay: ratio (b1 g / (1 + b1)) / sqrt(b2 g^2 / (1 + b2)) = b1 / (1 + b1) * sqrt((1 + b2) / b2).
+    b1, b2, lr = 0.9, 0.999, 0.1
+    new, old = math.sqrt(1 + b2) / (1 + b1), b1 / (1 + b1) * math.sqrt((1 + b2) / b2)  # 0.744130, 0.670062
+    inner = torch.tensor([[1 + lr * (1 + old), lr * new], [-lr * (1 + old), 1 - lr * new]])
+    assert torch.allclose(algo.inner.head.weight.detach(), inner, atol=1e-6)
+    # Meta step: theta + eps (theta_inner - theta) with eps = 0.5.
+    assert torch.allclose(algo.model.head.weight.detach(), torch.eye(2) + 0.5 * (inner - torch.eye(2)), atol=1e-6)
+    assert stats["loss"].item() == pytest.approx((R0 + R1) / 2, abs=1e-6)
+
+
+def test_fish_equals_sequential_inner_steps_then_interpolation():
+    torch.manual_seed(0)
+    model = Linear(torch.randn(3, 4), bias=True, featurizer=nn.Sequential(nn.Linear(3, 4), nn.Tanh()))
+    algo = Fish(model, Classification(), 3, defaults(Fish, lr=0.01, meta_lr=0.1))
+    envs = env_batches(seed=5, n_envs=3)
+    algo.update(envs, 0)  # the inner Adam now has moments; the second step must carry them on
+    theta = copy.deepcopy(algo.model.state_dict())
+    clone = copy.deepcopy(algo.model)
+    opt = torch.optim.Adam(clone.parameters(), lr=0.01)
+    opt.load_state_dict(copy.deepcopy(algo.optimizer.state_dict()))  # load_state_dict may share tensors
+    for b in envs:
+        opt.zero_grad()
+        nn.functional.cross_entropy(clone(b["x"]), b["y"]).backward()
+        opt.step()
+    algo.update(envs, 1)
+    for k, v in algo.model.state_dict().items():
+        assert torch.allclose(v, theta[k] + 0.1 * (clone.state_dict()[k] - theta[k]), atol=1e-6), k
+
+
+# ---------------------------------------------------------------- Fishr
+
+
+def loop_grads(model, batch) -> torch.Tensor:
+    """Per-example head gradients by a plain loop of autograd calls (weight then bias), kept differentiable."""
+    rows = []
+    for i in range(len(batch["y"])):
+        loss = nn.functional.cross_entropy(model(batch["x"][i : i + 1]), batch["y"][i : i + 1])
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.head.parameters()),
+                                                                          create_graph=True)]))
+    return torch.stack(rows)
+
+
+def fishr_model() -> nn.Module:
+    torch.manual_seed(1)
+    return Linear(torch.randn(3, 4), bias=True, featurizer=nn.Sequential(nn.Linear(3, 4), nn.Tanh()))
+
+
+def test_fishr_penalty_is_the_variance_across_domains_of_gradient_variances():
+    envs = env_batches(seed=6, n_envs=3, n=5)
+    model = fishr_model()
+    algo = Fishr(model, Classification(), 3, defaults(Fishr, fishr_ema=0.9))
+    features = [model.featurizer(b["x"]) for b in envs]
+    penalty = algo.fishr_penalty(features, envs)
+    # independent: per-example gradients by a loop, each domain's centred variance, their variance across domains
+    v = torch.stack([((g - g.mean(0)) ** 2).mean(0) for g in (loop_grads(model, b) for b in envs)])
+    expected = ((v - v.mean(0)) ** 2).mean()  # first step: m = (1 - ema) v, used as m / (1 - ema) = v
+    assert penalty.item() == pytest.approx(expected.item(), rel=1e-5)
+    params = list(model.parameters())
+    got = torch.autograd.grad(penalty, params)
+    want = torch.autograd.grad(expected, params)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
+    assert sum(a.abs().sum() for a in got[:2]) > 0  # the featurizer gets a gradient too
+    # second step: the moving average, m = 0.9 * (0.1 v) + 0.1 v2, then divided by 0.1
+    envs2 = env_batches(seed=7, n_envs=3, n=5)
+    v2 = torch.stack([gradient_variance(loop_grads(model, b)) for b in envs2]).detach()
+    m = 0.9 * 0.1 * v.detach() + 0.1 * v2
+    penalty2 = algo.fishr_penalty([model.featurizer(b["x"]) for b in envs2], envs2)
+    assert torch.allclose(algo.grad_var_ema, m, atol=1e-6)
+    assert penalty2.item() == pytest.approx(((m / 0.1 - (m / 0.1).mean(0)) ** 2).mean().item(), rel=1e-5)
+
+
+def test_fishr_per_example_gradients_of_a_reward_model():
+    # Bradley-Terry with a linear head: d = w.(z_c - z_r), loss = -log sigmoid(d), so
+    # dloss/dw = (sigmoid(d) - 1)(z_c - z_r) and dloss/db = 0 (the bias cancels in the difference)
+    envs = pref_batches(n_envs=1, n=4, d=3)
+    head = nn.Linear(3, 1)
+    b = envs[0]
+    feats = torch.cat([b["chosen"], b["rejected"]])
+    g = per_example_head_grads(head, Preference(), b, feats)
+    diff = b["chosen"] - b["rejected"]
+    d = head(b["chosen"])[:, 0] - head(b["rejected"])[:, 0]
+    assert torch.allclose(g[:, :3], (torch.sigmoid(d) - 1)[:, None] * diff, atol=1e-6)
+    assert torch.allclose(g[:, 3], torch.zeros(4))
+
+
+def test_fishr_update_uses_lambda_after_anneal():
+    envs = env_batches(seed=8, n=4)
+    algo = Fishr(fishr_model(), Classification(), 2, defaults(Fishr, fishr_penalty_anneal_iters=1, fishr_lambda=7.0))
+    s0 = algo.update(envs, 0)
+    assert s0["loss"].item() == pytest.approx(s0["nll"].item())
+    s1 = algo.update(envs, 1)
+    assert s1["penalty"].item() > 0
+    assert s1["loss"].item() == pytest.approx(s1["nll"].item() + 7.0 * s1["penalty"].item(), rel=1e-6)
