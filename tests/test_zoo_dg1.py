@@ -7,6 +7,7 @@ weights set by hand), so features are the inputs and logits are ``x @ W.T``.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -16,14 +17,18 @@ from torch import nn
 
 from shiftbench.featurewise import env_features, input_features, scores_from_features
 from shiftbench.methods.andmask import ANDMask, and_mask
+from shiftbench.methods.cdann import CDANN
 from shiftbench.methods.coral import CORAL, coral_discrepancy
+from shiftbench.methods.dann import DANN
 from shiftbench.methods.erm import ERM
 from shiftbench.methods.iga import IGA, gradient_spread
 from shiftbench.methods.mixup import Mixup, mix_inputs
+from shiftbench.methods.mldg import MLDG, meta_splits
 from shiftbench.methods.mmd import GAMMAS, MMD, gaussian_mmd
+from shiftbench.methods.rsc import RSC
 from shiftbench.methods.sandmask import SANDMask, sand_mask
 from shiftbench.methods.sd import SD
-from shiftbench.models import build_model, feature_width
+from shiftbench.models import Model, build_model, feature_width
 from shiftbench.registry import METHODS
 from shiftbench.tasks import Classification, Preference
 
@@ -294,3 +299,123 @@ def test_sandmask_is_a_smooth_mask_by_hand():
     m = torch.tanh(0.5 / g.var(0)) * torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     assert torch.allclose(algo.model.head.weight.grad, m * g.mean(0) / m.mean(), atol=1e-6)
     assert "andmask_tau" not in SANDMask.hparam_space()
+
+
+# ---------------------------------------------------------------- MLDG
+
+
+def np_ce_grad(w: np.ndarray, x: np.ndarray, y: int) -> np.ndarray:
+    """d CE(W x, y) / dW = (softmax(W x) − onehot(y)) x^T, for one example."""
+    z = w @ x
+    p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    p[y] -= 1
+    return np.outer(p, x)
+
+
+def test_mldg_meta_gradient_matches_a_hand_two_step_computation():
+    lr, beta = 0.1, 0.5
+    xs, y = [np.array([1.0, 0.0]), np.array([0.0, 1.0])], 0
+    envs = [{"x": torch.tensor(x[None], dtype=torch.float32), "y": torch.tensor([y]), "idx": torch.tensor([0])} for x in xs]
+    expected = {}
+    for i, j in ((0, 1), (1, 0)):
+        g_i = np_ce_grad(np.eye(2), xs[i], y)
+        w_inner = np.eye(2) - lr * g_i / (np.abs(g_i) + 1e-8)  # a fresh Adam's first step
+        expected[i, j] = (g_i + beta * np_ce_grad(w_inner, xs[j], y)) / 2  # first order: ∇L_j at θ'
+    assert not np.allclose(expected[0, 1], expected[1, 0])
+    algo = make(MLDG, lr=lr, mldg_beta=beta)  # n_meta_test 2 with 2 environments: one meta-train, one meta-test
+    torch.manual_seed(0)
+    (i, j), = meta_splits(2, 2)
+    torch.manual_seed(0)
+    algo.update(envs, 0)
+    assert np.allclose(algo.model.head.weight.grad.numpy(), expected[i, j], atol=1e-6)
+
+
+def test_mldg_meta_splits():
+    for _ in range(5):
+        (i, j), = meta_splits(2, 2)
+        assert {i, j} == {0, 1}
+        pairs = meta_splits(3, 1)
+        assert len(pairs) == 2 and pairs[0][1] == pairs[1][1] and {pairs[0][0], pairs[1][0], pairs[0][1]} == {0, 1, 2}
+    assert meta_splits(1, 2) == [(0, 0)]
+
+
+# ---------------------------------------------------------------- DANN and CDANN
+
+
+class Feat(nn.Linear):
+    """A linear featurizer with the width attribute the model interface reads."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__(d_in, d_out)
+        self.n_outputs = d_out
+
+
+def dann_model(n_out: int = 2) -> nn.Module:
+    torch.manual_seed(0)
+    return Model(Feat(3, 4), n_out)
+
+
+def test_dann_model_step_reverses_the_discriminators_gradient_on_the_featurizer():
+    envs = env_batches(n=5, d=3, k=2)
+    algo = make(DANN, model=dann_model(), dann_lambda=0.7, dann_mlp_width=8)
+    assert not algo.is_discriminator_step(0) and algo.is_discriminator_step(1)  # d = 1: model, then discriminator
+    twin = copy.deepcopy(algo)  # the same weights, for an independent autograd computation
+    feats = [twin.model.featurizer(b["x"]) for b in envs]
+    risk = torch.stack([nn.functional.cross_entropy(twin.model.head(f), b["y"]) for f, b in zip(feats, envs)]).mean()
+    env_ids = torch.tensor([0] * 5 + [1] * 5)
+    disc = nn.functional.cross_entropy(twin.discriminator(torch.cat(feats)), env_ids)
+    w = twin.model.featurizer.weight
+    g_risk, g_disc = torch.autograd.grad(risk, w, retain_graph=True)[0], torch.autograd.grad(disc, w)[0]
+    disc_before = copy.deepcopy(algo.discriminator.state_dict())
+    stats = algo.update(envs, 0)
+    assert stats["disc_loss"].item() == pytest.approx(disc.item(), rel=1e-6)
+    assert g_disc.abs().sum() > 0
+    assert torch.allclose(algo.model.featurizer.weight.grad, g_risk - 0.7 * g_disc, atol=1e-6)
+    assert all(torch.equal(v, disc_before[k]) for k, v in algo.discriminator.state_dict().items())
+    # the discriminator step descends D itself and leaves the model alone
+    model_before = copy.deepcopy(algo.model.state_dict())
+    twin = copy.deepcopy(algo)
+    feats = torch.cat([twin.model.featurizer(b["x"]) for b in envs]).detach()
+    last = twin.discriminator[-1].weight
+    g_last = torch.autograd.grad(nn.functional.cross_entropy(twin.discriminator(feats), env_ids), last)[0]
+    algo.update(envs, 1)
+    assert torch.allclose(algo.discriminator[-1].weight.grad, g_last, atol=1e-6)
+    assert all(torch.equal(v, model_before[k]) for k, v in algo.model.state_dict().items())
+
+
+def test_cdann_discriminator_loss_is_class_balanced_and_class_conditioned():
+    algo = make(CDANN, model=dann_model(), dann_mlp_width=8)
+    assert CDANN.TASKS == ("classification",) and "class_embeddings" in dict(algo.named_children())
+    z, envs, y = torch.randn(3, 4), torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1])
+    out = algo.discriminator(z + algo.class_embeddings.weight[y])
+    ce = nn.functional.cross_entropy(out, envs, reduction="none")
+    # class counts [2, 1], 2 classes: weights 1 / (2·2), 1 / (2·2), 1 / (1·2)
+    want = 0.25 * ce[0] + 0.25 * ce[1] + 0.5 * ce[2]
+    assert algo.discriminator_loss(z, envs, y).item() == pytest.approx(want.item(), rel=1e-6)
+    assert set(algo.optimizers()) == {"optimizer", "disc_optimizer"}
+    disc_params = {id(p) for g in algo.disc_optimizer.param_groups for p in g["params"]}
+    assert id(algo.class_embeddings.weight) in disc_params
+
+
+# ---------------------------------------------------------------- RSC
+
+
+def test_rsc_mutes_the_features_with_the_largest_gradients_by_hand():
+    # identity featurizer, W[0] = [3, 1, 2]: the gradient of the class-0 logit on the features is [3, 1, 2] for
+    # every example; its 2/3 quantile is 2 + (1/3)(3 − 2) = 7/3, so feature 0 (gradient 3) is muted.
+    w = torch.tensor([[3.0, 1.0, 2.0], [0.0, 1.0, 0.0]])
+    x = torch.tensor([[1.0, 0.5, 0.2], [0.2, 1.0, 0.1], [0.5, -0.3, 1.0]])
+    batch = [{"x": x, "y": torch.zeros(3, dtype=torch.long), "idx": torch.arange(3)}]
+    mask_f = torch.tensor([0.0, 1.0, 1.0])
+    ce = lambda inp: nn.functional.cross_entropy(inp @ w.T, batch[0]["y"]).item()  # noqa: E731
+    # b_drop_factor 1: the 0-quantile of the drops is their minimum, so no example is spared
+    algo = make(RSC, model=Linear(w), n_envs=1, rsc_f_drop_factor=1 / 3, rsc_b_drop_factor=1.0)
+    assert algo.update(batch, 0)["loss"].item() == pytest.approx(ce(x * mask_f), rel=1e-6)
+    # b_drop_factor 1/2: examples whose class-0 probability drops less than the median drop keep every feature
+    p0 = lambda inp: (inp @ w.T).softmax(1)[:, 0]  # noqa: E731
+    drop = (p0(x) - p0(x * mask_f)).numpy()
+    keep = drop < np.median(drop)
+    assert keep.sum() == 1
+    masked = torch.where(torch.tensor(keep)[:, None], x, x * mask_f)
+    algo = make(RSC, model=Linear(w), n_envs=1, rsc_f_drop_factor=1 / 3, rsc_b_drop_factor=0.5)
+    assert algo.update(batch, 0)["loss"].item() == pytest.approx(ce(masked), rel=1e-6)
