@@ -137,7 +137,8 @@ class TrialSpec:
                     f"(0..{len(names) - 1}: {', '.join(names)})"
                 )
         if len(set(test_envs)) != len(test_envs) or len(test_envs) >= len(names):
-            raise UserError(f"test environments {list(test_envs)} must be distinct and leave one to train on")
+            raise UserError(f"test environments {list(test_envs)} must be distinct and leave one to train on: "
+                            f"{dataset} has {len(names)} ({', '.join(names)})")  # fmt: skip
         steps = dcls.N_STEPS if steps is None else steps
         eval_every = dcls.EVAL_EVERY if eval_every is None else eval_every
         if steps <= 0 or eval_every <= 0:

@@ -22,7 +22,7 @@ from .config import TrialSpec, canonical_json
 from .data import ShiftDataset, Split
 from .errors import TrialFailed, UserError
 from .hparams import seed_hash
-from .io import atomic_write, read_json, write_json, write_jsonl
+from .io import CreatedDirs, atomic_write, read_json, write_json, write_jsonl
 from .models import build_model
 from .provenance import code_version
 from .registry import CALLBACKS, DATASETS, METHODS, TASKS
@@ -169,6 +169,8 @@ class Trainer:
         algorithm = METHODS.get(spec.method)(model, task, len(train), spec.hparams).to(device)
         self._moved: dict[int, Split] = {}
         self.train_names = [n for n, _ in train]
+        self.train_envs = tuple(next(i for i, e in enumerate(dataset.environments) if e.name == n and i not in
+                                     spec.test_envs) for n in self.train_names)  # fmt: skip
         self.train_splits = [self._on_device(s, device) for _, s in train]
         self.eval_splits = {k: self._on_device(s, device) for k, s in dataset.eval_splits().items()}
         self.stream_seeds = [seed_hash(spec.seed, "stream", n) for n in self.train_names]
@@ -176,7 +178,10 @@ class Trainer:
         run = TrialRun(spec, self.dir, dataset, algorithm, device, self.opt)
         context = MethodContext(
             train_env_names=self.train_names,
-            splits=self.eval_splits,
+            # training ``in`` splits too: a dataset may not evaluate them (WILDS), but methods count and resample them
+            splits={**{f"env{i}_in": self._on_device(dataset.environments[i].splits["in"], device)
+                       for i in self.train_envs}, **self.eval_splits},
+            train_envs=self.train_envs,
             stream=self._stream_fn,
             device=device,
             workdir=self.dir,
@@ -263,7 +268,13 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Runs (or resumes, or skips) the trial; returns the final record or the failure."""
+        """Runs (or resumes, or skips) the trial; returns the final record or the failure.
+
+        Raises:
+            UserError: the folder holds another trial, or the trial cannot start (missing data, a bad device); a
+                refusal leaves behind no folder this call created.
+        """
+        self._refuse_other_trial()  # before the done check, or another trial's metrics would pass for this one's
         status = trial_status(self.dir)
         if status == "done":
             return read_json(self.dir / FINAL)
@@ -271,12 +282,16 @@ class Trainer:
             if not self.opt.retry_failed:
                 return read_json(self.dir / FAILED)
             (self.dir / FAILED).unlink()
-        self.dir.mkdir(parents=True, exist_ok=True)
         spec_path = self.dir / SPEC
-        if spec_path.exists() and read_json(spec_path).get("hash") != self.spec.hash:
-            raise UserError(f"{self.dir} holds a different trial (its spec.json hash differs); use another folder")
+        created = CreatedDirs(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        run = self._build()
+        try:
+            run = self._build()
+        except UserError:
+            if not spec_path.exists():
+                created.remove_if_empty()
+            raise
         if not spec_path.exists():
             write_json(spec_path, {
                 "hash": self.spec.hash, "spec": self.spec.to_dict(), "data_version": run.dataset.version(),
@@ -306,6 +321,23 @@ class Trainer:
             ckpt_path.unlink(missing_ok=True)
             return read_json(self.dir / FAILED)
         return self._finish(run, t0)
+
+    def _refuse_other_trial(self) -> None:
+        """Raises UserError when the folder's records (spec, final or failed) carry another trial's hash."""
+        for name in (SPEC, FINAL, FAILED):
+            path = self.dir / name
+            if not path.is_file():
+                continue
+            try:
+                held = read_json(path)
+            except (OSError, ValueError):
+                raise UserError(f"{path} is not readable JSON; use another --out or delete that folder") from None
+            if isinstance(held, dict) and held.get("hash") not in (None, self.spec.hash):
+                what = held.get("spec", {})
+                label = f"{what.get('dataset')}/{what.get('method')}, " if what else ""
+                raise UserError(f"{self.dir} holds a different trial ({label}hash {str(held['hash'])[:16]}; this "
+                                f"one is {self.spec.short_hash}); use another --out or delete that folder")
+            return
 
     def _loop(self, run: TrialRun, start: int, t0: float) -> None:
         spec, alg = self.spec, run.algorithm

@@ -46,10 +46,10 @@ from __future__ import annotations
 
 import functools
 import gzip
-import io
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
@@ -392,6 +392,8 @@ MALFORMED: dict[str, str] = {
     "empty_text": "has an empty response",
     "identical": "has chosen identical to rejected",
     "unknown_subset": "names a subset outside RewardBench's sections",
+    "not_utf8": "is not UTF-8 text",
+    "too_long": "is a JSONL line longer than max_line_bytes",
 }
 """Kinds of malformed rows, as counted with ``skip_malformed=true``."""
 
@@ -520,44 +522,118 @@ def parse_pair(row: Mapping[str, Any], fmt: str = "auto") -> tuple[str, str, str
     return prompt, resp[0], resp[1]
 
 
-def read_rows(path: Path) -> Iterator[tuple[str, Any]]:
+MAX_LINE_BYTES = 1 << 20
+"""Default ``max_line_bytes``: a JSONL line longer than this (1 MiB, far above any pair of HH-RLHF, UltraFeedback or
+RewardBench) is refused with its line number rather than loaded whole."""
+_SKIP_CHUNK = 1 << 16
+
+
+def _lines(f, limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """(1-based line number, bytes) of every line of a binary file; None stands for a line over ``limit`` bytes
+    (the newline not counted), which is read past in bounded chunks and never held whole."""
+    i = 0
+    while line := f.readline(limit + 2):  # room for the limit and a CRLF
+        i += 1
+        if len(line.rstrip(b"\r\n")) > limit:
+            while line and not line.endswith(b"\n"):
+                line = f.readline(_SKIP_CHUNK)
+            yield i, None
+            continue
+        yield i, line
+
+
+def _decode(data: bytes) -> str | Malformed:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Malformed("not_utf8", f"is not UTF-8 text (byte 0x{data[e.start]:02x} at column {e.start + 1}); "
+                         f"re-save the file as UTF-8")  # fmt: skip
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:160]
+
+
+def read_rows(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[str, Any]]:
     """(where, row) for every row of a JSONL/JSON, Parquet or CSV file; ``where`` is ``"line N"`` or ``"row N"``
-    (1-based data rows). A JSONL line that does not parse yields a :class:`Malformed` instead of a row."""
+    (1-based data rows). A JSONL line that is not UTF-8, does not parse or is longer than ``max_line_bytes`` yields
+    a :class:`Malformed` instead of a row; JSONL is read line by line, so memory stays bounded by that limit.
+
+    Raises:
+        UserError: a file that is not of its type at all (a ``.parquet`` holding text, a broken ``.gz``).
+    """
     name = path.name.lower()
     base = name[:-3] if name.endswith(".gz") else name
     if base.endswith((".jsonl", ".json")):
         opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            text = f.read()
-        if base.endswith(".json") and text.lstrip().startswith("["):
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-            for i, row in enumerate(rows, 1):
-                yield f"row {i}", row
-            return
-        for i, line in enumerate(io.StringIO(text), 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {i}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"line {i}", Malformed("bad_json", f"is not valid JSON ({e.msg})")
+        try:
+            with opener(path, "rb") as f:
+                head = f.read(64).lstrip()
+                f.seek(0)
+                if base.endswith(".json") and head.startswith((b"[", b"\xef\xbb\xbf[")):
+                    yield from _json_array(path, f.read())  # one document: read whole, as any JSON reader must
+                    return
+                for i, line in _lines(f, max_line_bytes):
+                    if i == 1 and line is not None:
+                        line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not data
+                    if line is None:
+                        yield f"line {i}", Malformed("too_long", f"is longer than max_line_bytes={max_line_bytes} "
+                                                     f"bytes; raise it with --option max_line_bytes=N if the row "
+                                                     f"is meant to be this long")  # fmt: skip
+                        continue
+                    text = _decode(line)
+                    if isinstance(text, Malformed):
+                        yield f"line {i}", text
+                        continue
+                    if not text.strip():
+                        continue
+                    try:
+                        yield f"line {i}", json.loads(text)
+                    except json.JSONDecodeError as e:
+                        yield f"line {i}", Malformed("bad_json", f"is not valid JSON ({e.msg})")
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise UserError(f"{path}: cannot be read ({_first_line(e)}); check the file") from None
     elif base.endswith((".parquet", ".pq")):
         import pandas as pd
 
-        for i, row in enumerate(pd.read_parquet(path).to_dict("records"), 1):
+        try:
+            frame = pd.read_parquet(path)
+        except ImportError:
+            raise  # a missing pyarrow is an install problem, not a bad file
+        except Exception as e:  # pyarrow's ArrowInvalid and OSError alike: the file is not Parquet
+            raise UserError(f"{path}: not a readable Parquet file ({_first_line(e)}); if it holds text, give it "
+                            f"its real suffix (.jsonl or .csv)") from None  # fmt: skip
+        for i, row in enumerate(frame.to_dict("records"), 1):
             yield f"row {i}", row
     elif base.endswith(".csv"):
         import pandas as pd
 
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8")
+        except UnicodeDecodeError as e:
+            # pandas decodes in chunks, so e.start is no offset in the file
+            raise UserError(f"{path}: not UTF-8 text (a byte 0x{e.object[e.start]:02x}); re-save the file as UTF-8, "
+                            f"or as JSONL to find the line") from None  # fmt: skip
+        except (ValueError, OSError) as e:  # pandas' ParserError is a ValueError
+            raise UserError(f"{path}: not a readable CSV file ({_first_line(e)}); check the file") from None
         for i, row in enumerate(frame.to_dict("records"), 1):
             # an empty CSV cell is a missing field, not an empty string
             yield f"row {i}", {k: (None if v == "" else v) for k, v in row.items()}
     else:
         raise UserError(f"{path}: unknown file type; use .jsonl, .json, .parquet or .csv (optionally .jsonl.gz)")
+
+
+def _json_array(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
+    text = _decode(data.removeprefix(b"\xef\xbb\xbf"))
+    if isinstance(text, Malformed):
+        raise UserError(f"{path}: {text}")
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    for i, row in enumerate(rows, 1):
+        yield f"row {i}", row
 
 
 def _csv_list(text: str) -> list[str]:
@@ -591,7 +667,7 @@ def load_pairs(paths: Sequence[Path], options: Mapping[str, Any]) -> tuple[list[
     skipped: dict[str, int] = {}
     rows: list[dict] = []
     for path in paths:
-        for where, row in read_rows(path):
+        for where, row in read_rows(path, options.get("max_line_bytes", MAX_LINE_BYTES)):
             try:
                 if isinstance(row, Malformed):
                     raise row
@@ -637,6 +713,64 @@ def pairs_of(paths: Sequence[Path], options: Mapping[str, Any]) -> tuple[list[di
     return _cached_pairs(tuple(paths), stamps, json.dumps(dict(options), sort_keys=True))
 
 
+DOMAIN_COLUMNS = ("domain", "subset", "source")
+"""Columns taken as the domain without being named, in this order: a generic ``domain``, the ``subset`` of HH-RLHF
+exports and RewardBench, the ``source`` of UltraFeedback."""
+_SAMPLE_ROWS = 2000
+_said: set[str] = set()
+
+
+def _say_once(line: str) -> None:
+    """One line on stderr, once per process (options are resolved several times per command)."""
+    if line not in _said:
+        _said.add(line)
+        print(line, file=sys.stderr)
+
+
+def _column_values(paths: Sequence[Path], options: Mapping[str, Any]) -> tuple[int, dict[str, list[str]]]:
+    """(rows sampled, {column: distinct values in first-seen order}) over the first rows of the files, for the
+    scalar (text or integer) columns present in every sampled row, the pair's own fields excepted."""
+    n, seen, columns = 0, {}, None
+    for path in paths:
+        for _, row in read_rows(path, options.get("max_line_bytes", MAX_LINE_BYTES)):  # a file that is not of its
+            if not isinstance(row, Mapping):  # type raises here, which is the error to show, not "one environment"
+                continue
+            keys = {k for k, v in row.items() if isinstance(v, (str, int)) and not isinstance(v, bool)}
+            columns = keys if columns is None else columns & keys
+            for k in keys:
+                seen.setdefault(k, dict())[str(row[k])] = None
+            n += 1
+            if n >= _SAMPLE_ROWS:
+                break
+        if n >= _SAMPLE_ROWS:
+            break
+    skip = {"prompt", "chosen", "rejected", options.get("margin_column") or ""}
+    return n, {k: list(seen[k]) for k in sorted(columns or ()) if k not in skip}
+
+
+def detect_domain_column(paths: Sequence[Path], options: Mapping[str, Any]) -> tuple[str, list[str]] | None:
+    """The first of :data:`DOMAIN_COLUMNS` that every sampled row has, with two or more values; None if none does."""
+    _, values = _column_values(paths, options)
+    for col in DOMAIN_COLUMNS:
+        if len(values.get(col, ())) >= 2:
+            return col, values[col]
+    return None
+
+
+def _one_environment(names: list[str], paths: Sequence[Path], options: Mapping[str, Any]) -> str:
+    """What was found (one environment, from which file or column) and which columns could serve instead."""
+    files = ", ".join(p.name for p in paths)
+    col = options["domain_column"]
+    found = (f"one environment ({names[0]!r}, the only value of domain_column {col!r} in {files})" if col and names
+             else f"no environment (no row of {files} kept)" if not names
+             else f"one environment ({names[0]!r}, from the file {files}, with no domain_column)")  # fmt: skip
+    n, values = _column_values(paths, options)
+    fits = [f"{k} ({len(v)} values)" for k, v in values.items() if k != col and 2 <= len(v) <= max(2, min(100, n // 2))]
+    hint = (f"columns that could serve: {', '.join(fits)}; pass --option domain_column=NAME" if fits
+            else "no column of its rows has 2 to 100 distinct values; add one and pass --option domain_column=NAME")
+    return f"preference_files found {found}, so there is nothing to hold out; {hint}, or give files of several names"
+
+
 @DATASETS.register("preference_files")
 class PreferenceFiles(PreferenceDataset):
     """Preference pairs from JSONL/Parquet/CSV (explicit, HH-RLHF dialogues, message lists); environments = domains.
@@ -644,49 +778,88 @@ class PreferenceFiles(PreferenceDataset):
     The accepted formats are in the module docstring.
 
     Options: ``files`` (comma-separated; relative to ``--data-root``); ``format`` (auto, explicit, implicit,
-    conversational); ``domain_column`` (empty: one environment per file); ``domains`` (comma-separated environment
+    conversational); ``domain_column`` (empty: a ``domain``, ``subset`` or ``source`` column of the rows when the
+    files alone make one environment, else one environment per file); ``domains`` (comma-separated environment
     names and their order; rows of other domains are left out; empty: every domain found, sorted);
     ``sections`` (empty or ``rewardbench``: environments = the RewardBench sections present, in its order; the domain
     column, by default ``subset``, names subsets); ``margin_column``; ``skip_malformed``; ``max_rows`` (0: all);
+    ``max_line_bytes`` (a longer JSONL line is malformed; default 1 MiB);
     ``holdout_fraction``; ``seed``; ``encoder``; ``cache_dir``; ``center_rewards_coefficient``.
     """
 
     DEFAULT_TEST_ENVS = (0,)
     OPTIONS: ClassVar[dict[str, Any]] = {
         "files": "", "format": "auto", "domain_column": "", "domains": "", "sections": "", "margin_column": "",
-        "skip_malformed": False, "max_rows": 0, "holdout_fraction": 0.2, "seed": 0, "encoder": "hashing",
-        "cache_dir": "", "center_rewards_coefficient": 0.0,
+        "skip_malformed": False, "max_rows": 0, "max_line_bytes": MAX_LINE_BYTES, "holdout_fraction": 0.2, "seed": 0,
+        "encoder": "hashing", "cache_dir": "", "center_rewards_coefficient": 0.0,
     }  # fmt: skip
     HPARAMS: ClassVar[dict[str, HParam]] = {**MLP_HPARAMS, "hf_reward_path": HParam("", fixed(""))}
     """The ``mlp`` model's, and the ``hf_reward`` model's checkpoint (``--hparams hf_reward_path=...``)."""
 
     @classmethod
-    def check(cls, options: Mapping[str, Any]) -> None:
+    def resolve_options(cls, options: Mapping[str, Any], root: str | None = None) -> dict[str, Any]:
+        """The base class's, plus the domain column found in the rows (see :func:`detect_domain_column`) when
+        none is named and the files alone would make one environment."""
+        o = super().resolve_options(options)
+        if o["domain_column"] or o["sections"] or _csv_list(o["domains"]) or not _csv_list(o["files"]):
+            return o
+        try:
+            paths = resolve_files(o["files"], root or os.environ.get("SHIFTBENCH_DATA"))
+        except UserError:
+            return o  # reported by whatever needs the files
+        if len({p.name.split(".")[0] for p in paths}) < 2 and (found := detect_domain_column(paths, o)):
+            col, values = found
+            o["domain_column"] = col
+            _say_once(f"preference_files: no domain_column given; using the rows' {col!r} column "
+                      f"({len(values)} domains: {', '.join(values[:6])}{', ...' if len(values) > 6 else ''}); "
+                      f"pass --option domain_column=NAME to choose another")  # fmt: skip
+        return o
+
+    @classmethod
+    def _check_options(cls, options: Mapping[str, Any]) -> None:
         if options["format"] not in ("auto", "explicit", "implicit", "conversational"):
             raise UserError(f"option format={options['format']!r}: use auto, explicit, implicit or conversational")
         if options["sections"] not in ("", "rewardbench"):
             raise UserError(f"option sections={options['sections']!r}: the only known sections are 'rewardbench'")
         if not 0 < options["holdout_fraction"] < 1:
             raise UserError("option holdout_fraction must be between 0 and 1 (exclusive)")
+        if options["max_line_bytes"] < 1 or options["max_rows"] < 0:
+            raise UserError("options max_line_bytes must be positive and max_rows >= 0 (0: all rows)")
+
+    @classmethod
+    def check(cls, root: str | None, options: Mapping[str, Any], download: bool) -> None:
+        """The options are valid and every file exists (the rows are read when the dataset is built)."""
+        o = cls.resolve_options(options, root)
+        cls._check_options(o)
+        resolve_files(o["files"], root or os.environ.get("SHIFTBENCH_DATA"))
 
     @classmethod
     def environment_names(cls, options: Mapping[str, Any], root: str | None = None) -> list[str]:
-        """Environment names from the options alone where they say enough, else from the files."""
-        options = cls.resolve_options(options)
-        cls.check(options)
+        """Environment names from the options alone where they say enough, else from the files.
+
+        Raises:
+            UserError: the files make fewer than two environments (nothing to hold out), saying what was found and
+                which columns of the rows could serve as ``domain_column``.
+        """
+        options = cls.resolve_options(options, root)
+        cls._check_options(options)
         if _csv_list(options["domains"]):
             return _csv_list(options["domains"])
         paths = resolve_files(options["files"], root or os.environ.get("SHIFTBENCH_DATA"))
         if not options["domain_column"] and not options["sections"]:
-            return list(dict.fromkeys(p.name.split(".")[0] for p in paths))
-        found = {r["domain"] for r in pairs_of(paths, options)[0]}
-        if options["sections"]:
-            return [sec for sec in REWARDBENCH_SECTIONS if sec in found]  # RewardBench's order
-        return sorted(found)
+            names = list(dict.fromkeys(p.name.split(".")[0] for p in paths))
+        else:
+            found = {r["domain"] for r in pairs_of(paths, options)[0]}
+            if options["sections"]:
+                return [sec for sec in REWARDBENCH_SECTIONS if sec in found]  # RewardBench's order
+            names = sorted(found)
+        if len(names) < 2:
+            raise UserError(_one_environment(names, paths, options))
+        return names
 
     def __init__(self, root=None, options=None, download=False):
         super().__init__(root, options, download)
-        o = self.options
+        self.options = o = self.resolve_options(self.options, root)  # the files may only be found under root
         names = self.environment_names(o, root)
         rows, self.skipped = pairs_of(resolve_files(o["files"], root or os.environ.get("SHIFTBENCH_DATA")), o)
         by_env: dict[str, list[dict]] = {n: [] for n in names}
