@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import air
+from . import air, fri
 from . import field as F
 from . import ntt
 from .merkle import MerkleTree
-from .params import Layout, Params, fri_rounds, layout
+from .params import Layout, Params, layout
 from .proofio import MAGIC, Writer
 from .transcript import Transcript
 
@@ -68,6 +68,7 @@ class Committed:
     coeffs: np.ndarray
     lde: np.ndarray
     tree: MerkleTree
+    params: Params | None = None
 
     @property
     def root(self) -> bytes:
@@ -90,7 +91,9 @@ def commit_column(values, params: Params, seed: bytes | None = None) -> tuple[La
     lay = layout(len(values), params)
     rng = Randomness(seed)
     col = air.column(values.astype(np.uint64), lay, rng.elems(lay.K))
-    return lay, _commit(ntt.intt(col)[None, :], params, rng)
+    com = _commit(ntt.intt(col)[None, :], params, rng)
+    com.params = params
+    return lay, com
 
 
 def statement_bytes(params: Params, lay: Layout, C: int, context: bytes, label_root: bytes, label_context: bytes,
@@ -148,43 +151,21 @@ def inv_x_minus(xs: np.ndarray, z: np.ndarray) -> np.ndarray:
     return F.ext_scale(q, F.batch_inv(full))
 
 
-def fold2(f: np.ndarray, beta: np.ndarray, offset: int) -> np.ndarray:
-    """One binary FRI fold of a codeword f (s, 4) on offset * <w_s>: g(x^2) = (f(x) + f(-x))/2 + beta (f(x) -
-    f(-x))/(2x), with -x_k = x_(k + s/2)."""
-    s = len(f)
-    half = s // 2
-    a, b = f[:half], f[half:]
-    inv2 = (F.P + 1) // 2
-    w_inv = pow(F.root_of_unity(s), F.P - 2, F.P)
-    inv2x = F.mul(F.powers(w_inv, half), np.uint64(inv2 * pow(offset, F.P - 2, F.P) % F.P))
-    even = F.mul(F.add(a, b), np.uint64(inv2))
-    odd = F.ext_scale(F.sub(a, b), inv2x)
-    return F.add(even, F.ext_mul(odd, np.broadcast_to(beta, odd.shape)))
-
-
-def fold(f: np.ndarray, beta: np.ndarray, offset: int, factor: int) -> tuple[np.ndarray, int]:
-    """Fold by ``factor`` with challenges beta, beta^2, beta^4, ...: g(y) = sum_s beta^s f_s(y) where
-    f(X) = sum_s X^s f_s(X^factor)."""
-    b = beta
-    while factor > 1:
-        f = fold2(f, b, offset)
-        offset = offset * offset % F.P
-        b = F.ext_mul(b, b)
-        factor //= 2
-    return f, offset
-
-
 def prove(pred: tuple[Layout, Committed], label: tuple[Layout, Committed], params: Params, C: int | None = None,
           context: bytes = b"", label_context: bytes = b"", seed: bytes | None = None,
-          trace_override=None) -> bytes:
+          trace_override=None, tamper_cosets=None) -> bytes:
     """A proof that C = #{i < n : pred_i = label_i} for the committed columns (``commit_column``).
 
     ``C`` defaults to the true count; tests pass a wrong C, or ``trace_override`` (a function editing the
-    (5, N) trace p, l, e, v, S before it is committed), to check that cheating proofs fail."""
+    (5, N) trace p, l, e, v, S before it is committed), or ``tamper_cosets`` (leaf indices where the committed S
+    codeword is off by one while everything else follows the true polynomials: a cheater whose trace codeword is
+    that far from any low-degree one), to check that cheating proofs fail."""
     lay, pc = pred
     lay_l, lc = label
     if lay != lay_l:
         raise ValueError(f"prediction layout {lay} differs from the label commitment's {lay_l}")
+    if pc.params != params or lc.params != params:
+        raise ValueError("a commitment was made with other parameters than the proof's")
     rng = Randomness(seed)
     N, M, Fo = lay.N, lay.N * params.blowup, params.fold
     p_col, l_col = ntt.ntt(pc.coeffs[0]), ntt.ntt(lc.coeffs[0])
@@ -201,10 +182,16 @@ def prove(pred: tuple[Layout, Committed], label: tuple[Layout, Committed], param
     r_coeffs = np.zeros((4, N), dtype=np.uint64)
     r_coeffs[:, :N - 1] = rng.elems(4 * (N - 1)).reshape(4, N - 1)
     tc = _commit(np.concatenate([ntt.intt(trace), r_coeffs]), params, rng)
+    committed_tc = tc
+    if tamper_cosets:
+        bad = tc.lde.copy()
+        pos = (np.asarray(sorted(tamper_cosets))[:, None] + np.arange(Fo)[None, :] * (M // Fo)).ravel()
+        bad[2, pos] = F.add(bad[2, pos], np.uint64(1))
+        committed_tc = Committed(tc.coeffs, bad, MerkleTree(leaf_rows(bad, Fo), tc.tree.salts, params.hash))
 
     ts = Transcript(DOMAIN_TAG)
     ts.absorb(statement_bytes(params, lay, C, context, lc.root, label_context, pc.root))
-    ts.absorb(tc.root)
+    ts.absorb(committed_tc.root)
     alphas = np.stack([ts.ext() for _ in range(6)])
 
     # composition on the size-2N sub-coset of the LDE domain (its degree is < 2N), then two blinded chunks
@@ -267,47 +254,23 @@ def prove(pred: tuple[Layout, Committed], label: tuple[Layout, Committed], param
             inv = F.mul(inv, np.uint64(pow(w, (F.P - 2) * shift, F.P)))
         fx = F.add(fx, F.ext_mul(F.sub(num, const), inv))
 
-    # FRI
-    layers, offset = [], F.GENERATOR
-    f = fx
-    rounds = fri_rounds(N, params)
-    for i in range(rounds):
-        beta = ts.ext()
-        f, offset = fold(f, beta, offset, Fo)
-        if i < rounds - 1:
-            tree = MerkleTree(_fri_rows(f, Fo), None, params.hash)
-            layers.append((f, tree))
-            ts.absorb(tree.root)
-    d_final = N // Fo ** rounds
-    final = ntt.coset_interpolate(f.T, offset)[:, :d_final].T.copy()
-    ts.absorb(final.astype("<u4").tobytes())
+    layers, final = fri.commit(fx, N, params, ts)
     nonce = ts.grind(params.grinding)
     ts.absorb(struct.pack("<Q", nonce))
     queries = ts.indices(params.queries, M // Fo)
 
     out = Writer()
     out.raw(statement_bytes(params, lay, C, context, lc.root, label_context, pc.root))
-    out.raw(tc.root)
+    out.raw(committed_tc.root)
     out.raw(qc.root)
     out.elems(ood_arr)
-    for _, tree in layers:
-        out.raw(tree.root)
-    out.elems(final)
+    fri.write_commitments(out, layers, final)
     out.u64(nonce)
     idx = sorted(set(queries))
-    for com in (pc, lc, tc, qc):
+    for com in (pc, lc, committed_tc, qc):
         _write_opening(out, com.tree, idx, params)
-    size = M // Fo
-    for _, tree in layers:
-        size //= Fo
-        idx = sorted({i % size for i in idx})
-        _write_opening(out, tree, idx, params, salted=False)
+    fri.write_openings(out, layers, idx, M, Fo)
     return out.getvalue()
-
-
-def _fri_rows(f: np.ndarray, fo: int) -> np.ndarray:
-    s = len(f)
-    return f.reshape(fo, s // fo, 4).transpose(1, 0, 2).reshape(s // fo, fo * 4)
 
 
 def _write_opening(out: Writer, tree: MerkleTree, idx: list[int], params: Params, salted: bool = True) -> None:

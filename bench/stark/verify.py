@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import air
+from . import air, fri
 from . import field as F
 from . import merkle
-from .params import Params, fri_rounds, layout
+from .params import Params, layout
 from .proofio import MAGIC, InvalidProof, Reader
 from .prove import DEEP_TERMS, DOMAIN_TAG, sample_ood
 from .transcript import Transcript
@@ -37,26 +37,10 @@ class Statement:
         return self.correct / self.n
 
 
-def _fold_cosets(vals: np.ndarray, offsets: np.ndarray, beta: np.ndarray) -> np.ndarray:
-    """Fold every row of vals (Q, s, 4), the values on offsets_q * <w_s>, down to one value per row."""
-    b = beta
-    inv2 = np.uint64((F.P + 1) // 2)
-    while vals.shape[1] > 1:
-        s = vals.shape[1]
-        h = s // 2
-        a, c = vals[:, :h], vals[:, h:]
-        w_inv = pow(F.root_of_unity(s), F.P - 2, F.P)
-        inv2x = F.mul(F.mul(F.batch_inv(offsets)[:, None], F.powers(w_inv, h)[None, :]), inv2)
-        odd = F.ext_scale(F.sub(a, c), inv2x)
-        vals = F.add(F.mul(F.add(a, c), inv2), F.ext_mul(odd, b))
-        offsets = F.mul(offsets, offsets)
-        b = F.ext_mul(b, b)
-    return vals[:, 0]
-
-
-def verify(proof: bytes, label_root: bytes | None = None) -> Statement:
+def verify(proof: bytes, label_root: bytes | None = None, record: dict | None = None) -> Statement:
     """Verify a proof; return its statement or raise InvalidProof naming the failed check. With ``label_root``,
-    also require that the proof is about those committed labels."""
+    also require that the proof is about those committed labels. ``record``, if given, receives what the proof
+    reveals (out-of-domain values and opened leaves), for the zero-knowledge tests."""
     r = Reader(proof)
     if r.raw(len(MAGIC)) != MAGIC:
         raise InvalidProof("not a shiftbench STARK proof (bad magic)")
@@ -85,11 +69,8 @@ def verify(proof: bytes, label_root: bytes | None = None) -> Statement:
         raise InvalidProof("proof is about other labels than the given label commitment")
     t_root, q_root = r.raw(32), r.raw(32)
     ood_arr = r.elems((len(DEEP_TERMS), 4))
-    rounds = fri_rounds(N, params)
-    layer_roots = [r.raw(32) for _ in range(rounds - 1)]
+    layer_roots, final = fri.read_commitments(r, N, params)
     fo, M = params.fold, N * params.blowup
-    d_final = N // fo ** rounds
-    final = r.elems((d_final, 4))
     nonce = r.u64()
 
     ts = Transcript(DOMAIN_TAG)
@@ -101,12 +82,7 @@ def verify(proof: bytes, label_root: bytes | None = None) -> Statement:
     ts.absorb(ood_arr.astype("<u4").tobytes())
     ood = {t: ood_arr[k] for k, t in enumerate(DEEP_TERMS)}
     gamma = ts.ext()
-    betas = []
-    for i in range(rounds):
-        betas.append(ts.ext())
-        if i < rounds - 1:
-            ts.absorb(layer_roots[i])
-    ts.absorb(final.astype("<u4").tobytes())
+    betas = fri.replay(ts, layer_roots, final)
     if not ts.pow_ok(nonce, params.grinding):
         raise InvalidProof("proof of work does not hold")
     ts.absorb(struct.pack("<Q", nonce))
@@ -128,11 +104,13 @@ def verify(proof: bytes, label_root: bytes | None = None) -> Statement:
             v = r.elems((fo * width,))
             leaves.append(b"\x00" + salt + v.astype("<u4").tobytes())
             vals.append(v.reshape(fo, width))
-        nodes = _nodes(r)
+        nodes = fri.read_nodes(r)
         if not merkle.verify(root, depth, idx, leaves, nodes, params.hash):
             raise InvalidProof("a Merkle opening does not match its root")
         opened.append(np.stack(vals))
     p_v, l_v, t_v, q_v = opened
+    if record is not None:
+        record.update(ood=ood_arr, pred=p_v, label=l_v, trace=t_v, comp=q_v, queries=idx)
 
     # DEEP values on the queried cosets
     j = np.array(idx, dtype=np.int64)
@@ -160,44 +138,9 @@ def verify(proof: bytes, label_root: bytes | None = None) -> Statement:
         fx = F.add(fx, F.ext_mul(F.sub(num, const), F.ext_inv(F.sub(F.ext(xs), y))))
     vals = fx.reshape(len(idx), fo, 4)
 
-    size, offset = M, F.GENERATOR
-    cur = j
-    for layer in range(rounds):
-        coset_x = F.mul(F.powers_at(F.root_of_unity(size), cur), np.uint64(offset))
-        folded = _fold_cosets(vals, coset_x, betas[layer])
-        size //= fo
-        offset = pow(offset, fo, F.P)
-        if layer < rounds - 1:
-            leaves_n = size // fo
-            nxt = np.array(sorted({int(c) % leaves_n for c in cur}), dtype=np.int64)
-            lv = [r.elems((fo * 4,)) for _ in nxt]
-            nodes = _nodes(r)
-            if not merkle.verify(layer_roots[layer], (leaves_n).bit_length() - 1, [int(c) for c in nxt],
-                                 [b"\x00" + v.astype("<u4").tobytes() for v in lv], nodes, params.hash):
-                raise InvalidProof(f"a FRI layer {layer + 1} opening does not match its root")
-            table = {int(c): v.reshape(fo, 4) for c, v in zip(nxt, lv)}
-            got = np.stack([table[int(c) % leaves_n][int(c) // leaves_n] for c in cur])
-            if not np.array_equal(got, folded):
-                raise InvalidProof(f"FRI layer {layer + 1} is not the fold of layer {layer}")
-            vals = np.stack([table[int(c)] for c in nxt])
-            cur = nxt
-        else:
-            x = F.mul(F.powers_at(F.root_of_unity(size), cur), np.uint64(offset))
-            acc = np.zeros((len(cur), 4), dtype=np.uint64)
-            for c in final[::-1]:
-                acc = F.add(F.ext_scale(acc, x), c)
-            if not np.array_equal(acc, folded):
-                raise InvalidProof("the last FRI layer is not the sent low-degree polynomial")
+    fri.check(vals, j, layer_roots, betas, final, r, M, params)
     r.done()
     return Statement(n, C, context, l_root, label_context, p_root, params)
-
-
-def _nodes(r: Reader) -> list[bytes]:
-    count = r.u64()
-    if count > 1 << 20:
-        raise InvalidProof("too many Merkle nodes")
-    raw = r.raw(32 * count)
-    return [raw[i:i + 32] for i in range(0, len(raw), 32)]
 
 
 def _domain_points(M: int, pos: np.ndarray) -> np.ndarray:

@@ -1,0 +1,279 @@
+"""The soundness battery for shiftbench.stark: honest proofs verify, every cheat we can state fails, the rates are
+the predicted ones and the format is pinned. Small parameters keep it fast; the exhaustive sweeps are marked slow."""
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+
+from shiftbench.stark import InvalidProof, Params, commit_column, layout, prove, soundness, verify
+from shiftbench.stark import field as F
+from shiftbench.stark import fri, ntt
+from shiftbench.stark.proofio import Reader, Writer
+from shiftbench.stark.transcript import Transcript
+
+SMALL = Params(queries=2, fold=4, final_degree=8, grinding=2, max_proofs=1)
+P = F.P
+
+
+def _case(n, acc=None, seed=0, params=SMALL):
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, 10, n)
+    pred = rng.integers(0, 10, n) if acc is None else (label if acc == 1 else (label + 1) % 10)
+    return pred, label, commit_column(pred, params, b"p%d" % seed), commit_column(label, params, b"l%d" % seed)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 16, 17, 10_000])
+def test_honest_proofs_verify(n):
+    pred, label, pc, lc = _case(n)
+    st = verify(prove(pc, lc, SMALL, seed=b"s"), label_root=lc[1].root)
+    assert (st.n, st.correct) == (n, int(np.sum(pred == label)))
+
+
+@pytest.mark.parametrize("acc", [0, 1])
+def test_accuracy_zero_and_one(acc):
+    _, _, pc, lc = _case(33, acc=acc)
+    assert verify(prove(pc, lc, SMALL, seed=b"s")).correct == 33 * acc
+
+
+def test_default_parameters_prove_and_verify():
+    pred, label, pc, lc = _case(300, params=Params())
+    st = verify(prove(pc, lc, Params()), label_root=lc[1].root)
+    assert st.correct == int(np.sum(pred == label)) and st.params == Params()
+
+
+def test_claiming_c_plus_or_minus_one_fails():
+    pred, label, pc, lc = _case(50)
+    c = int(np.sum(pred == label))
+    for wrong in (c - 1, c + 1):
+        with pytest.raises(InvalidProof, match="out-of-domain"):
+            verify(prove(pc, lc, SMALL, C=wrong, seed=b"s"))
+
+
+def _valid(trace, lay, C):
+    """An independent check of the AIR over Python ints (the statement, not the code under test)."""
+    p, l, e, v, s = ([int(x) for x in row] for row in trace)
+    N, D = lay.N, lay.D
+    for i in range(N):
+        if i % D == D - 1:
+            continue
+        d = (p[i] - l[i]) % P
+        if e[i] * d % P or (1 - e[i] - d * v[i]) % P:
+            return False
+        if i % D < D - 2 and (s[i + 1] - s[i] - e[i + 1]) % P:
+            return False
+        if i % D == D - 2 and i != N - 2 and (s[i + 2] - s[i] - e[i + 2]) % P:
+            return False
+    return s[0] == e[0] and s[lay.last] == C
+
+
+def _cell_changes(n, cells):
+    pred, label, pc, lc = _case(n, seed=n)
+    lay = pc[0]
+    C = int(np.sum(pred == label))
+    outcomes = []
+    for col, row in cells:
+        def edit(t, col=col, row=row):
+            t = t.copy()
+            t[col, row] = (int(t[col, row]) + 1) % P
+            return t
+        captured = {}
+
+        def spy(t, edit=edit):
+            captured["t"] = edit(t)
+            return captured["t"]
+        proof = prove(pc, lc, SMALL, C=C, seed=b"cell", trace_override=spy)
+        try:
+            verify(proof)
+            accepted = True
+        except InvalidProof:
+            accepted = False
+        outcomes.append((accepted, _valid(captured["t"], lay, C)))
+    return outcomes
+
+
+def _all_cells(n):
+    lay = layout(n, SMALL)
+    return [(c, r) for c in range(5) for r in range(lay.N) if r % lay.D != lay.D - 1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [16, 32])
+def test_every_single_cell_change_fails_exhaustive(n):
+    outcomes = _cell_changes(n, _all_cells(n))
+    # accepted exactly when the edited trace is still a witness (only v where p = l is free)
+    assert all(acc == valid for acc, valid in outcomes)
+    assert sum(not v for _, v in outcomes) >= 4 * len(outcomes) // 5
+
+
+def test_single_cell_changes_sampled():
+    cells = _all_cells(16)
+    rng = np.random.default_rng(5)
+    picks = [cells[i] for i in rng.choice(len(cells), 24, replace=False)] + [(4, layout(16, SMALL).last)]
+    outcomes = _cell_changes(16, picks)
+    assert all(acc == valid for acc, valid in outcomes)
+    assert sum(not v for _, v in outcomes) >= 15
+
+
+def _flip_positions(proof, every):
+    return range(len(proof)) if every else sorted(set(range(0, 200)) | set(range(0, len(proof), 37))
+                                                    | set(range(len(proof) - 64, len(proof))))
+
+
+@pytest.mark.parametrize("every", [pytest.param(True, marks=pytest.mark.slow), False])
+def test_every_byte_flip_fails(every):
+    _, _, pc, lc = _case(5, seed=3)
+    proof = prove(pc, lc, SMALL, seed=b"s")
+    verify(proof)
+    for i in _flip_positions(proof, every):
+        bad = bytearray(proof)
+        bad[i] ^= 0x01 if i % 2 else 0x80
+        with pytest.raises(InvalidProof):
+            verify(bytes(bad))
+    with pytest.raises(InvalidProof):
+        verify(proof + b"\x00")
+    with pytest.raises(InvalidProof):
+        verify(proof[:-1])
+
+
+def _fri_run(coeffs, N, params, seed=b"fri"):
+    """Run FRI on the codeword of ``coeffs`` (ext, (4, k)) on the size-M coset: prover, then verifier."""
+    M = N * params.blowup
+    f = ntt.coset_lde(coeffs, M).T.copy() if coeffs is not None else None
+    return _fri_codeword(f, N, params)
+
+
+def _fri_codeword(f, N, params):
+    M = len(f)
+    ts = Transcript(b"fri-test")
+    layers, final = fri.commit(f, N, params, ts)
+    out = Writer()
+    fri.write_commitments(out, layers, final)
+    idx = sorted(set(ts.indices(params.queries, M // params.fold)))
+    fri.write_openings(out, layers, idx, M, params.fold)
+    r = Reader(out.getvalue())
+    vt = Transcript(b"fri-test")
+    roots, fin = fri.read_commitments(r, N, params)
+    betas = fri.replay(vt, roots, fin)
+    assert vt.indices(params.queries, M // params.fold) is not None
+    cos = np.array(idx)
+    vals = f.reshape(params.fold, M // params.fold, 4).transpose(1, 0, 2)[cos]
+    fri.check(vals, cos, roots, betas, fin, r, M, params)
+    r.done()
+
+
+def test_fri_accepts_degree_bound_and_rejects_beyond():
+    params = Params(queries=20, fold=4, final_degree=4, grinding=0)
+    N = 64
+    rng = np.random.default_rng(9)
+    ok = rng.integers(0, P, (4, N), dtype=np.uint64)  # degree N - 1 = d
+    _fri_run(ok, N, params)
+    for deg in (N + 1, 2 * N):  # degree d + 1 and ~2d
+        bad = rng.integers(0, P, (4, deg), dtype=np.uint64)
+        bad[:, -1] = 1
+        with pytest.raises(InvalidProof):
+            _fri_run(bad, N, params)
+    with pytest.raises(InvalidProof):
+        _fri_codeword(rng.integers(0, P, (N * params.blowup, 4), dtype=np.uint64), N, params)
+
+
+def test_proof_for_one_submission_fails_for_another():
+    pred, label, pc, lc = _case(40, seed=1)
+    _, _, pc2, lc2 = _case(40, seed=2)
+    proof = prove(pc, lc, SMALL, context=b"trial:aaaa split:env0_out", seed=b"s")
+    with pytest.raises(InvalidProof, match="other labels"):
+        verify(proof, label_root=lc2[1].root)
+
+    def swapped(old: bytes, new: bytes) -> bytes:
+        assert proof.count(old) == 1
+        return proof.replace(old, new)
+    for bad in (swapped(lc[1].root, lc2[1].root), swapped(pc[1].root, pc2[1].root),
+                swapped(b"env0_out", b"env1_out"), swapped(b'"queries": 2', b'"queries": 3')):
+        with pytest.raises(InvalidProof):
+            verify(bad)
+    # another n: the 24 layout bytes after the parameters
+    raw = Params.encode(SMALL)
+    at = proof.index(raw) + len(raw)
+    for n2 in (39, 41):
+        bad = proof[:at] + n2.to_bytes(8, "little") + proof[at + 8:]
+        with pytest.raises(InvalidProof):
+            verify(bad)
+    # another parameter set cannot reuse a commitment made for this one
+    with pytest.raises(ValueError):
+        prove(pc, commit_column(label, Params(queries=3, fold=4, final_degree=8, grinding=2, max_proofs=1)), SMALL)
+
+
+def _cheater_rate(q, trials, delta_den=4):
+    params = Params(queries=q, fold=4, final_degree=8, grinding=0, max_proofs=1)
+    _, _, pc, lc = _case(16, seed=4, params=params)
+    M = pc[0].N * params.blowup
+    bad = {j for j in range(M // params.fold) if j % delta_den == 0}
+    accepted = 0
+    for t in range(trials):
+        try:
+            verify(prove(pc, lc, params, seed=b"cheat%d" % t, tamper_cosets=bad))
+            accepted += 1
+        except InvalidProof:
+            pass
+    return accepted, (1 - 1 / delta_den) ** q
+
+
+@pytest.mark.parametrize("q,trials", [(1, 120), (3, 120)])
+def test_cheater_accepted_at_predicted_rate(q, trials):
+    accepted, rate = _cheater_rate(q, trials)
+    sd = math.sqrt(trials * rate * (1 - rate))
+    assert abs(accepted - trials * rate) <= 4 * sd, (accepted, trials * rate)
+
+
+def test_frozen_known_answer_proof():
+    pred = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 1])
+    label = np.array([0, 1, 2, 0, 4, 0, 6, 0, 8, 0, 1, 0])
+    proof = prove(commit_column(pred, SMALL, b"kat-p"), commit_column(label, SMALL, b"kat-l"), SMALL,
+                  context=b"kat", seed=b"kat")
+    st = verify(proof)
+    assert (st.n, st.correct, st.context) == (12, 7, b"kat")
+    assert hashlib.sha256(proof).hexdigest() == KAT_DIGEST, hashlib.sha256(proof).hexdigest()
+    assert len(proof) == KAT_SIZE
+
+
+KAT_DIGEST = "f31df198e9858e457912c406eaaf257055001b8b157e6fa90c2f037408534fcc"
+KAT_SIZE = 2816
+
+
+@pytest.mark.slow
+def test_zero_knowledge_openings_do_not_tell_label_vectors_apart():
+    # two label vectors with the same count against the same predictions: all zeros vs all ones, C = 8 of 16
+    from sklearn.linear_model import LogisticRegression
+
+    pred = np.array([0] * 8 + [1] * 8)
+    labels = [np.array([0] * 8 + [0] * 8), np.array([1] * 8 + [1] * 8)]
+    feats, ys = [], []
+    for t in range(60):
+        for y, lab in enumerate(labels):
+            lc = commit_column(lab, SMALL, b"zk-l%d-%d" % (t, y))
+            pc = commit_column(pred, SMALL, b"zk-p%d-%d" % (t, y))
+            rec = {}
+            assert verify(prove(pc, lc, SMALL, seed=b"zk%d%d" % (t, y)), record=rec).correct == 8
+            vals = np.concatenate([rec["label"][0].ravel(), rec["ood"][1], rec["trace"][0, :, :3].ravel()])
+            feats.append(np.concatenate([(vals >> np.uint64(k)) & np.uint64(1) for k in range(4)]).astype(float))
+            ys.append(y)
+    X, y = np.array(feats), np.array(ys)
+    clf = LogisticRegression(max_iter=2000).fit(X[:60], y[:60])  # proofs 0..29 train, 30..59 test
+    acc = clf.score(X[60:], y[60:])
+    # 60 held-out proofs: chance is 0.5 with sd 0.065; a leak of the labels would show as accuracy near 1
+    assert abs(acc - 0.5) < 4 * 0.5 / math.sqrt(60), acc
+    # the same classifier on the raw labels at the example rows (what an unmasked trace would reveal) is perfect
+    raw = np.array([np.concatenate([lab, lab]) for lab in labels] * 10, dtype=float)
+    assert LogisticRegression().fit(raw, [0, 1] * 10).score(raw, [0, 1] * 10) == 1.0
+
+
+def test_soundness_figures_match_the_formulas():
+    p = Params()
+    s = soundness(p, 10 ** 6)
+    ext_bits = 4 * math.log2(P)
+    assert s["lde"] == 2 ** 22
+    assert s["conjectured_bits"] == round(min(ext_bits - 22, 41 * 2 + 20) - 1, 1) >= 100
+    assert s["per_query_proven_bits"] == round(-math.log2(math.sqrt(0.25) * (1 + 1 / 6)), 3)
+    assert 45 < s["proven_bits"] < s["conjectured_bits"]
+    assert soundness(Params(queries=20), 10 ** 6)["conjectured_bits"] == round(20 * 2 + 20 - 1, 1)
