@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from shiftbench.methods.cad import CAD, cad_bottleneck
 from shiftbench.methods.causirl_coral import CausIRLCORAL
 from shiftbench.methods.causirl_mmd import CausIRLMMD, split_halves
 from shiftbench.methods.eqrm import EQRM, kde_quantile
@@ -25,6 +26,7 @@ from shiftbench.methods.ib_irm import IBIRM
 from shiftbench.methods.irm import irm_penalty
 from shiftbench.methods.rdm import GAMMAS as RDM_GAMMAS
 from shiftbench.methods.rdm import RDM, rdm_penalties
+from shiftbench.methods.condcad import CondCAD
 from shiftbench.registry import METHODS
 from shiftbench.tasks import Classification, Preference
 
@@ -73,6 +75,8 @@ def test_registered_with_domainbed_defaults():
                    "irm_penalty_anneal_iters": 500},
         "fish": {"meta_lr": 0.5},
         "fishr": {"fishr_lambda": 1000.0, "fishr_penalty_anneal_iters": 1500, "fishr_ema": 0.95},
+        "cad": {"cad_lambda": 0.1, "cad_temperature": 0.1, "cad_flipped": True, "cad_project": False},
+        "condcad": {"cad_lambda": 0.1, "cad_temperature": 0.1, "cad_flipped": True, "cad_normalized": False},
         "causirl_coral": {"mmd_gamma": 1.0},
         "causirl_mmd": {"mmd_gamma": 1.0},
         "eqrm": {"eqrm_quantile": 0.75, "eqrm_burnin_iters": 2500, "eqrm_lr": 1e-6},
@@ -345,3 +349,58 @@ def test_fishr_update_uses_lambda_after_anneal():
     s1 = algo.update(envs, 1)
     assert s1["penalty"].item() > 0
     assert s1["loss"].item() == pytest.approx(s1["nll"].item() + 7.0 * s1["penalty"].item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------- CAD, CondCAD
+
+
+def np_cad(z, y, d, tau, conditional, flipped):
+    """The bottleneck by an explicit loop over anchors, with probabilities (not log-sum-exp)."""
+    terms = []
+    for i in range(len(z)):
+        others = [j for j in range(len(z)) if j != i and (y[j] == y[i] or not conditional)]
+        target = [j for j in others if (d[j] != d[i]) == flipped]
+        if not any(y[j] == y[i] for j in range(len(z)) if j != i) or not target:
+            continue
+        e = {j: math.exp(float(np.dot(z[i], z[j])) / tau) for j in others}
+        mass = sum(e[j] for j in target) / sum(e.values())
+        terms.append((-1 if flipped else 1) * math.log(mass) * tau / 0.07)
+    return float(np.mean(terms)) if terms else 0.0
+
+
+def test_condcad_bottleneck_by_hand():
+    # one class; z0 = [1, 0] (domain 0), z1 = [2, 0] (domain 1), z2 = [0, 3] (domain 0); tau = 1:
+    #   anchor 0: s01 = 2, s02 = 0; other domain {1}: -log(e^2 / (e^2 + 1)) = log(1 + e^-2) = 0.126928
+    #   anchor 1: both others are in the other domain: -log 1 = 0
+    #   anchor 2: s20 = s21 = 0; other domain {1}: -log(1/2) = log 2
+    # mean (0.126928 + log 2) / 3 = 0.273358, scaled by tau / 0.07
+    z, d = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]]), torch.tensor([0, 1, 0])
+    y = torch.zeros(3, dtype=torch.long)
+    expected = (math.log(1 + math.exp(-2)) + math.log(2)) / 3 / 0.07
+    assert cad_bottleneck(z, y, d, 1.0, conditional=True).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+@pytest.mark.parametrize("flipped", [True, False])
+def test_cad_bottleneck_matches_a_loop(conditional, flipped):
+    g = torch.Generator().manual_seed(9)
+    z = torch.randn(8, 3, generator=g)
+    y, d = torch.tensor([0, 0, 1, 1, 0, 2, 1, 0]), torch.tensor([0, 1, 0, 1, 1, 1, 0, 0])
+    got = cad_bottleneck(z, y, d, 0.5, conditional=conditional, flipped=flipped)
+    assert got.item() == pytest.approx(np_cad(z.numpy(), y.numpy(), d.numpy(), 0.5, conditional, flipped), rel=1e-5)
+
+
+def test_cad_update_adds_the_bottleneck_and_stays_finite_without_partners():
+    envs = env_batches(seed=10, d=2, k=2)
+    for cls in (CAD, CondCAD):
+        algo = make(cls, cad_lambda=0.5)
+        stats = algo.update(envs, 0)
+        x, y = torch.cat([b["x"] for b in envs]), torch.cat([b["y"] for b in envs])
+        d = torch.tensor([0] * 6 + [1] * 6)
+        bn = np_cad(x.numpy(), y.numpy(), d.numpy(), 0.1, cls.CONDITIONAL, True)
+        assert stats["penalty"].item() == pytest.approx(bn, rel=1e-5)
+        assert stats["loss"].item() == pytest.approx(nn.functional.cross_entropy(x, y).item() + 0.5 * bn, rel=1e-5)
+    lone = [{"x": torch.randn(2, 2), "y": torch.tensor([0, 1]), "idx": torch.arange(2)}]  # no two share a label
+    algo = make(CondCAD, n_envs=1)
+    assert algo.update(lone, 0)["penalty"].item() == 0.0
+    assert all(torch.isfinite(p).all() for p in algo.model.parameters())
