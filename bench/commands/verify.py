@@ -43,6 +43,11 @@ def register(subparsers) -> None:
                    help="sweep folder whose mlflow.db resolves RUN_ID (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--seed", type=int, default=None, help="seed of the re-execution sample")
     p.add_argument("--data-root", default=os.environ.get("SHIFTBENCH_DATA"), help="folder with real datasets")
+    p.add_argument("--proof", action="store_true",
+                   help="PATH is a zk-STARK accuracy proof (shiftbench prove), or a trial folder holding proof_*.stark: "
+                        "check it without labels or predictions (exit 0 verified, 1 invalid)")
+    p.add_argument("--labels", type=Path, default=None, metavar="COMMITMENT",
+                   help="with --proof: the published label commitment the proof must be about")
     p.set_defaults(func=run)
 
 
@@ -83,6 +88,10 @@ def run(a) -> int:
         verify_path
     from ..attest.witness import WitnessState
 
+    if a.proof:
+        from ..stark.files import verify_paths
+
+        return verify_paths(Path(a.target), a.labels)
     if a.reexecute < 0:
         raise UserError(f"--reexecute must be >= 0 (got {a.reexecute})")
     if a.countersign is not None and a.reexecute < 1:

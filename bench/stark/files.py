@@ -1,0 +1,179 @@
+"""The files of the proof workflow: a label commitment (public JSON), its opening (private: the labels and the
+seed that rebuilds the masked column), and per trial and split a proof, its summary and the predictions' opening.
+
+Label commitment ``shiftbench.label-commitment/1``::
+
+    {"format", "root" (hex), "n", "N", "D", "params" {...}, "params_digest", "context", "split"}
+
+Proof summary ``shiftbench.stark-proof/1`` (next to ``proof_<split>.stark``)::
+
+    {"format", "split", "trial", "n", "correct", "accuracy", "label_root", "pred_root", "params_digest",
+     "proof_sha256", "proof_bytes", "soundness" {...}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from .params import Params, soundness
+from .proofio import InvalidProof
+from .prove import commit_column, prove
+from .verify import Statement, verify
+
+COMMITMENT_FORMAT = "shiftbench.label-commitment/1"
+PROOF_FORMAT = "shiftbench.stark-proof/1"
+
+
+def canonical_split(preds_npz: Path, split: str, key: str) -> np.ndarray:
+    """Column ``key`` (``label`` or ``pred``) of one split of a predictions.npz, in example-id order; refuses a
+    split whose ids are not exactly 0..n-1 (a copied or dropped row would otherwise change the statement)."""
+    try:
+        with np.load(preds_npz, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {preds_npz}: {e}") from None
+    if key not in arrays or "split" not in arrays or "idx" not in arrays:
+        raise UserError(f"{preds_npz} has no {key!r}/split/idx arrays (a classification trial's predictions.npz)")
+    rows = arrays["split"] == split
+    if not rows.any():
+        names = sorted(set(arrays["split"].tolist()))
+        raise UserError(f"{preds_npz} has no split {split!r}; it has {', '.join(names)}")
+    idx, vals = arrays["idx"][rows], arrays[key][rows]
+    order = np.argsort(idx, kind="stable")
+    if not np.array_equal(idx[order], np.arange(len(idx))):
+        raise UserError(f"split {split!r} of {preds_npz}: example ids are not exactly 0..{len(idx) - 1} "
+                        "(copied or dropped rows); a proof needs every example once")
+    vals = np.asarray(vals[order])
+    if vals.dtype.kind not in "iu" or (vals < 0).any():
+        raise UserError(f"split {split!r} of {preds_npz}: {key} must be non-negative class indices")
+    return vals.astype(np.int64)
+
+
+def commit_labels(labels: np.ndarray, split: str, context: str, out: Path, params: Params = Params()) -> dict:
+    """Write the public commitment ``out`` and its private opening ``out``.opening.npz; return the commitment."""
+    seed = os.urandom(32)
+    lay, com = commit_column(labels, params, seed)
+    doc = {"format": COMMITMENT_FORMAT, "root": com.root.hex(), "n": lay.n, "N": lay.N, "D": lay.D,
+           "params": json.loads(params.encode()), "params_digest": params.digest, "context": context, "split": split}
+    opening = opening_path(out)
+    with open(os.open(opening, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        np.savez(f, seed=np.frombuffer(seed, dtype=np.uint8), labels=labels, root=np.frombuffer(com.root, np.uint8))
+    out.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    return doc
+
+
+def opening_path(commitment: Path) -> Path:
+    return commitment.with_name(commitment.name + ".opening.npz")
+
+
+def read_commitment(path: Path) -> dict:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read label commitment {path}: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != COMMITMENT_FORMAT:
+        raise UserError(f"{path} is not a label commitment ({COMMITMENT_FORMAT}); make one with shiftbench labels "
+                        "commit")
+    return doc
+
+
+def label_context(doc: dict) -> bytes:
+    return json.dumps({"context": doc["context"], "split": doc["split"], "n": doc["n"]}, sort_keys=True).encode()
+
+
+def prove_trial(trial: Path, commitment: Path, opening: Path | None = None) -> dict:
+    """Prove the accuracy of one trial's predictions on the committed split; write proof_<split>.stark and
+    proof_<split>.json into the trial folder (and the predictions' opening seed, private); return the summary."""
+    doc = read_commitment(commitment)
+    params = Params(**doc["params"])
+    opening = opening or opening_path(commitment)
+    try:
+        with np.load(opening, allow_pickle=False) as z:
+            seed, labels, root = z["seed"].tobytes(), z["labels"], z["root"].tobytes()
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot read the label opening {opening} (kept by whoever ran labels commit): {e}") from None
+    if root.hex() != doc["root"]:
+        raise UserError(f"{opening} opens another commitment than {commitment}")
+    split = doc["split"]
+    preds = canonical_split(trial / "predictions.npz", split, "pred")
+    if len(preds) != doc["n"]:
+        raise UserError(f"{trial}: split {split!r} has {len(preds)} examples, the label commitment {doc['n']}")
+    lc = commit_column(labels, params, seed)
+    if lc[1].root.hex() != doc["root"]:
+        raise UserError(f"{opening} does not rebuild the committed root (labels or seed changed)")
+    pred_seed = os.urandom(32)
+    pc = commit_column(preds, params, pred_seed)
+    spec = json.loads((trial / "spec.json").read_text()) if (trial / "spec.json").is_file() else {}
+    context = json.dumps({"trial": spec.get("hash", trial.name), "split": split}, sort_keys=True).encode()
+    proof = prove(pc, lc, params, context=context, label_context=label_context(doc))
+    st = verify(proof, label_root=lc[1].root)
+    summary = {"format": PROOF_FORMAT, "split": split, "trial": spec.get("hash", trial.name), "n": st.n,
+               "correct": st.correct, "accuracy": st.accuracy, "label_root": doc["root"],
+               "pred_root": st.pred_root.hex(), "params_digest": params.digest,
+               "proof_sha256": hashlib.sha256(proof).hexdigest(), "proof_bytes": len(proof),
+               "soundness": soundness(params, st.n)}
+    base = trial / f"proof_{split}"
+    tmp = base.with_suffix(".stark.tmp")
+    tmp.write_bytes(proof)
+    tmp.replace(base.with_suffix(".stark"))
+    with open(os.open(trial / f"proof_{split}.pred-opening.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+              "wb") as f:
+        f.write(pred_seed)
+    base.with_suffix(".json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    return summary
+
+
+def verify_file(proof_path: Path, commitment: Path | None = None) -> Statement:
+    """Verify a proof file, optionally against a published label commitment (its root and its context)."""
+    try:
+        proof = Path(proof_path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read proof {proof_path}: {e}") from None
+    root = ctx = None
+    if commitment is not None:
+        doc = read_commitment(commitment)
+        root, ctx = bytes.fromhex(doc["root"]), label_context(doc)
+    st = verify(proof, label_root=root)
+    if ctx is not None and st.label_context != ctx:
+        raise InvalidProof("the proof's label context differs from the commitment's")
+    return st
+
+
+def verify_paths(target: Path, commitment: Path | None = None) -> int:
+    """``shiftbench verify --proof``: verify a proof file or every proof_*.stark of a trial folder; print one line
+    each; 0 if all verify, 1 otherwise."""
+    if target.is_dir():
+        files = sorted(target.glob("proof_*.stark"))
+        if not files:
+            raise UserError(f"{target} holds no proof_*.stark (make them with shiftbench prove)")
+    elif target.is_file():
+        files = [target]
+    else:
+        raise UserError(f"{target} is neither a proof file nor a folder")
+    status = 0
+    for f in files:
+        try:
+            st = verify_file(f, commitment)
+        except InvalidProof as e:
+            print(f"FAILED  {f}: {e}")
+            status = 1
+            continue
+        summary = f.with_suffix(".json")
+        note = ""
+        if summary.is_file():
+            doc = json.loads(summary.read_text())
+            if doc.get("proof_sha256") != hashlib.sha256(f.read_bytes()).hexdigest():
+                print(f"FAILED  {f}: {summary.name} names another proof digest")
+                status = 1
+                continue
+        bits = soundness(st.params, st.n)
+        print(f"OK      {f}: {st.correct}/{st.n} = {st.accuracy:.4f} correct against labels {st.label_root.hex()[:16]}"
+              f" (predictions {st.pred_root.hex()[:16]}; {bits['conjectured_bits']} conjectured / "
+              f"{bits['proven_bits']} proven bits){note}")
+    return status
