@@ -4,7 +4,7 @@ MLflow builds a fresh sqlite store in place, in dozens of schema migrations that
 transaction: a ``kill -9`` in the middle leaves a half-built ``mlflow.db`` (a leftover ``_alembic_tmp_*`` table, a
 schema version short of head) that every later launch fails on, and several processes creating one store at once
 race through the same migrations. Here a store is built under a temporary name beside its final one
-(``mlflow.db.creating-<pid>``) and renamed into place only once MLflow has fully initialised it, all under a lock
+(``mlflow.db.creating-<pid>-<random>``) and renamed into place only once MLflow has fully initialised it, all under a lock
 file, so the final name only ever holds a complete store. A store that exists but is damaged (unreadable, not at
 MLflow's schema head, migration leftovers, missing tables) is moved aside as ``mlflow.db.broken-<time>`` and built
 afresh; the sweep driver then mirrors every ended trial again from the trial folders, which are the source of
@@ -18,6 +18,7 @@ import os
 import sqlite3
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from .errors import UserError
 from .locks import FileLock
 
 CREATING = ".creating-"
-"""Infix of a store being built: ``mlflow.db.creating-<pid>``. Only a killed build leaves one behind."""
+"""Infix of a store being built: ``mlflow.db.creating-<pid>-<random>``. Only a killed build leaves one behind."""
 BROKEN = ".broken-"
 """Infix of a damaged store moved aside: ``mlflow.db.broken-<YYYYmmdd-HHMMSS>-<pid>``."""
 LOCK_DIR = ".locks"
@@ -101,6 +102,7 @@ def ensure_store(db: Path) -> StoreState:
             stale.unlink(missing_ok=True)
         if not db.exists():
             _build(db)
+            _reconnect(db)
             return StoreState("created")
         problem = _problem(db)
         if problem is None:
@@ -109,6 +111,7 @@ def ensure_store(db: Path) -> StoreState:
         if upgradable:
             try:
                 _upgrade(db)
+                _reconnect(db)
                 return StoreState("upgraded", reason)
             except Exception as e:  # a half-applied old migration: the copy is dropped, the store rebuilt below
                 reason = f"{reason}; upgrading it failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
@@ -116,6 +119,7 @@ def ensure_store(db: Path) -> StoreState:
         print(f"MLflow store {db} is damaged ({reason}); moved it to {broken.name} and building a new one "
               "(the sweep mirrors its trials again from their folders)", file=sys.stderr)  # fmt: skip
         _build(db)
+        _reconnect(db)
         return StoreState("rebuilt", reason, broken)
 
 
@@ -188,7 +192,9 @@ def _schema() -> tuple[str | None, set[str], set[str] | None]:
 
 
 def _creating(db: Path) -> Path:
-    return db.with_name(f"{db.name}{CREATING}{os.getpid()}")
+    # Unique per build, not just per process: MLflow caches a store object per URI, and a second build in one
+    # process under the same name would get the first one's, which believes its tables exist.
+    return db.with_name(f"{db.name}{CREATING}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def _build(db: Path) -> None:
@@ -241,6 +247,22 @@ def _close_engine(uri: str) -> None:
         return
     if engine is not None:
         engine.dispose()
+
+
+def _reconnect(db: Path) -> None:
+    """Close this process's pooled MLflow connections to ``db``: they hold the file that was there before.
+
+    MLflow keeps one engine per URI for the life of the process; its next use opens the new file.
+    """
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        engines = list(SqlAlchemyStore._engine_map.items())
+    except (ImportError, AttributeError):  # pragma: no cover - MLflow internals moved
+        return
+    for uri, engine in engines:
+        if sqlite_file(uri) == db:
+            engine.dispose()
 
 
 def _publish(tmp: Path, db: Path) -> None:
