@@ -871,8 +871,9 @@ def _new_figure(width: float, height: float, layout: str | None = None) -> Any:
 
 
 def _wrap(title: str, width_in: float, fontsize: float = 10) -> str:
-    """The title wrapped to the axes' width (about 0.55 · fontsize points per character)."""
-    return textwrap.fill(title, max(20, int(width_in * 72 / (0.55 * fontsize))))
+    """The title wrapped to an axes ``width_in`` inches wide (DejaVu Sans: about 0.6 · fontsize points a character,
+    rounded up to be safe)."""
+    return textwrap.fill(title, max(20, int(width_in * 72 / (0.6 * fontsize))))
 
 
 def plot_env_bars(table: Table, path: Path) -> None:
@@ -896,7 +897,7 @@ def plot_env_bars(table: Table, path: Path) -> None:
     ax.set_xlabel("test environment (held out)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(_wrap(f"{table.dataset}: {table.title}, mean ± SE over seeds", width_in - 1.5), fontsize=10)
+    ax.set_title(_wrap(f"{table.dataset}: {table.title}, mean ± SE over seeds", width_in - 2.5), fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method", title_fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(path, format="png")
@@ -933,7 +934,8 @@ def plot_over_steps(trials: Sequence[Trial], path: Path) -> None:
             ax.plot(steps, mean, marker=st["marker"], linestyle=st["linestyle"], color=st["color"], markersize=4,
                     label=m)
             ax.fill_between(steps, mean - se, mean + se, alpha=0.15, color=st["color"], linewidth=0)
-        ax.set_title(_wrap(f"{ds}: test-environment accuracy by step, mean ± SE over trials", panel_in), fontsize=10)
+        ax.set_title(_wrap(f"{ds}: test-environment accuracy by step, mean ± SE over trials", panel_in - 1.0),
+                     fontsize=10)
         ax.set_xlabel("training step")
         ax.set_ylabel("test-env in-split accuracy (%)")
         ax.grid(alpha=0.3)
