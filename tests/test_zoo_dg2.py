@@ -19,6 +19,7 @@ from shiftbench.methods.cad import CAD, cad_bottleneck
 from shiftbench.methods.causirl_coral import CausIRLCORAL
 from shiftbench.methods.causirl_mmd import CausIRLMMD, split_halves
 from shiftbench.methods.eqrm import EQRM, kde_quantile
+from shiftbench.methods.ermplusplus import ERMPlusPlus
 from shiftbench.methods.fish import Fish
 from shiftbench.methods.fishr import Fishr, gradient_variance, per_example_head_grads
 from shiftbench.methods.ib_erm import IBERM, ib_penalty
@@ -27,6 +28,8 @@ from shiftbench.methods.irm import irm_penalty
 from shiftbench.methods.rdm import GAMMAS as RDM_GAMMAS
 from shiftbench.methods.rdm import RDM, rdm_penalties
 from shiftbench.methods.condcad import CondCAD
+from shiftbench.methods.transfer import Transfer, project_to_ball
+from shiftbench.methods.urm import URM
 from shiftbench.registry import METHODS
 from shiftbench.tasks import Classification, Preference
 
@@ -77,6 +80,10 @@ def test_registered_with_domainbed_defaults():
         "fishr": {"fishr_lambda": 1000.0, "fishr_penalty_anneal_iters": 1500, "fishr_ema": 0.95},
         "cad": {"cad_lambda": 0.1, "cad_temperature": 0.1, "cad_flipped": True, "cad_project": False},
         "condcad": {"cad_lambda": 0.1, "cad_temperature": 0.1, "cad_flipped": True, "cad_normalized": False},
+        "ermplusplus": {"erm_linear_lr": 5e-5, "erm_linear_steps": 500, "erm_sma_start": 600},
+        "transfer": {"t_lambda": 1.0, "transfer_delta": 2.0, "transfer_d_steps_per_g": 10, "transfer_lr_d": 1e-3},
+        "urm": {"urm_adv_lambda": 0.1, "urm_discriminator_hidden_layers": 1, "urm_generator_output": "tanh",
+                "urm_discriminator_lr": 1e-3, "urm_discriminator_label_smoothing": 0.0},
         "causirl_coral": {"mmd_gamma": 1.0},
         "causirl_mmd": {"mmd_gamma": 1.0},
         "eqrm": {"eqrm_quantile": 0.75, "eqrm_burnin_iters": 2500, "eqrm_lr": 1e-6},
@@ -404,3 +411,92 @@ def test_cad_update_adds_the_bottleneck_and_stays_finite_without_partners():
     algo = make(CondCAD, n_envs=1)
     assert algo.update(lone, 0)["penalty"].item() == 0.0
     assert all(torch.isfinite(p).all() for p in algo.model.parameters())
+
+
+# ---------------------------------------------------------------- ERM++
+
+
+def small_model(seed: int = 1, d: int = 3, k: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    return Linear(torch.randn(k, 4), bias=True, featurizer=nn.Sequential(nn.Linear(d, 4), nn.Tanh()))
+
+
+def test_ermplusplus_probes_the_head_then_scores_the_uniform_weight_average():
+    envs = env_batches(seed=11)
+    algo = ERMPlusPlus(small_model(), Classification(), 2,
+                       defaults(ERMPlusPlus, lr=0.01, erm_linear_lr=0.05, erm_linear_steps=2, erm_sma_start=3))
+    feat0 = copy.deepcopy(algo.model.featurizer.state_dict())
+    head0 = algo.model.head.weight.detach().clone()
+    iterates = []
+    for step in range(5):
+        algo.update(envs, step)
+        iterates.append({k: v.clone() for k, v in algo.model.state_dict().items()})
+        if step == 0:  # probing: the featurizer has not moved, the head moved by Adam's first step, 0.05 * sign
+            assert all(torch.equal(v, feat0[k]) for k, v in algo.model.featurizer.state_dict().items())
+            moved = (algo.model.head.weight.detach() - head0).abs()
+            assert torch.allclose(moved, torch.full_like(moved, 0.05), rtol=1e-3)
+    assert not torch.equal(algo.model.featurizer[0].weight, feat0["0.weight"])  # full training from step 2
+    # averaging from step sma_start - 1 = 2: the weights after steps 1 (the copy it starts from), 2, 3 and 4
+    for k, v in algo.average.state_dict().items():
+        assert torch.allclose(v, torch.stack([it[k] for it in iterates[1:]]).mean(0), atol=1e-6), k
+    assert int(algo.sma_count) == 3
+    x = envs[0]["x"]
+    assert torch.allclose(algo.scores(envs[0]), algo.average(x)) and not torch.allclose(algo.average(x), algo.model(x))
+
+
+# ---------------------------------------------------------------- Transfer
+
+
+def test_transfer_projection_onto_the_ball():
+    centre, adv = nn.Linear(2, 1), nn.Linear(2, 1)
+    with torch.no_grad():
+        centre.weight.copy_(torch.tensor([[1.0, 1.0]])), centre.bias.fill_(0.0)
+        adv.weight.copy_(torch.tensor([[4.0, 1.0]])), adv.bias.fill_(4.0)  # distance sqrt(9 + 16) = 5
+    project_to_ball(adv, centre, 2.0)  # 2/5 of the way: weight [1 + 1.2, 1], bias 1.6
+    assert torch.allclose(adv.weight, torch.tensor([[2.2, 1.0]])) and adv.bias.item() == pytest.approx(1.6)
+    project_to_ball(adv, centre, 10.0)  # inside: unchanged
+    assert adv.bias.item() == pytest.approx(1.6)
+
+
+def test_transfer_gap_and_the_adversarial_head():
+    envs = env_batches(seed=12, n_envs=3, d=2, k=2)
+    algo = make(Transfer, lr=0.01, transfer_d_steps_per_g=1, transfer_lr_d=10.0, transfer_delta=0.3)
+    risks = [nn.functional.cross_entropy(b["x"], b["y"]).item() for b in envs]  # W = I, identity features
+    gap = algo.gap([b["x"] for b in envs], envs, algo.model.head)
+    assert gap.item() == pytest.approx(max(risks) - min(risks), abs=1e-6)
+    algo.update(envs, 0)
+    # one ascent step of lr 10 leaves the ball of radius 0.3, so h' = h + 0.3 * grad(gap at h) / |grad|
+    head = copy.deepcopy(algo.model.head)
+    g = torch.autograd.grad(algo.gap([b["x"] for b in envs], envs, head), list(head.parameters()))
+    g = torch.cat([t.reshape(-1) for t in g])
+    moved = torch.cat([(a - c).reshape(-1) for a, c in zip(algo.adv_head.parameters(), head.parameters())])
+    assert moved.norm().item() == pytest.approx(0.3, rel=1e-5)
+    assert torch.allclose(moved, 0.3 * g / g.norm(), atol=1e-5)
+
+
+# ---------------------------------------------------------------- URM
+
+
+def test_urm_generator_and_discriminator_losses():
+    envs = env_batches(seed=13)
+    algo = URM(small_model(), Classification(), 2, defaults(URM, urm_adv_lambda=0.2, urm_discriminator_lr=0.01))
+    disc = copy.deepcopy(algo.discriminator)
+    model = copy.deepcopy(algo.model)
+    x, y = torch.cat([b["x"] for b in envs]), torch.cat([b["y"] for b in envs])
+    z = torch.tanh(model.featurizer(x))
+    bce = nn.functional.binary_cross_entropy_with_logits
+    fool = bce(disc(z)[:, 0], torch.ones(12))  # the encoder wants its features called noise (label 1)
+    torch.manual_seed(3)
+    stats = algo.update(envs, 0)
+    assert stats["nll"].item() == pytest.approx(nn.functional.cross_entropy(model.head(z), y).item(), rel=1e-6)
+    assert stats["loss"].item() == pytest.approx(stats["nll"].item() + 0.2 * fool.item(), rel=1e-6)
+    # the discriminator step: U[-1, 1) noise labelled 1, this step's (tanh) features, detached, labelled 0
+    torch.manual_seed(3)
+    noise = -1 + 2 * torch.rand_like(z)
+    d_loss = bce(disc(noise)[:, 0], torch.ones(12)) + 0.2 * bce(disc(z.detach())[:, 0], torch.zeros(12))
+    assert stats["disc_loss"].item() == pytest.approx(d_loss.item(), rel=1e-6)
+    grads = torch.autograd.grad(d_loss, list(disc.parameters()))
+    for p_new, p_old, g in zip(algo.discriminator.parameters(), disc.parameters(), grads):
+        step = 0.01 * g / (g.abs() + 1e-8)  # Adam's first step: lr * m_hat / (sqrt(v_hat) + eps), m_hat = g
+        assert torch.allclose(p_old - p_new, step, atol=1e-6)
+    assert torch.allclose(algo.scores(envs[0]), algo.model.head(torch.tanh(algo.model.featurizer(envs[0]["x"]))))
