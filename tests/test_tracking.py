@@ -255,3 +255,29 @@ def test_env_uri_overrides_default_store(tmp_path: Path, monkeypatch: pytest.Mon
     assert tracker.uri == f"sqlite:///{store}"
     assert tracker.client.get_run(run_id).info.artifact_uri.startswith((out / "mlartifacts").resolve().as_uri())
     assert str(store) in tracking.ui_command(out)
+
+
+def test_experiments_open_as_model_training(tracker: tracking.Tracker) -> None:
+    """MLflow 3's UI reads the experiment tag mlflow.experimentKind; without it an experiment may open as GenAI."""
+    assert tracker.client.get_experiment(tracker.experiment_id).tags["mlflow.experimentKind"] == (
+        "custom_model_development"
+    )
+    # An experiment made before the tag existed gets it; one whose kind someone chose keeps that kind.
+    old = tracker.client.create_experiment("made-by-hand")
+    chosen = tracker.client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    assert "mlflow.experimentKind" not in tracker.client.get_experiment(old).tags
+    assert tracking.Tracker(tracker.out_dir, "made-by-hand").experiment_id == old
+    assert tracker.client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    tracking.Tracker(tracker.out_dir, "chosen")
+    assert tracker.client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_tag_values_are_plain_text(tracker: tracking.Tracker) -> None:
+    trial = write_trial(tracker.out_dir, "degrees")
+    meta = json.loads((trial / "spec.json").read_text())
+    meta["env_names"] = ["0°", "15°", "−90%"]
+    (trial / "spec.json").write_text(json.dumps(meta))  # json.dumps escapes them in the file; the tag must not
+    run = tracker.client.get_run(tracker.mirror_trial(trial))
+    assert run.data.tags["shiftbench.env_names"] == '["0°","15°","−90%"]'
+    source = json.loads(run.inputs.dataset_inputs[0].dataset.source)
+    assert source["tags"]["shiftbench.env_names"] == '["0°","15°","−90%"]'
