@@ -644,7 +644,8 @@ def resolve_files(files: str, root: str | None) -> list[Path]:
     """The ``files`` option as existing paths (relative ones under ``root``, else the working directory)."""
     names = _csv_list(files)
     if not names:
-        raise UserError("preference_files needs --option files=PATH[,PATH...] (.jsonl, .json, .parquet or .csv)")
+        raise UserError("preference_files needs --option files=PATH[,PATH...] (.jsonl, .json, .parquet or .csv; in a "
+                        "suite: dataset_options: {preference_files: {files: PATH}})")
     out = []
     for n in names:
         p = Path(n).expanduser()
