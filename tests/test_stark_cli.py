@@ -64,3 +64,26 @@ def test_module_import_is_light():
 
     code = "import sys, shiftbench.commands.prove, shiftbench.commands.labels; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_proof_is_mirrored_to_the_trials_mlflow_run(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from shiftbench.tracking import TAG_TRIAL_HASH, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    trial, label, _ = _trial(tmp_path)
+    sweep = tmp_path / "sweep"
+    client = MlflowClient(tracking_uri=tracking_uri(sweep))
+    exp = client.create_experiment("s", artifact_location=(sweep / "mlartifacts").as_uri())
+    run = client.create_run(exp, tags={TAG_TRIAL_HASH: "t1" * 8})
+    np.save(tmp_path / "labels.npy", label)
+    com = tmp_path / "labels.json"
+    main(["labels", "commit", "--npy", str(tmp_path / "labels.npy"), "--split", "env1_in", "--queries", "8",
+          "--grinding", "4", "--max-proofs", "2", "-o", str(com)])
+    assert main(["prove", str(sweep), "--labels", str(com)]) == 0
+    summary = json.loads((trial / "proof_env1_in.json").read_text())
+    got = client.get_run(run.info.run_id)
+    assert got.data.tags["shiftbench.proof.env1_in.sha256"] == summary["proof_sha256"]
+    names = sorted(a.path for a in client.list_artifacts(run.info.run_id, "proofs"))
+    assert names == ["proofs/proof_env1_in.json", "proofs/proof_env1_in.stark"]

@@ -2,7 +2,9 @@
 
 RUNS is a trial folder or a sweep folder (every finished trial under ``trials/``). Per trial it writes
 ``proof_<split>.stark`` (the zk-STARK), ``proof_<split>.json`` (its statement and digest) and
-``proof_<split>.pred-opening.bin`` (private: the seed that rebuilds the predictions' commitment). Anyone checks a
+``proof_<split>.pred-opening.bin`` (private: the seed that rebuilds the predictions' commitment), and mirrors the
+proof to the trial's MLflow run (artifacts ``proofs/``, tag ``shiftbench.proof.<split>.sha256``) when the sweep has a
+store. Anyone checks a
 proof with ``shiftbench verify --proof FILE [--labels COMMITMENT]``, without labels or predictions.
 """
 
@@ -20,11 +22,12 @@ def register(subparsers) -> None:
     p.add_argument("runs", type=Path, metavar="RUNS", help="a trial folder or a sweep folder")
     p.add_argument("--labels", type=Path, required=True, metavar="COMMITMENT", help="label commitment (JSON)")
     p.add_argument("--opening", type=Path, default=None, help="its private opening (default <COMMITMENT>.opening.npz)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not mirror the proofs to the trials' MLflow runs")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..stark.files import prove_trial
+    from ..stark.files import log_to_mlflow, prove_trial
 
     runs = args.runs
     if (runs / "predictions.npz").is_file():
@@ -37,6 +40,7 @@ def run(args) -> int:
         raise UserError(f"no finished trials under {runs}")
     for t in trials:
         s = prove_trial(t, args.labels, args.opening)
+        run_id = None if args.no_mlflow else log_to_mlflow(t, s)
         print(f"{t.name}  {s['split']}  {s['correct']}/{s['n']} = {s['accuracy']:.4f}  proof {s['proof_bytes']} B  "
-              f"sha256 {s['proof_sha256'][:16]}")
+              f"sha256 {s['proof_sha256'][:16]}" + (f"  mlflow run {run_id}" if run_id else ""))
     return 0

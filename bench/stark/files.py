@@ -177,3 +177,29 @@ def verify_paths(target: Path, commitment: Path | None = None) -> int:
               f" (predictions {st.pred_root.hex()[:16]}; {bits['conjectured_bits']} conjectured / "
               f"{bits['proven_bits']} proven bits){note}")
     return status
+
+
+def log_to_mlflow(trial: Path, summary: dict, sweep: Path | None = None) -> str | None:
+    """Mirror a trial's proof to its MLflow run (found by its trial-hash tag): the proof and its summary as
+    artifacts under ``proofs/``, the proof digest as tag ``shiftbench.proof.<split>.sha256``. Returns the run id,
+    or None when there is no store (no mlflow.db in the sweep folder and no MLFLOW_TRACKING_URI) or no such run."""
+    from ..tracking import TAG_TRIAL_HASH, quiet_mlflow, tracking_uri
+
+    sweep = sweep or trial.parent.parent
+    if not (sweep / "mlflow.db").is_file() and not os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    from mlflow import MlflowClient
+
+    quiet_mlflow()
+    client = MlflowClient(tracking_uri=tracking_uri(sweep))
+    runs = [r for e in client.search_experiments()
+            for r in client.search_runs([e.experiment_id], f"tags.`{TAG_TRIAL_HASH}` = '{summary['trial']}'")]
+    if not runs:
+        return None
+    run_id = runs[0].info.run_id
+    split = summary["split"]
+    for suffix in (".stark", ".json"):
+        client.log_artifact(run_id, str(trial / f"proof_{split}{suffix}"), artifact_path="proofs")
+    client.set_tag(run_id, f"shiftbench.proof.{split}.sha256", summary["proof_sha256"])
+    client.set_tag(run_id, f"shiftbench.proof.{split}.accuracy", repr(summary["accuracy"]))
+    return run_id
