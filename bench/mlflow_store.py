@@ -112,6 +112,7 @@ def ensure_store(db: Path) -> StoreState:
             try:
                 _upgrade(db)
                 _reconnect(db)
+                print(f"MLflow store {db}: {reason}; upgraded it", file=sys.stderr)
                 return StoreState("upgraded", reason)
             except Exception as e:  # a half-applied old migration: the copy is dropped, the store rebuilt below
                 reason = f"{reason}; upgrading it failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"

@@ -42,7 +42,8 @@ def one(n: int) -> dict:
     assert st.correct == int(np.sum(pred == label))
     sec = soundness(params, n)
     return {"n": n, "N": pc[0].N, "label_commit_s": round(t1 - t0, 2), "pred_commit_s": round(t2 - t1, 2),
-            "prove_s": round(t3 - t2, 2), "verify_ms": round(1000 * min(times), 1), "proof_kib": round(len(proof) / 1024, 1),
+            "prove_s": round(t3 - t2, 2), "verify_ms": round(1000 * min(times), 1),
+            "proof_kib": round(len(proof) / 1024, 1),
             "peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0),
             "conjectured_bits": sec["conjectured_bits"], "proven_bits": sec["proven_bits"]}
 

@@ -384,7 +384,8 @@ def test_report_over_two_sweeps_labels_repeated_methods_and_counts_shared_trials
     assert list(rows) == ["erm (cd)", "erm (qs)", "irm"]  # irm ran in qs only (cd's copy is qs's trial)
     assert rows["erm (qs)"]["env2"]["mean"] == pytest.approx(65.0) and rows["erm (qs)"]["env2"]["n_trials"] == 2
     assert rows["erm (cd)"]["env2"]["mean"] == pytest.approx(25.0) and rows["irm"]["env2"]["n_trials"] == 2
-    assert _row(text, "toy — training-domain validation", "erm (cd)") == ["erm (cd)", "25.0 ± 3.5 (n=2)"]  # SE = 10 / 2 / √2
+    # SE = |20 - 30| / 2 / √2 = 3.5
+    assert _row(text, "toy — training-domain validation", "erm (cd)") == ["erm (cd)", "25.0 ± 3.5 (n=2)"]
     assert f"- sweeps: qs ({qs}: 4 done), cd ({cd}: 2 done); 1 trial(s) found in more than one folder counted once" \
         in text
     with open(tmp_path / "r" / "plot_methods.csv", newline="") as f:

@@ -58,7 +58,8 @@ def test_status_lists_each_trial_and_counts(sweep_dir, capsys):
 def test_status_of_one_trial_folder(sweep_dir, capsys):
     out, specs = sweep_dir
     assert main(["status", str(out / "trials" / specs[0].short_hash)]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == f"{specs[0].short_hash}: 1 trial: 1 done, 0 failed, 0 partial, 0 new"
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"{specs[0].short_hash}: 1 trial: 1 done, 0 failed, 0 partial, 0 new"
 
 
 def _file(p: Path, name: str, text: str, give: Path | None = None) -> Path:
