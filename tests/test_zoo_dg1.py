@@ -17,6 +17,7 @@ from torch import nn
 
 from shiftbench.featurewise import env_features, input_features, scores_from_features
 from shiftbench.methods.andmask import ANDMask, and_mask
+from shiftbench.methods.arm import ARM, support_sets
 from shiftbench.methods.cdann import CDANN
 from shiftbench.methods.coral import CORAL, coral_discrepancy
 from shiftbench.methods.dann import DANN
@@ -25,8 +26,11 @@ from shiftbench.methods.iga import IGA, gradient_spread
 from shiftbench.methods.mixup import Mixup, mix_inputs
 from shiftbench.methods.mldg import MLDG, meta_splits
 from shiftbench.methods.mmd import GAMMAS, MMD, gaussian_mmd
+from shiftbench.methods.mtl import MTL
 from shiftbench.methods.rsc import RSC
+from shiftbench.methods.sagnet import SagNet, randomize
 from shiftbench.methods.sandmask import SANDMask, sand_mask
+from shiftbench.methods.selfreg import FEATURE_WEIGHT, SelfReg, same_class_partners, selfreg_regulariser
 from shiftbench.methods.sd import SD
 from shiftbench.models import Model, build_model, feature_width
 from shiftbench.registry import METHODS
@@ -68,14 +72,34 @@ def pref_batches(seed: int = 0, n_envs: int = 2, n: int = 5, d: int = 4) -> list
              "idx": torch.arange(n)} for e in range(n_envs)]  # fmt: skip
 
 
-def test_defaults_and_ranges_are_domainbeds():
-    expected = {"mmd": ("mmd_gamma", 1.0, (0.1, 10)), "coral": ("mmd_gamma", 1.0, (0.1, 10)),
-                "sd": ("sd_reg", 0.1, (1e-5, 1e-1))}  # fmt: skip
-    for name, (key, default, (lo, hi)) in expected.items():
-        space = METHODS.get(name).hparam_space()
-        assert space[key].default == default
-        draws = [space[key].sample(np.random.RandomState(s)) for s in range(50)]
-        assert lo <= min(draws) and max(draws) <= hi and max(draws) / min(draws) > 3  # a log-uniform spread
+DOMAINBED = {
+    "mmd": {"mmd_gamma": (1.0, 0.1, 10)}, "coral": {"mmd_gamma": (1.0, 0.1, 10)}, "sd": {"sd_reg": (0.1, 1e-5, 0.1)},
+    "mixup": {"mixup_alpha": (0.2, 0.1, 10)}, "iga": {"iga_penalty": (1000, 10, 1e5)},
+    "andmask": {"andmask_tau": (1.0, 0.5, 1.0)},
+    "sandmask": {"sandmask_tau": (0.5, 0.0, 1.0), "sandmask_k": (10, 1e-3, 1e5)},
+    "mldg": {"mldg_beta": (1.0, 0.1, 10), "mldg_n_meta_test": (2, 1, 2)},
+    "dann": {"dann_lambda": (1.0, 1e-2, 1e2), "dann_lr_d": (1e-3, 10**-4.5, 10**-2.5),
+             "dann_d_steps_per_g_step": (1, 1, 8), "dann_mlp_depth": (3, 3, 5), "dann_mlp_width": (256, 64, 1024),
+             "dann_beta1": (0.5, 0.0, 0.5)},
+    "rsc": {"rsc_f_drop_factor": (1 / 3, 0, 0.5), "rsc_b_drop_factor": (1 / 3, 0, 0.5)},
+    "mtl": {"mtl_ema": (0.99, 0.5, 1.0)}, "sagnet": {"sag_w_adv": (0.1, 1e-2, 10)},
+    "trm": {"trm_cos_lambda": (1e-4, 1e-5, 1.0), "trm_iters": (200, 1, 1e4), "trm_groupdro_eta": (1e-2, 1e-3, 0.1)},
+    "adrmx": {"lr": (3e-3, 5e-4, 3e-3), "adrmx_mlp_depth": (9, 8, 10)},
+}  # fmt: skip
+"""Per method: hyperparameter -> (DomainBed's default, search range low, high); SAND-mask's τ default departs
+(see its docstring)."""
+
+
+@pytest.mark.parametrize("name", sorted(DOMAINBED))
+def test_defaults_and_ranges_are_domainbeds(name):
+    space = METHODS.get(name).hparam_space()
+    for key, (default, lo, hi) in DOMAINBED[name].items():
+        assert space[key].default == default, key
+        draws = [space[key].sample(np.random.RandomState(s)) for s in range(200)]
+        assert lo <= min(draws) and max(draws) <= hi, key
+        assert len(set(draws)) > 1, key  # searched, not fixed
+    assert METHODS.get("cdann").hparam_space().keys() == METHODS.get("dann").hparam_space().keys()
+    assert {"arm", "selfreg"} <= set(METHODS.names())
 
 
 # ---------------------------------------------------------------- feature-level scoring (shared by the zoo)
@@ -315,7 +339,8 @@ def np_ce_grad(w: np.ndarray, x: np.ndarray, y: int) -> np.ndarray:
 def test_mldg_meta_gradient_matches_a_hand_two_step_computation():
     lr, beta = 0.1, 0.5
     xs, y = [np.array([1.0, 0.0]), np.array([0.0, 1.0])], 0
-    envs = [{"x": torch.tensor(x[None], dtype=torch.float32), "y": torch.tensor([y]), "idx": torch.tensor([0])} for x in xs]
+    envs = [{"x": torch.tensor(x[None], dtype=torch.float32), "y": torch.tensor([y]), "idx": torch.tensor([0])}
+            for x in xs]
     expected = {}
     for i, j in ((0, 1), (1, 0)):
         g_i = np_ce_grad(np.eye(2), xs[i], y)
@@ -419,3 +444,117 @@ def test_rsc_mutes_the_features_with_the_largest_gradients_by_hand():
     masked = torch.where(torch.tensor(keep)[:, None], x, x * mask_f)
     algo = make(RSC, model=Linear(w), n_envs=1, rsc_f_drop_factor=1 / 3, rsc_b_drop_factor=0.5)
     assert algo.update(batch, 0)["loss"].item() == pytest.approx(ce(masked), rel=1e-6)
+
+
+# ---------------------------------------------------------------- MTL
+
+
+def test_mtl_embeddings_are_the_weighted_average_of_batch_means_and_scoring_uses_the_batch_mean():
+    envs = env_batches(n=4, d=2, k=2)
+    algo = make(MTL, mtl_ema=0.5)
+    assert algo.mtl_head.in_features == 4  # [z, μ]
+    algo.update(envs, 0)
+    means = [b["x"].mean(0) for b in envs]  # identity featurizer
+    assert torch.allclose(algo.embeddings, 0.5 * torch.stack(means), atol=1e-6)  # from zeros: 0.5·mean + 0.5·0
+    shifted = [{**b, "x": b["x"] + 1} for b in envs]
+    algo.update(shifted, 1)
+    want = torch.stack([0.5 * (m + 1) + 0.25 * m for m in means])
+    assert torch.allclose(algo.embeddings, want, atol=1e-6)
+    x = torch.tensor([[1.0, 2.0], [3.0, -2.0]])
+    head = algo.mtl_head
+    expected = x @ head.weight[:, :2].T + torch.tensor([2.0, 0.0]) @ head.weight[:, 2:].T + head.bias  # μ = [2, 0]
+    assert torch.allclose(algo.scores({"x": x, "y": torch.zeros(2, dtype=torch.long)}), expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------- SagNet
+
+
+def test_sagnet_randomize_swaps_style_or_content_by_hand():
+    # row 0 = [1, 3, 2]: mean 2, unbiased variance 1, content [−1, 1, 0]; row 1 = [10, 20, 30]: mean 20,
+    # variance 100, content [−1, 0, 1]; perm swaps the rows.
+    z = torch.tensor([[1.0, 3.0, 2.0], [10.0, 20.0, 30.0]], dtype=torch.float64)
+    perm, eps = torch.tensor([1, 0]), 1e-5
+    alpha0 = torch.zeros(2, 1, dtype=torch.float64)
+    style = randomize(z, "style", alpha0, perm, eps)  # α = 0: all of the partner's style
+    c0 = torch.tensor([-1.0, 1.0, 0.0], dtype=torch.float64) / math.sqrt(1 + eps)
+    assert torch.allclose(style[0], c0 * math.sqrt(100 + eps) + 20)  # ≈ [10, 30, 20]
+    content = randomize(z, "content", alpha0, perm, eps)
+    c1 = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64) / math.sqrt(100 + eps) * 10
+    assert torch.allclose(content[0], c1 * math.sqrt(1 + eps) + 2)  # ≈ [1, 2, 3]: row 1's content, row 0's style
+    half = randomize(z, "style", torch.full((2, 1), 0.5, dtype=torch.float64), perm, eps)
+    assert torch.allclose(half[0], c0 * math.sqrt(50.5 + eps) + 11)  # mean (2 + 20) / 2, variance (1 + 100) / 2
+    assert torch.allclose(randomize(z, "style", torch.ones(2, 1, dtype=torch.float64), perm, eps), z)
+
+
+def test_sagnet_trains_each_part_with_its_own_optimizer():
+    torch.manual_seed(0)
+    model = Model(Feat(3, 4), 2)
+    algo = make(SagNet, model=model, sag_w_adv=0.1)
+    groups = {k: {id(p) for g in o.param_groups for p in g["params"]} for k, o in algo.optimizers().items()}
+    assert groups["optimizer"] == {id(p) for p in model.featurizer.parameters()}
+    assert groups["content_optimizer"] == {id(p) for p in model.head.parameters()}
+    assert groups["style_optimizer"] == {id(p) for p in algo.style_head.parameters()}
+    stats = algo.update(env_batches(n=5, d=3, k=2), 0)
+    # the adversary is sag_w_adv × cross-entropy against the uniform label, which is at least w · log 2
+    assert stats["loss_adv"].item() >= 0.1 * math.log(2) - 1e-6
+    x = torch.randn(4, 3)
+    assert torch.allclose(algo.scores({"x": x}), model(x))  # prediction: the content head on plain features
+
+
+# ---------------------------------------------------------------- ARM
+
+
+def test_arm_adaptation_uses_the_support_sets_context():
+    torch.manual_seed(0)
+    model = build_model("mlp", (3,), 2, {"mlp_width": 8})
+    algo = make(ARM, model=model, batch_size=2)
+    algo.eval()
+    x0, others_a, others_b = torch.randn(1, 3), torch.randn(1, 3), 5 + torch.randn(1, 3)
+    score_a = algo.scores({"x": torch.cat([x0, others_a])})[0]
+    score_b = algo.scores({"x": torch.cat([x0, others_b])})[0]
+    assert not torch.allclose(score_a, score_b)  # the same example, adapted to two different batches
+    with torch.no_grad():
+        ctx = algo.context_net(torch.cat([x0, others_a])).mean(0)
+        assert torch.allclose(score_a, model(x0 + ctx)[0], atol=1e-6)
+    # scoring cuts a batch into support sets of batch_size when it divides, else keeps it whole
+    batch = {"x": torch.arange(8.0)[:, None], "y": torch.zeros(8, dtype=torch.long)}
+    assert [len(s["x"]) for s in support_sets(batch, 2)] == [2, 2, 2, 2]
+    assert [len(s["x"]) for s in support_sets(batch, 3)] == [8]
+    with pytest.raises(TypeError, match="input_shape"):
+        make(ARM)  # a model without input_shape
+    assert {id(p) for p in algo.context_net.parameters()} <= {id(p) for g in algo.optimizer.param_groups
+                                                             for p in g["params"]}  # fmt: skip
+
+
+# ---------------------------------------------------------------- SelfReg
+
+
+def test_selfreg_partners_share_the_class():
+    torch.manual_seed(0)
+    y = torch.tensor([0, 1, 0, 2, 1, 0, 0])
+    for _ in range(10):
+        p = same_class_partners(y)
+        assert torch.equal(y[p], y) and sorted(p.tolist()) == list(range(7))  # a permutation within classes
+
+
+def test_selfreg_loss_by_hand():
+    # regulariser on hand values: logits [[1], [3]], features = [[0], [2]], projections [[1], [1]], partners swap
+    logits, feats, proj = torch.tensor([[1.0], [3.0]]), torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0], [1.0]])
+    swap = torch.tensor([1, 0])
+    # ind: MSE(logits, swapped) = 4, features vs swapped projections: MSE([0, 2], [1, 1]) = 1 -> 4 + 0.3 · 1
+    # hdl with p1 = swap, p2 = identity, λ = 0.25: mixed logits [0.25·3 + 0.75·1, 0.25·1 + 0.75·3] = [1.5, 2.5],
+    #   MSE = 0.25; mixed projections [1, 1] -> 0.3 · 1; total 0.25 · 4.3 + 0.75 · 0.55 = 1.4875
+    reg = selfreg_regulariser(logits, feats, proj, torch.tensor(0.25), swap, torch.tensor([0, 1]))
+    assert reg.item() == pytest.approx(0.25 * (4 + 0.3) + 0.75 * (0.25 + 0.3))
+    # update with one example per class: every partner is the example itself, so only the feature terms remain:
+    # loss = CE + min(CE, 1) · 0.3 · MSE(features, projection(features))
+    torch.manual_seed(0)
+    envs = [{"x": torch.tensor([[1.0, -1.0], [0.5, 2.0]]), "y": torch.tensor([0, 1]), "idx": torch.arange(2)}]
+    algo = make(SelfReg, n_envs=1)
+    with torch.no_grad():
+        ce = nn.functional.cross_entropy(envs[0]["x"], envs[0]["y"]).item()
+        algo.train()
+        mse = nn.functional.mse_loss(envs[0]["x"], algo.projection(envs[0]["x"])).item()
+    stats = algo.update(envs, 0)
+    assert stats["nll"].item() == pytest.approx(ce, rel=1e-6)
+    assert stats["loss"].item() == pytest.approx(ce + min(ce, 1) * FEATURE_WEIGHT * mse, rel=1e-5)

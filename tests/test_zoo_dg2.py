@@ -28,6 +28,7 @@ from shiftbench.methods.irm import irm_penalty
 from shiftbench.methods.rdm import GAMMAS as RDM_GAMMAS
 from shiftbench.methods.rdm import RDM, rdm_penalties
 from shiftbench.methods.condcad import CondCAD
+from shiftbench.methods.trm import TRM, neumann_inverse_hvp
 from shiftbench.methods.transfer import Transfer, project_to_ball
 from shiftbench.methods.urm import URM
 from shiftbench.registry import METHODS
@@ -84,6 +85,7 @@ def test_registered_with_domainbed_defaults():
         "transfer": {"t_lambda": 1.0, "transfer_delta": 2.0, "transfer_d_steps_per_g": 10, "transfer_lr_d": 1e-3},
         "urm": {"urm_adv_lambda": 0.1, "urm_discriminator_hidden_layers": 1, "urm_generator_output": "tanh",
                 "urm_discriminator_lr": 1e-3, "urm_discriminator_label_smoothing": 0.0},
+        "trm": {"trm_cos_lambda": 1e-4, "trm_iters": 200, "trm_groupdro_eta": 1e-2},
         "causirl_coral": {"mmd_gamma": 1.0},
         "causirl_mmd": {"mmd_gamma": 1.0},
         "eqrm": {"eqrm_quantile": 0.75, "eqrm_burnin_iters": 2500, "eqrm_lr": 1e-6},
@@ -500,3 +502,56 @@ def test_urm_generator_and_discriminator_losses():
         step = 0.01 * g / (g.abs() + 1e-8)  # Adam's first step: lr * m_hat / (sqrt(v_hat) + eps), m_hat = g
         assert torch.allclose(p_old - p_new, step, atol=1e-6)
     assert torch.allclose(algo.scores(envs[0]), algo.model.head(torch.tanh(algo.model.featurizer(envs[0]["x"]))))
+
+
+# ---------------------------------------------------------------- TRM
+
+
+def test_trm_neumann_series_against_the_explicit_hessian():
+    g = torch.Generator().manual_seed(14)
+    x, y = 0.5 * torch.randn(6, 3, generator=g), torch.tensor([0, 1, 1, 0, 1, 0])
+    head = nn.Linear(3, 2)
+    v = 0.1 * torch.randn(6, generator=g)
+
+    def loss_of(w_flat):
+        return nn.functional.cross_entropy(x @ w_flat.reshape(2, 3).T + head.bias, y)
+
+    hess = torch.autograd.functional.hessian(loss_of, head.weight.detach().reshape(-1)).numpy().astype(np.float64)
+    partial, term = [v.numpy().astype(np.float64)], v.numpy().astype(np.float64)
+    for _ in range(10):  # partial sums of sum_{k=0}^{10} (I - H)^k v
+        term = term - hess @ term
+        partial.append(partial[-1] + term)
+    series = partial[-1]
+    assert np.abs(series).max() < 10
+    got = neumann_inverse_hvp(lambda: nn.functional.cross_entropy(head(x), y), head.weight, v)
+    assert np.allclose(got.numpy(), series, atol=1e-5)
+    # a sum growing past the bound stops at the first partial sum beyond it (here v scaled up 100 times)
+    big = [100 * p for p in partial]
+    first = next(k for k in range(1, 11) if np.abs(big[k]).max() > 10)
+    got = neumann_inverse_hvp(lambda: nn.functional.cross_entropy(head(x), y), head.weight, 100 * v)
+    assert first < 10 and np.allclose(got.numpy(), big[first], rtol=1e-4)
+    # the eigenvalues here are small, so 10 terms are far from H^-1 v: the series is what TRM uses, not the inverse
+    assert not np.allclose(series, np.linalg.pinv(hess) @ v.numpy(), atol=1e-2)
+
+
+def test_trm_weights_follow_the_transfer_risks():
+    envs = env_batches(seed=15, n_envs=3)
+    model = small_model()
+    before = copy.deepcopy(model)
+    algo = TRM(model, Classification(), 3, defaults(TRM, trm_iters=0, trm_cos_lambda=0.0, trm_groupdro_eta=0.5))
+    stats = algo.update(envs, 0)
+    # independent: the risk of domain Q's fitted head on domain i, on the features before the model's step
+    feats = [before.featurizer(b["x"]).detach() for b in envs]
+    risk = [[nn.functional.cross_entropy(algo.env_heads[q](feats[i]), envs[i]["y"]).item() for i in range(3)]
+            for q in range(3)]  # fmt: skip
+    # alpha started at 1 - I, normalised per row: 1/2 off the diagonal; then alpha_Qi *= exp(eta * alpha_Qi R_i)
+    for q in range(3):
+        for i in range(3):
+            want = 0.0 if i == q else 0.5 * math.exp(0.5 * 0.5 * risk[q][i])
+            assert algo.alpha[q, i].item() == pytest.approx(want, rel=1e-5), (q, i)
+    # with cos_lambda 0 the TRM term is the mean over Q of sum_{i != Q} alpha_Qi R_i(h_Q)
+    transfer = np.mean([sum(0.5 * risk[q][i] for i in range(3) if i != q) for q in range(3)])
+    assert stats["trm"].item() == pytest.approx(transfer, rel=1e-5)
+    # each domain's head was fitted to its own domain: it beats the other domains' heads there
+    for q in range(3):
+        assert risk[q][q] < min(risk[j][q] for j in range(3) if j != q)
