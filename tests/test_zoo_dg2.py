@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from shiftbench.methods.adrmx import ADRMX, fresh_copy, remix_pairs, supcon_lambda
 from shiftbench.methods.cad import CAD, cad_bottleneck
 from shiftbench.methods.causirl_coral import CausIRLCORAL
 from shiftbench.methods.causirl_mmd import CausIRLMMD, split_halves
@@ -86,6 +87,9 @@ def test_registered_with_domainbed_defaults():
         "urm": {"urm_adv_lambda": 0.1, "urm_discriminator_hidden_layers": 1, "urm_generator_output": "tanh",
                 "urm_discriminator_lr": 1e-3, "urm_discriminator_label_smoothing": 0.0},
         "trm": {"trm_cos_lambda": 1e-4, "trm_iters": 200, "trm_groupdro_eta": 1e-2},
+        "adrmx": {"lr": 3e-3, "adrmx_cnt_lambda": 1.0, "adrmx_dclf_lambda": 1.0, "adrmx_disc_lambda": 0.75,
+                  "adrmx_rmxd_lambda": 1.0, "adrmx_d_steps_per_g_step": 2, "adrmx_beta1": 0.5, "adrmx_mlp_width": 256,
+                  "adrmx_mlp_depth": 9},
         "causirl_coral": {"mmd_gamma": 1.0},
         "causirl_mmd": {"mmd_gamma": 1.0},
         "eqrm": {"eqrm_quantile": 0.75, "eqrm_burnin_iters": 2500, "eqrm_lr": 1e-6},
@@ -555,3 +559,134 @@ def test_trm_weights_follow_the_transfer_risks():
     # each domain's head was fitted to its own domain: it beats the other domains' heads there
     for q in range(3):
         assert risk[q][q] < min(risk[j][q] for j in range(3) if j != q)
+
+
+# ---------------------------------------------------------------- ADRMX
+
+
+def np_ce(logits: np.ndarray, y: np.ndarray) -> float:
+    logits = logits - logits.max(1, keepdims=True)
+    return float(np.mean(np.log(np.exp(logits).sum(1)) - logits[np.arange(len(y)), y]))
+
+
+def np_supcon(z: np.ndarray, y: np.ndarray, d: np.ndarray, lam: float, tau: float) -> float:
+    """The domain-weighted supervised contrastive loss, anchor by anchor."""
+    zn = z / np.linalg.norm(z, axis=1, keepdims=True)
+    total, kept = 0.0, 0
+    for i in range(len(z)):
+        weight = lambda j: lam if d[j] == d[i] else 1 - lam  # noqa: E731
+        others = [j for j in range(len(z)) if j != i]
+        denom = sum(weight(j) * math.exp(zn[i] @ zn[j] / tau) for j in others) + 1e-5
+        pos = [j for j in others if y[j] == y[i]]
+        if pos:
+            total += sum(math.log(weight(p) * math.exp(zn[i] @ zn[p] / tau) / denom + 1e-5) for p in pos) / len(pos)
+            kept += 1
+    return -total / (kept + 1)
+
+
+def test_adrmx_contrastive_loss_by_hand():
+    # z0 = (1, 0), z1 = (0, 1), z2 = (1, 1); classes 0, 0, 1; domains 0, 1, 0; λ = 0.8, temperature 1.
+    # cos(z0, z1) = 0, cos(z0, z2) = cos(z1, z2) = 1/√2. Anchor 0: positive z1 (other domain, weight 0.2), denominator
+    # 0.2·e^0 + 0.8·e^{1/√2} (z2 shares its domain). Anchor 1: positive z0 (weight 0.2), denominator 0.2 + 0.2·e^{1/√2}
+    # (z2 is in the other domain). Anchor 2 has no positive and is skipped; 2 anchors kept, divided by 3.
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    y, d = torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0])
+    c = math.exp(1 / math.sqrt(2))
+    l0 = math.log(0.2 / (0.2 + 0.8 * c + 1e-5) + 1e-5)
+    l1 = math.log(0.2 / (0.2 + 0.2 * c + 1e-5) + 1e-5)
+    assert supcon_lambda(z, y, d, lam=0.8, temperature=1.0).item() == pytest.approx(-(l0 + l1) / 3, rel=1e-9)
+    # against the anchor-by-anchor loop, DomainBed's λ and temperature, on a random batch
+    g = torch.Generator().manual_seed(21)
+    z, y, d = torch.randn(9, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g), \
+        torch.randint(0, 2, (9,), generator=g)
+    want = np_supcon(z.numpy(), y.numpy(), d.numpy(), 0.5, 0.07)
+    assert supcon_lambda(z, y, d).item() == pytest.approx(want, rel=1e-9)
+    # the loss only sees directions: scaling the features changes nothing
+    assert supcon_lambda(3 * z, y, d).item() == pytest.approx(want, rel=1e-9)
+
+
+def test_adrmx_remix_pairs_share_the_class_and_cross_domains():
+    torch.manual_seed(0)
+    y = torch.tensor([0, 0, 0, 1, 1, 2])
+    d = torch.tensor([0, 0, 1, 1, 1, 0])
+    for _ in range(20):
+        pairs = remix_pairs(y, d, n_classes=4)
+        by_class = {int(y[a]): (int(a), int(b)) for a, b in pairs}
+        assert sorted(by_class) == [0, 1]  # class 2 has one example, class 3 none
+        a, b = by_class[0]
+        assert y[b] == 0 and d[a] != d[b]  # class 0 spans both domains: the partner is from the other one
+        assert set(by_class[1]) == {3, 4}  # class 1 lives in one domain: the other example of it
+
+
+def adrmx_case():
+    """ADRMX on a model whose featurizer is the identity (a 2 × 2 linear layer), its domain featurizer set to half
+    the identity: f(x) = x, f_d(x) = x/2, z = x/2, and every remix ``z_a + f_d(x_b) = (x_a + x_b)/2`` is the same
+    whichever of the pair comes first."""
+    torch.manual_seed(3)
+    feat = nn.Linear(2, 2, bias=False)
+    feat.n_outputs = 2
+    with torch.no_grad():
+        feat.weight.copy_(torch.eye(2))
+    model = Linear(torch.tensor([[1.0, -1.0], [0.5, 2.0]]), featurizer=feat)
+    algo = make(ADRMX, model=model, adrmx_mlp_depth=3, adrmx_mlp_width=8)
+    assert not torch.allclose(algo.domain_featurizer.weight, torch.eye(2))  # a fresh copy, not the featurizer
+    with torch.no_grad():
+        algo.domain_featurizer.weight.copy_(0.5 * torch.eye(2))
+    # one example of each class in each environment: each class's remix pair is its two examples
+    envs = [{"x": torch.tensor([[1.0, 2.0], [-1.0, 0.5]]), "y": torch.tensor([0, 1]), "idx": torch.arange(2)},
+            {"x": torch.tensor([[0.0, 1.0], [2.0, -1.0]]), "y": torch.tensor([0, 1]), "idx": torch.arange(2)}]
+    return algo, envs
+
+
+def test_adrmx_generator_objective_by_hand():
+    algo, envs = adrmx_case()
+    x = torch.cat([b["x"] for b in envs])
+    y, e = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0, 1, 1])
+    xn, yn, en = x.numpy(), y.numpy(), e.numpy()
+    w = algo.model.head.weight.detach().numpy()
+    with torch.no_grad():
+        c2 = algo.invariant_classifier(x / 2).numpy()
+        cd = algo.domain_classifier(x / 2).numpy()
+        disc = algo.discriminator(x / 2).numpy()
+        terms = algo.generator_losses(x, y, e, algo.model.featurizer(x), algo.domain_featurizer(x))
+    mid = np.stack([(xn[0] + xn[2]) / 2, (xn[1] + xn[3]) / 2])  # class 0's and class 1's remix
+    want = {
+        "ce_label": np_ce(xn @ w.T, yn), "ce_invariant": np_ce(c2, yn), "ce_domain": np_ce(cd, en),
+        "cnt": 2 * np_supcon(xn, yn, en, 0.5, 0.07),  # f(x) and z = x/2 point the same ways
+        "disc": np_ce(disc, en), "remix": 2 * np_ce(mid @ w.T, np.array([0, 1])) / 2,  # summed, / 2 classes
+    }
+    for k, v in want.items():
+        assert terms[k].item() == pytest.approx(v, rel=1e-5), k
+    total = (want["ce_label"] + want["ce_invariant"] + want["ce_domain"] + want["remix"] + want["cnt"]
+             - 0.75 * want["disc"])  # fmt: skip
+    assert terms["gen_loss"].item() == pytest.approx(total, rel=1e-5)
+
+
+def test_adrmx_alternates_discriminator_and_generator_steps():
+    algo, envs = adrmx_case()
+    parts = {"disc": algo.discriminator, "featurizer": algo.model.featurizer, "head": algo.model.head,
+             "domain": algo.domain_featurizer, "c2": algo.invariant_classifier, "cd": algo.domain_classifier}
+
+    def snapshot():
+        return {k: [p.detach().clone() for p in m.parameters()] for k, m in parts.items()}
+
+    def moved(before, after):
+        return {k for k in parts if any(not torch.equal(a, b) for a, b in zip(before[k], after[k]))}
+
+    # d_steps_per_g_step = 2: steps 0 and 2 are the discriminator's ((k + 1) mod 3 < 2), step 1 the generator's
+    assert [algo.is_discriminator_step(k) for k in range(6)] == [True, False, True, True, False, True]
+    s0 = snapshot()
+    algo.update(envs, 0)
+    s1 = snapshot()
+    assert moved(s0, s1) == {"disc"}
+    algo.update(envs, 1)
+    assert moved(s1, snapshot()) == set(parts) - {"disc"}
+    x = torch.randn(3, 2)
+    assert torch.allclose(algo.scores({"x": x}), algo.model(x))  # prediction is the model: featurizer and head
+
+
+def test_adrmx_domain_featurizer_keeps_loaded_weights():
+    feat = nn.Linear(3, 3)
+    assert not torch.equal(fresh_copy(feat).weight, feat.weight)
+    feat.loaded_from = "/weights.pt"  # as a ResNet loaded from ImageNet says
+    assert torch.equal(fresh_copy(feat).weight, feat.weight)
