@@ -1,7 +1,8 @@
 """Sweeps: expand a SweepSpec into content-addressed trials and run the unfinished ones.
 
-The local launcher runs trials in a pool of worker processes; the driver alone writes the MLflow mirror, after
-each trial ends. Rerunning a sweep skips done trials, resumes partial ones from their checkpoints, and creates no
+A launcher (``shiftbench.launchers``: a local pool of worker processes by default, a Ray cluster, Slurm job arrays)
+runs the pending trials; the driver alone decides what is pending, books each answer, prints progress and writes
+the MLflow mirror, after each trial ends. Rerunning a sweep skips done trials, resumes partial ones from their checkpoints, and creates no
 new MLflow runs.
 
 Several drivers may run one sweep on one ``--out`` at once (e.g. a relaunch while the first launch still runs, or
@@ -14,11 +15,8 @@ driver ends with the whole sweep done and mirrored.
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
 import sys
 import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +24,7 @@ from typing import Any, Callable
 from .config import SweepSpec, TrialSpec
 from .errors import UserError
 from .io import check_out_dir, read_json, write_json
+from .launchers import Job, Launcher
 from .locks import FileLock
 from .mlflow_store import LOCK_DIR
 from .trainer import FAILED, RunOptions, run_trial, trial_status
@@ -38,12 +37,6 @@ def trial_dir(out: Path, spec: TrialSpec) -> Path:
 def trial_lock(out: Path, spec: TrialSpec) -> Path:
     """The lock file held while a trial of the sweep in ``out`` runs (outside the trial folder: it is no result)."""
     return Path(out) / LOCK_DIR / f"trial-{spec.short_hash}.lock"
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 def _run_one(spec_dict: dict, directory: str, options: dict, lock_path: str, wait: bool = False) -> dict[str, Any]:
@@ -120,8 +113,11 @@ def run_sweep(
     progress: bool = True,
     track: bool = True,
     on_result: Callable[[TrialSpec, dict], None] | None = None,
+    launcher: Launcher | None = None,
 ) -> dict[str, Any]:
     """Runs every unfinished trial of ``sweep`` under ``out``; returns counts and the MLflow parent run id.
+
+    ``launcher`` runs the pending trials (``shiftbench.launchers``); None is the local pool of ``workers`` processes.
 
     The counts: ``total``, ``skipped_done`` (done before this call), ``resumed``, ``done`` and ``failed`` (trials
     this call ran), ``elsewhere`` (trials another driver on ``out`` ended while this one waited), ``failed_total``.
@@ -175,40 +171,26 @@ def run_sweep(
 
     bar = _progress(len(pending), progress)
     opts = asdict(options)
+    if launcher is None:
+        from .launchers import LAUNCHERS
 
-    def job(t: TrialSpec) -> tuple[dict, str, dict, str]:
-        return t.to_dict(), str(trial_dir(out, t)), opts, str(trial_lock(out, t))
+        launcher = LAUNCHERS.get("local")(workers=workers)
+    launcher.out, launcher.sweep_hash = str(out.resolve()), sweep.hash
+    by_key = {t.hash: t for t in pending}
 
-    if workers <= 1 or len(pending) <= 1:
-        for t in pending:
-            if finished(t, _run_one(*job(t))):
-                bar.update(1)
-            if errors:
-                break
-    else:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
-            futures = {pool.submit(_run_one, *job(t)): t for t in pending}
-            remaining = set(futures)
-            while remaining:
-                done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
-                for f in done:
-                    if finished(futures[f], f.result()):
-                        bar.update(1)
-                if errors:
-                    for f in remaining:
-                        f.cancel()
-                    break
-    if busy and not errors:
-        # In this process, one at a time: usually the other driver is mid-trial and finishes it; if it died, the
-        # trial resumes here from its checkpoint.
-        bar.write(f"{len(busy)} trial(s) are running in another driver on {out}; waiting for them", file=sys.stderr)
-        for t in busy:
-            finished(t, _run_one(*job(t), wait=True))
+    def job(t: TrialSpec, wait: bool = False) -> Job:
+        return Job(t.hash, t.to_dict(), str(trial_dir(out, t)), opts, str(trial_lock(out, t)), wait)
+
+    def report(j: Job, result: dict) -> None:
+        if finished(by_key[j.key], result) or j.wait:
             bar.update(1)
-            if errors:
-                break
+
+    launcher.run([job(t) for t in pending], report, lambda: bool(errors))
+    if busy and not errors:
+        # Usually the other driver is mid-trial and finishes it; if it died, the trial resumes from its checkpoint.
+        bar.write(f"{len(busy)} trial(s) are running in another driver on {out}; waiting for them", file=sys.stderr)
+        waiting, busy[:] = list(busy), []
+        launcher.run([job(t, wait=True) for t in waiting], report, lambda: bool(errors))
     bar.close()
     if errors:
         raise UserError(errors[0])
