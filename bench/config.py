@@ -24,6 +24,17 @@ from .registry import DATASETS, METHODS, MODELS
 SUITES_DIR = Path(__file__).parent / "suites"
 
 
+PROTOCOL = 2
+"""What a trial's fields mean, beyond the fields themselves; it enters every trial's hash, so a trial recorded under
+another version is never taken for a new one on rerun.
+
+- 1: a dataset's ``seed`` option (its data seed) stayed at its default whatever the trial seed.
+- 2: the data seed follows the trial seed unless the dataset option ``seed`` is given (:meth:`TrialSpec.resolve`), so
+  trial seeds re-draw the in/out splits, label noise, colours, copies, pairs and partners, as DomainBed re-draws
+  its in/out split per trial seed.
+"""
+
+
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
@@ -63,7 +74,8 @@ class TrialSpec:
     test_envs: tuple[int, ...]
     """Held-out environment indices (never trained on)."""
     seed: int = 0
-    """Trial seed: initialisation, batch order, hyperparameter draws."""
+    """Trial seed: initialisation, batch order, hyperparameter draws and, unless the dataset option ``seed`` is pinned,
+    the data (see :data:`PROTOCOL`)."""
     hparams_seed: int = 0
     """Index of the random-search draw; 0 means the declared defaults."""
     hparams: dict = field(default_factory=dict)
@@ -78,6 +90,8 @@ class TrialSpec:
     """Resolved dataset options."""
     callbacks: tuple[str, ...] = ()
     """Registered trial callbacks (extra evaluations, drift, attestation)."""
+    protocol: int = PROTOCOL
+    """The :data:`PROTOCOL` version the trial was specified under."""
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -98,6 +112,7 @@ class TrialSpec:
         d = dict(d)
         d["test_envs"] = tuple(d["test_envs"])
         d["callbacks"] = tuple(d.get("callbacks", ()))
+        d.setdefault("protocol", 1)  # a spec written before versions existed: the data seed did not follow the seed
         return cls(**d)
 
     @classmethod
@@ -115,7 +130,10 @@ class TrialSpec:
         model: str | None = None,
         callbacks: tuple[str, ...] = (),
     ) -> "TrialSpec":
-        """Validates names and values and draws the hyperparameters.
+        """Validates names and values, draws the hyperparameters and sets the data seed.
+
+        A dataset with a ``seed`` option gets the trial seed as its data seed unless ``dataset_options`` names
+        ``seed`` (pinned: the same data for every trial seed).
 
         Raises:
             UserError: unknown names, out-of-range environments, non-positive steps.
@@ -126,7 +144,10 @@ class TrialSpec:
             fits = [m for m in METHODS.names() if supports_task(METHODS.get(m), dcls.TASK)]
             raise UserError(f"method {method!r} does not train on {dcls.TASK} datasets such as {dataset!r}; "
                             f"methods that do: {', '.join(fits) or 'none'}")
-        options = dcls.resolve_options(dataset_options or {})
+        options = dict(dataset_options or {})
+        if "seed" in dcls.OPTIONS and "seed" not in options:
+            options["seed"] = seed  # DomainBed re-draws the data per trial seed; datasets salt their own draws
+        options = dcls.resolve_options(options)
         mcls.validate(dcls, options)  # e.g. a group method refuses a dataset without groups
         names = env_names_of(dataset, options)
         test_envs = tuple(dcls.DEFAULT_TEST_ENVS if test_envs is None else test_envs)

@@ -373,7 +373,8 @@ class ColoredDigits(CachedShiftDataset):
     """DomainBed's ColoredMNIST on scikit-learn's 8x8 digits, enlarged by random affine copies.
 
     Options:
-        seed: data seed (environment split, in/out split, copies, label noise, colours).
+        seed: data seed (environment split, in/out split, copies, label noise, colours); a trial uses its trial seed
+            unless this is set (pin it, e.g. ``seed=0``, for the same data in every trial).
         env_size: examples per environment, ``in`` + ``out``.
         holdout_fraction: the ``out`` share of each environment (of its base digits and of ``env_size``).
         resolution: image side; the 8x8 digits are upsampled to it.
@@ -419,7 +420,8 @@ class RotatedDigits(CachedShiftDataset):
     environments then lie all on one side of it.
 
     Options:
-        seed: data seed (environment split, in/out split, copies).
+        seed: data seed (environment split, in/out split, copies); a trial uses its trial seed unless this is set (pin
+            it, e.g. ``seed=0``, for the same data in every trial).
         env_size: examples per environment, ``in`` + ``out``.
         holdout_fraction: the ``out`` share of each environment (of its base digits and of ``env_size``).
         resolution: image side; the 8x8 digits are upsampled to it.

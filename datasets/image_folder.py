@@ -331,7 +331,8 @@ class ImageFolderDataset(ShiftDataset):
         domains: comma-separated domain folder names (default: every subfolder, sorted).
         resolution: image side after resizing (DomainBed: 224).
         holdout_fraction: the ``out`` share of each domain.
-        seed: data seed (the in/out split).
+        seed: data seed (the in/out split); a trial uses its trial seed unless this is set (pin it, e.g. ``seed=0``, for
+            the same data in every trial).
         augment: DomainBed's training augmentation on training batches.
     """
 

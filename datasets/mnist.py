@@ -248,7 +248,8 @@ class ColoredMNIST(_MNISTDataset):
     90%, 80% and 10% of the environments' examples; inputs (2, 28, 28).
 
     Options:
-        seed: data seed (shuffle, in/out split, label noise, colours).
+        seed: data seed (shuffle, in/out split, label noise, colours); a trial uses its trial seed unless this is set
+            (pin it, e.g. ``seed=0``, for the same data in every trial).
         holdout_fraction: the ``out`` share of each environment.
         resolution: image side (28 = MNIST's; IRM's original code used 14).
         n_examples: use only this many of the 70,000 pooled images (0: all).
@@ -283,7 +284,8 @@ class RotatedMNIST(_MNISTDataset):
     inputs (1, 28, 28). DomainBed names no default test environment; as for ``rotated_digits`` it is ``0°``.
 
     Options:
-        seed: data seed (shuffle, in/out split).
+        seed: data seed (shuffle, in/out split); a trial uses its trial seed unless this is set (pin it, e.g.
+            ``seed=0``, for the same data in every trial).
         holdout_fraction: the ``out`` share of each environment.
         resolution: image side (28 = MNIST's).
         n_examples: use only this many of the 70,000 pooled images (0: all).

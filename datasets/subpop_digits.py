@@ -71,7 +71,8 @@ class SubpopDigits(CachedShiftDataset):
     """Binary digits (``digit < 5``) with a colour that is spurious in training and balanced at test.
 
     Options:
-        seed: data seed (environment split, in/out split, copies, colours).
+        seed: data seed (environment split, in/out split, copies, colours); a trial uses its trial seed unless this is
+            set (pin it, e.g. ``seed=0``, for the same data in every trial).
         env_size: examples per environment, ``in`` + ``out``.
         holdout_fraction: the ``out`` share of each environment (of its base digits and of ``env_size``).
         resolution: image side; the 8x8 digits are upsampled to it.

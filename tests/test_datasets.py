@@ -206,6 +206,107 @@ def test_base_digits_disjoint_between_environments_and_in_out(cls):
     assert torch.equal(label, digits[t["base"]])
 
 
+def _identity_copies(monkeypatch):
+    """Copies without the random affine jitter and, with ``noise=0``, without pixel noise: each copy's pixels are
+    then exactly its base digit's (at resolution 8 no resampling happens), so a test can find the source digit of
+    every example from its pixels alone."""
+    monkeypatch.setattr(digits_mod, "random_affine_theta",
+                        lambda n, g, **kw: torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(n, 2, 3).clone())
+    digits_mod._build_cached.cache_clear()
+
+
+def test_environments_and_in_out_are_disjoint_by_their_pixels(monkeypatch):
+    """Disjointness read from the pixels, not from the ``base`` bookkeeping: every example's grey image (the two
+    colour channels summed, one of them is zero) is looked up among the 1,797 bundled digits (all distinct)."""
+    _identity_copies(monkeypatch)
+    try:
+        ds = ColoredDigits(options={"env_size": 4000, "resolution": 8, "noise": 0.0})
+        images, _ = digits_mod.load_base_digits()
+        row_of = {bytes(img.numpy().tobytes()): r for r, img in enumerate(images[:, 0])}
+        owner: dict[int, tuple[int, str]] = {}
+        for i in range(3):
+            for part in ("in", "out"):
+                t = tensors(ds, i, part)
+                grey = t["x"].sum(1)
+                rows = torch.tensor([row_of[bytes(g.numpy().tobytes())] for g in grey])  # KeyError: not a base digit
+                assert torch.equal(rows, t["base"])  # the bookkeeping tells the truth
+                for r in set(rows.tolist()):
+                    assert owner.setdefault(r, (i, part)) == (i, part), f"digit {r} in env{i}/{part} and {owner[r]}"
+        assert len(owner) == 1797
+    finally:
+        digits_mod._build_cached.cache_clear()
+
+
+# --------------------------------------------------------------------------------------------- trial seed -> data
+
+
+def _data(spec) -> ColoredDigits:
+    return ColoredDigits(options=spec.dataset_options)
+
+
+def test_trial_seeds_redraw_the_in_out_split_and_the_draws():
+    from shiftbench.config import TrialSpec
+
+    # 1200 copies per environment: its 240 out copies use all of its round(599 * 0.2) = 120 out base digits
+    big = {"env_size": 1200, "resolution": 8}
+    a, b = (TrialSpec.resolve("colored_digits", "erm", seed=s, dataset_options=big) for s in (0, 1))
+    assert (a.dataset_options["seed"], b.dataset_options["seed"]) == (0, 1)
+    da, db = _data(a), _data(b)
+    for i in range(3):  # other base digits in every environment's out split, and other pixels
+        out_a, out_b = (set(tensors(d, i, "out")["base"].tolist()) for d in (da, db))
+        # independent draws share about 120 * (1/3 * 0.2) = 8 of them; a fixed split would share all 120
+        assert len(out_a) == len(out_b) == 120 and len(out_a & out_b) < 30
+        assert not torch.equal(tensors(da, i, "in")["x"], tensors(db, i, "in")["x"])
+    # the colour draws differ too: agreement of colour and label per example
+    ca, cb = (tensors(d, 0, "in")["color"] == tensors(d, 0, "in")["y"] for d in (da, db))
+    assert not torch.equal(ca, cb)
+
+
+def test_a_pinned_data_seed_gives_the_same_data_for_every_trial_seed():
+    from shiftbench.config import TrialSpec
+
+    a, b = (TrialSpec.resolve("colored_digits", "erm", seed=s, dataset_options={**SMALL, "seed": 7}) for s in (0, 1))
+    assert a.dataset_options["seed"] == b.dataset_options["seed"] == 7 and a.hash != b.hash
+    da, db = _data(a), _data(b)
+    for i in range(3):
+        for part in ("in", "out"):
+            assert torch.equal(tensors(da, i, part)["base"], tensors(db, i, part)["base"])
+            assert torch.equal(tensors(da, i, part)["x"], tensors(db, i, part)["x"])
+    assert da.version() == db.version()
+
+
+def test_every_dataset_with_a_seed_option_follows_the_trial_seed():
+    from shiftbench.config import TrialSpec, supports_task
+    from shiftbench.registry import METHODS
+
+    seen = []
+    for name in DATASETS.names():
+        cls = DATASETS.get(name)
+        if "seed" not in cls.OPTIONS or name in ("image_folder", "preference_files"):  # these need a path option
+            continue
+        method = next(m for m in METHODS.names() if supports_task(METHODS.get(m), cls.TASK))
+        assert TrialSpec.resolve(name, method, seed=5).dataset_options["seed"] == 5, name
+        assert TrialSpec.resolve(name, method, seed=5, dataset_options={"seed": 0}).dataset_options["seed"] == 0
+        seen.append(name)
+    assert {"colored_digits", "rotated_digits", "subpop_digits", "cue_digits", "spurious_prefs", "lever_game",
+            "rendezvous", "colored_mnist", "pacs"} <= set(seen)
+
+
+def test_the_protocol_version_enters_the_trial_hash():
+    import dataclasses
+
+    from shiftbench.config import PROTOCOL, TrialSpec
+
+    spec = TrialSpec.resolve("colored_digits", "erm", seed=0, dataset_options=SMALL)
+    assert spec.protocol == PROTOCOL == 2
+    old = dataclasses.replace(spec, protocol=1)
+    assert old.hash != spec.hash and old.short_hash != spec.short_hash
+    # a spec.json written before versions existed (no "protocol" key) reads as version 1: never the new trial
+    legacy = {k: v for k, v in spec.to_dict().items() if k != "protocol"}
+    assert TrialSpec.from_dict(legacy).protocol == 1 and TrialSpec.from_dict(legacy).hash == old.hash
+    assert TrialSpec.from_dict(spec.to_dict()).hash == spec.hash
+
+
 # --------------------------------------------------------------------------------------------- determinism, cache
 
 
