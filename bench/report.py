@@ -2,9 +2,19 @@
 
 The report reads only the trial folders (docs/records.md) and knows nothing of training. Tables follow DomainBed
 (Gulrajani & Lopez-Paz, ICLR 2021): one per (dataset, selection rule), rows = methods, columns = test environments
-and "Avg"; a cell is the test accuracy of the selected checkpoint in percent, mean ± standard error over trial seeds
-with SE = 100 · std / √n (numpy's default ddof=0, as DomainBed's ``collect_results``). "Avg" averages the
-environments per seed, over the seeds that have a selection for every environment, then takes mean ± SE.
+and "Avg"; a cell is the test accuracy of the selected checkpoint in percent, mean ± standard error over trial seeds.
+
+- SE = 100 · s / √n with s the sample standard deviation (ddof = 1, :data:`SE_DDOF`). ``se_ddof=0`` gives numpy's
+  default, the convention of DomainBed's printed tables (``collect_results.format_mean``), for side-by-side comparison
+  with them; it is √((n − 1) / n) of the ddof = 1 value (0.82 at n = 3).
+- The 95% interval (every cell carries it; ``ci=True`` shows it) is t-based: mean ± t(0.975, n − 1) · s / √n with
+  s at ddof = 1 whatever ``se_ddof`` says (:func:`t_interval`).
+- "Avg" is DomainBed's: the mean of the column means. When every column rests on the same seeds its SE and interval
+  come from the per-seed averages; otherwise it is marked incomplete (†): a number without ± when every column has
+  one but some rest on fewer seeds, no number when a column is empty.
+- Rows are sorted by the headline column (Avg, or the only environment), descending; ties and empty cells keep the
+  order of names. In each column the best cell and those within one SE (the best cell's) of it are marked: bold in
+  Markdown, HTML and LaTeX, ``mark`` in the CSV.
 
 Files written by :func:`write_report` into ``out_dir``:
 
@@ -26,6 +36,7 @@ and a method whose trials come from more than one sweep gets one row per sweep, 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import html
 import io
 import json
@@ -50,6 +61,13 @@ AVG = "avg"
 PLOT_RULE = "training_domain"
 """The selection rule behind the per-environment bar charts."""
 DASH = "–"
+INCOMPLETE = "†"
+"""Marks an incomplete Avg cell: a column is empty, or rests on other seeds than the rest."""
+SE_DDOF = 1
+"""Default delta degrees of freedom of the standard error (the sample standard deviation). DomainBed's printed tables
+use 0 (numpy's default), which is narrower by √((n − 1) / n); ``se_ddof=0`` reproduces them."""
+CI_LEVEL = 0.95
+"""Coverage of the t-based interval every cell carries."""
 
 
 @dataclass(frozen=True)
@@ -309,28 +327,68 @@ def scan_sweeps(runs_dirs: Sequence[str | os.PathLike]) -> Scan:
 # ------------------------------------------------------------------------------------------------------- computation
 
 
+def standard_error(values: Sequence[float], ddof: int = SE_DDOF) -> float | None:
+    """std(values, ddof) / √n; None for fewer than two values (one seed gives no estimate of the spread)."""
+    a = np.asarray(values, dtype=float)
+    return float(a.std(ddof=ddof) / math.sqrt(len(a))) if len(a) >= 2 else None
+
+
+def t_interval(values: Sequence[float], level: float = CI_LEVEL) -> tuple[float, float] | None:
+    """The t-based interval mean ± t((1 + level) / 2, n − 1) · s / √n, s the sample standard deviation (ddof = 1);
+    None for fewer than two values. At n = 3 and 95%, t = 4.303."""
+    from scipy import stats
+
+    a = np.asarray(values, dtype=float)
+    if len(a) < 2:
+        return None
+    half = float(stats.t.ppf((1 + level) / 2, len(a) - 1)) * float(a.std(ddof=1) / math.sqrt(len(a)))
+    return float(a.mean()) - half, float(a.mean()) + half
+
+
+def check_se_ddof(ddof: Any) -> int:
+    """0 or 1; anything else is a UserError."""
+    from .errors import UserError
+
+    if isinstance(ddof, bool) or ddof not in (0, 1):
+        raise UserError(f"se_ddof must be 0 (DomainBed's printed tables) or 1 (the sample SE, default); got {ddof!r}")
+    return int(ddof)
+
+
 @dataclass(frozen=True)
 class Cell:
     """One leaderboard cell.
 
     Attributes:
-        mean: mean test accuracy in percent over seeds, None when no seed has a selection.
-        se: standard error in percent (100 · std / √n, ddof=0), None with mean.
+        mean: mean test accuracy in percent over seeds, None when no seed has a selection; for an Avg cell, the mean
+            of the column means.
+        se: standard error in percent (100 · std / √n at the table's ``se_ddof``), None with one seed or none.
         n_seeds: seeds behind the number.
         n_trials: done trials the rule considered for those seeds (all hyperparameter draws).
+        ci_low, ci_high: the t-based 95% interval (:func:`t_interval`), None below two seeds.
+        complete: False for an Avg cell whose columns are not all there on the same seeds (shown with †).
+        mark: ``"best"`` (the best cell of its column), ``"within_1se"`` (within the best cell's SE of it) or ``""``.
     """
 
     mean: float | None
     se: float | None
     n_seeds: int
     n_trials: int
+    ci_low: float | None = None
+    ci_high: float | None = None
+    complete: bool = True
+    mark: str = ""
 
-    def text(self) -> str:
-        """``"72.3 ± 1.2"``; ``"72.3"`` from one seed (an SE over one seed is no estimate, not "± 0.0"); the dash
-        for an empty cell."""
+    def text(self, ci: bool = False) -> str:
+        """``"72.3 ± 1.2"`` (with ``ci``: ``"72.3 ± 1.2 [68.9, 75.7]"``); ``"72.3"`` from one seed (an SE over one
+        seed is no estimate, not "± 0.0"); the dash for an empty cell; † after an incomplete Avg."""
+        if not self.complete:
+            return (DASH if self.mean is None else f"{self.mean:.1f}") + INCOMPLETE
         if self.mean is None:
             return DASH
-        return f"{self.mean:.1f}" if self.n_seeds <= 1 else f"{self.mean:.1f} ± {self.se:.1f}"
+        if self.n_seeds <= 1 or self.se is None:
+            return f"{self.mean:.1f}"
+        interval = f" [{self.ci_low:.1f}, {self.ci_high:.1f}]" if ci and self.ci_low is not None else ""
+        return f"{self.mean:.1f} ± {self.se:.1f}{interval}"
 
 
 @dataclass
@@ -342,7 +400,8 @@ class Table:
         rule: selection-rule name (a key of RULES).
         envs: test-environment indices, the columns before "Avg".
         env_names: display names of ``envs``.
-        methods: row names, sorted.
+        methods: row names in leaderboard order: by the headline cell (:func:`headline`), descending; ties and
+            rows without a number keep name order.
         cells: (method, env index or AVG) -> Cell.
         selections: (method, seed, env index) -> the rule's Selection (missing where it returned None).
     """
@@ -356,6 +415,8 @@ class Table:
     selections: dict[tuple[str, Any, int], Any]
     metric: str = "acc"
     """The record metric in the cells (``env{i}_in_<metric>``); the rule always selects by accuracy."""
+    se_ddof: int = SE_DDOF
+    """The ddof of the cells' SE."""
 
     @property
     def title(self) -> str:
@@ -372,11 +433,53 @@ class Table:
                       key=lambda x: str(x[0]))
 
 
-def _cell(values: Sequence[float], n_trials: int) -> Cell:
+def _cell(values: Sequence[float], n_trials: int, ddof: int = SE_DDOF) -> Cell:
     if not values:
         return Cell(None, None, 0, 0)
-    a = np.asarray(values, dtype=float)
-    return Cell(float(a.mean()), float(a.std() / math.sqrt(len(a))), len(a), n_trials)
+    ci = t_interval(values)
+    return Cell(float(np.mean(values)), standard_error(values, ddof), len(values), n_trials,
+                *(ci if ci is not None else (None, None)))
+
+
+def _avg_cell(columns: Sequence[Cell], seeds: Sequence[set], per_seed: Sequence[float], n_trials: int,
+              ddof: int) -> Cell:
+    """DomainBed's Avg: the mean of the column means. Complete when every column rests on the same seeds (then its
+    SE and interval come from the per-seed averages ``per_seed``, whose mean is the same number); else marked."""
+    if all(c.mean is None for c in columns):
+        return Cell(None, None, 0, 0)
+    if any(c.mean is None for c in columns):
+        return Cell(None, None, 0, 0, complete=False)
+    mean = float(np.mean([c.mean for c in columns]))
+    if any(s != seeds[0] for s in seeds):
+        return Cell(mean, None, min(c.n_seeds for c in columns), n_trials, complete=False)
+    return dataclasses.replace(_cell(per_seed, n_trials, ddof), mean=mean)
+
+
+def headline(t: "Table", method: str) -> Cell:
+    """A table's one number per method: its Avg cell, or its only environment's cell."""
+    return t.cells[(method, AVG if len(t.envs) > 1 else t.envs[0])] if t.envs else Cell(None, None, 0, 0)
+
+
+def _order_and_mark(t: "Table") -> "Table":
+    """Sorts the rows by the headline cell, descending (a stable sort over names), and marks in every column the
+    best cell and the cells within the best cell's SE of it. Incomplete cells are neither best nor marked."""
+    def key(m: str) -> tuple[int, float]:
+        c = headline(t, m)
+        return (0, -c.mean) if c.mean is not None else (1, 0.0)
+
+    t.methods = sorted(sorted(t.methods), key=key)
+    for k, _ in t.columns():
+        ranked = [m for m in t.methods if t.cells[(m, k)].mean is not None and t.cells[(m, k)].complete]
+        if len(ranked) < 2:
+            continue
+        best = max(t.cells[(m, k)].mean for m in ranked)
+        top = next(t.cells[(m, k)] for m in ranked if t.cells[(m, k)].mean == best)
+        floor = best - (top.se or 0.0) - 1e-9
+        for m in ranked:
+            c = t.cells[(m, k)]
+            mark = "best" if c.mean >= best - 1e-9 else "within_1se" if c.mean >= floor else ""
+            t.cells[(m, k)] = dataclasses.replace(c, mark=mark)
+    return t
 
 
 def _env_names(trials: Sequence[Trial], envs: Sequence[int]) -> list[str]:
@@ -397,11 +500,24 @@ def _row(trial: Trial) -> str:
     return str(trial.get("row") or _method(trial))
 
 
+def _protocol(trial: Trial) -> int:
+    """The trial's :data:`shiftbench.config.PROTOCOL` version (1 for specs written before versions existed)."""
+    return int(trial["spec"].get("protocol", 1))
+
+
 def _groups(trials: Sequence[Trial]) -> dict[str, dict[str, dict[Any, list[Trial]]]]:
-    """dataset -> row (method) -> seed -> trials."""
+    """dataset -> row (method) -> seed -> trials. Where one row's trials come from more than one protocol version,
+    the older ones get their own row, ``method (protocol 1)``: a rule never selects among trials whose data seeds
+    mean different things."""
+    protocols: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for t in trials:
+        protocols[(str(t["spec"].get("dataset", "?")), _row(t))].add(_protocol(t))
     out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for t in trials:
-        out[str(t["spec"].get("dataset", "?"))][_row(t)][_seed(t)].append(t)
+        ds, row = str(t["spec"].get("dataset", "?")), _row(t)
+        if _protocol(t) != max(protocols[(ds, row)]):
+            row = f"{row} (protocol {_protocol(t)})"
+        out[ds][row][_seed(t)].append(t)
     return out
 
 
@@ -423,7 +539,8 @@ def extra_metrics(trials: Sequence[Trial]) -> list[str]:
                    if (m := _EXTRA_METRIC.match(k))})
 
 
-def compute_tables(trials: Sequence[Trial], rules: Sequence[str] | None = None, metric: str = "acc") -> list[Table]:
+def compute_tables(trials: Sequence[Trial], rules: Sequence[str] | None = None, metric: str = "acc",
+                   se_ddof: int = SE_DDOF) -> list[Table]:
     """Applies every selection rule to every (dataset, method, seed, test env) and aggregates over seeds.
 
     Args:
@@ -432,23 +549,25 @@ def compute_tables(trials: Sequence[Trial], rules: Sequence[str] | None = None, 
         metric: what the cells report: ``acc`` (the rule's own test accuracy) or another record metric, read as
             ``env{i}_in_<metric>`` at the checkpoint the rule selected by accuracy; seeds whose selected record lacks
             it are left out of that cell.
+        se_ddof: 1 (the sample SE, default) or 0 (DomainBed's printed tables).
 
     Returns:
         Tables sorted by dataset, then rule order.
     """
-    return _tables(trials, rules, [metric])[metric]
+    return _tables(trials, rules, [metric], check_se_ddof(se_ddof))[metric]
 
 
-def all_tables(trials: Sequence[Trial]) -> list[Table]:
+def all_tables(trials: Sequence[Trial], se_ddof: int = SE_DDOF) -> list[Table]:
     """The accuracy tables, then one table per (extra metric, dataset, rule) that has at least one number; every
     rule selects once, for all metrics."""
     extra = extra_metrics(trials)
-    by_metric = _tables(trials, None, ["acc", *extra])
+    by_metric = _tables(trials, None, ["acc", *extra], check_se_ddof(se_ddof))
     return by_metric["acc"] + [t for m in extra for t in by_metric[m]
                                if any(c.mean is not None for c in t.cells.values())]
 
 
-def _tables(trials: Sequence[Trial], rules: Sequence[str] | None, metrics: Sequence[str]) -> dict[str, list[Table]]:
+def _tables(trials: Sequence[Trial], rules: Sequence[str] | None, metrics: Sequence[str],
+            se_ddof: int = SE_DDOF) -> dict[str, list[Table]]:
     """metric -> tables (sorted by dataset, then rule order), from one pass of the selection rules."""
     out: dict[str, list[Table]] = {m: [] for m in metrics}
     for dataset, by_method in sorted(_groups(trials).items()):
@@ -468,14 +587,15 @@ def _tables(trials: Sequence[Trial], rules: Sequence[str] | None, metrics: Seque
                             pool = rule.pool(group, env)  # type: ignore[attr-defined]
                             picks[(method, seed, env)] = (sel, {str(t["hash"]) for t in pool})
             for metric in metrics:
-                out[metric].append(_table(dataset, rule_name, envs, names, by_method, picks, records, metric))
+                table = _table(dataset, rule_name, envs, names, by_method, picks, records, metric, se_ddof)
+                out[metric].append(_order_and_mark(table))
     return out
 
 
 def _table(dataset: str, rule_name: str, envs: list[int], names: list[str], by_method: Mapping[str, Any],
            picks: Mapping[tuple[str, Any, int], tuple[Any, set[str]]], records: Mapping[tuple[str, Any], Record],
-           metric: str) -> Table:
-    """One table: the cells of ``metric`` at the rule's picks, mean ± SE over seeds."""
+           metric: str, se_ddof: int = SE_DDOF) -> Table:
+    """One table: the cells of ``metric`` at the rule's picks, mean ± SE over seeds (rows not yet ordered)."""
     cells: dict = {}
     selections: dict = {}
     for method, by_seed in sorted(by_method.items()):
@@ -497,11 +617,13 @@ def _table(dataset: str, rule_name: str, envs: list[int], names: list[str], by_m
                 seed_accs[seed][env] = value
                 seed_pools[seed].update(pool)
         for env in envs:
-            cells[(method, env)] = _cell(per_env[env], per_env_trials[env])
+            cells[(method, env)] = _cell(per_env[env], per_env_trials[env], se_ddof)
         full = [s for s in seed_accs if len(seed_accs[s]) == len(envs)]
-        cells[(method, AVG)] = _cell([float(np.mean([seed_accs[s][e] for e in envs])) for s in full],
-                                     len(set().union(*(seed_pools[s] for s in full))) if full else 0)
-    return Table(dataset, rule_name, envs, names, sorted(by_method), cells, selections, metric)
+        cells[(method, AVG)] = _avg_cell(
+            [cells[(method, e)] for e in envs], [{s for s in seed_accs if e in seed_accs[s]} for e in envs],
+            [float(np.mean([seed_accs[s][e] for e in envs])) for s in full],
+            len(set().union(*seed_pools.values())) if seed_pools else 0, se_ddof)
+    return Table(dataset, rule_name, envs, names, sorted(by_method), cells, selections, metric, se_ddof)
 
 
 # --------------------------------------------------------------------------------------------------------- rendering
@@ -562,20 +684,40 @@ def _sweep_lines(sweeps: Sequence[Mapping[str, Any]], duplicates: int) -> list[s
     return [f"sweeps: {shown}{dup}"]
 
 
-INTRO = ("Test accuracy (%) on the held-out environment of each column, for the checkpoint the selection rule picks; "
-         "mean ± standard error over trial seeds (SE = 100·std/√n, ddof=0, as in DomainBed); a cell from one seed "
-         "shows its value alone. "
-         "n = done trials the rule considered (all hyperparameter draws of those seeds). "
-         "Avg = per-seed mean over the environments, over seeds with a selection for every environment. "
-         f"{DASH} = nothing to select.")
+def intro(se_ddof: int = SE_DDOF) -> str:
+    """The paragraph above the tables: what a cell, n, Avg, the marks and the order mean."""
+    se = ("SE = 100·s/√n, s the sample standard deviation (ddof=1)" if se_ddof == 1 else
+          "SE = 100·std/√n with ddof=0, the convention of DomainBed's printed tables (√((n−1)/n) of the sample "
+          "SE)")
+    return ("Test accuracy (%) on the held-out environment of each column, for the checkpoint the selection rule "
+            f"picks; mean ± standard error over trial seeds ({se}); a cell from one seed shows its value alone. "
+            "n = done trials the rule considered (all hyperparameter draws of those seeds). "
+            "Avg = mean of the column means, as in DomainBed; "
+            f"{INCOMPLETE} = incomplete: a column is empty ({DASH}{INCOMPLETE}) or rests on other seeds than the rest "
+            "(the mean of the column means, no ±). "
+            f"{DASH} = nothing to select.")
+
+
+INTRO = intro()
+"""The intro at the default ddof."""
+
+
+def caption(t: "Table", ci: bool = False) -> str:
+    """The one caption line of a table: its statistics, the interval when shown, its order and its marks."""
+    se = "SE at ddof=1" if t.se_ddof == 1 else "SE at ddof=0 (DomainBed's printing)"
+    interval = ("; [a, b] = 95% t-interval, mean ± t(0.975, n−1)·s/√n (s at ddof=1)" if ci else "")
+    return (f"Mean ± {se} over seeds{interval}. Rows sorted by "
+            f"{'Avg' if len(t.envs) > 1 else 'the test environment'}, descending; bold: the best cell of each "
+            "column and the cells within one SE (the best cell's) of it.")
 
 
 def _md_escape(s: str) -> str:
     return s.replace("|", "\\|")
 
 
-def _md_cell(c: Cell) -> str:
-    return c.text() if c.mean is None else f"{c.text()} (n={c.n_trials})"
+def _md_cell(c: Cell, ci: bool = False) -> str:
+    text = c.text(ci) if c.mean is None else f"{c.text(ci)} (n={c.n_trials})"
+    return f"**{text}**" if c.mark else text
 
 
 def _seed_note(t: Table) -> str:
@@ -588,7 +730,7 @@ def _seed_note(t: Table) -> str:
 def format_markdown(tables: Sequence[Table], counts: Mapping[str, int],
                     failed: Sequence[Mapping[str, Any]] = (), sections: Sequence[Section] = (),
                     terminal: bool = False, details: str | None = None,
-                    sweeps: Sequence[Mapping[str, Any]] = (), duplicates: int = 0) -> str:
+                    sweeps: Sequence[Mapping[str, Any]] = (), duplicates: int = 0, ci: bool = False) -> str:
     """The leaderboard as Markdown with padded columns (readable in a terminal too).
 
     Args:
@@ -600,20 +742,21 @@ def format_markdown(tables: Sequence[Table], counts: Mapping[str, int],
         details: where the full form is (e.g. ``reports/leaderboard.md``), named after each such line.
         sweeps: ``Scan.sweeps`` of a report over several folders (listed in the run summary).
         duplicates: ``Scan.duplicates``.
+        ci: show each cell's 95% interval.
 
     Returns:
         The Markdown text, ending in a newline.
     """
-    out = ["# shiftbench leaderboard", "", INTRO, ""]
+    out = ["# shiftbench leaderboard", "", intro(tables[0].se_ddof if tables else SE_DDOF), ""]
     for t in tables:
         if _seed_note(t) == "no selections":
             hint = " (it needs trials holding out pairs of environments: test_envs each+pairs)" if (
                 t.rule == "leave_one_domain_out") else ""
             out += [f"## {t.dataset} — {t.title}", "", f"No selections{hint}.", ""]
             continue
-        out += [f"## {t.dataset} — {t.title}", "", f"{_table_blurb(t)} ({_seed_note(t)})", ""]
+        out += [f"## {t.dataset} — {t.title}", "", f"{_table_blurb(t)} ({_seed_note(t)})", "", caption(t, ci), ""]
         header = ["Method"] + [_md_escape(n) for _, n in t.columns()]
-        rows = [[_md_escape(m)] + [_md_cell(t.cells[(m, k)]) for k, _ in t.columns()] for m in t.methods]
+        rows = [[_md_escape(m)] + [_md_cell(t.cells[(m, k)], ci) for k, _ in t.columns()] for m in t.methods]
         widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
         fmt = lambda r: "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |"  # noqa: E731
         out += [fmt(header), "| " + " | ".join("-" * w for w in widths) + " |"] + [fmt(r) for r in rows] + [""]
@@ -639,7 +782,8 @@ def format_markdown(tables: Sequence[Table], counts: Mapping[str, int],
 
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:72em;
 color:#222;padding:0 1em}h1{font-size:1.5em}h2{font-size:1.15em;margin-top:2em}p.note{color:#555;font-size:.9em}
-table{border-collapse:collapse;margin:.5em 0}th,td{padding:.3em .8em;text-align:right;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5em 0}caption{caption-side:bottom;color:#555;font-size:.85em;text-align:left}
+th,td{padding:.3em .8em;text-align:right;border-bottom:1px solid #ddd}
 th{border-bottom:2px solid #444}td:first-child,th:first-child{text-align:left}tr:hover td{background:#f5f5f5}
 sup.n{color:#888;font-size:.7em;margin-left:.2em}td.avg,th.avg{border-left:1px solid #bbb}
 span.trials{font-size:.7em;margin-left:.3em}span.trials a{color:#0072B2;margin-left:.15em}"""
@@ -655,21 +799,23 @@ def _trial_links(t: Table, method: str, env: int, links: Mapping[str, str]) -> s
 
 def format_html(tables: Sequence[Table], counts: Mapping[str, int], failed: Sequence[Mapping[str, Any]] = (),
                 sections: Sequence[Section] = (), links: Mapping[str, str] | None = None,
-                sweeps: Sequence[Mapping[str, Any]] = (), duplicates: int = 0) -> str:
+                sweeps: Sequence[Mapping[str, Any]] = (), duplicates: int = 0, ci: bool = False) -> str:
     """The leaderboard as one standalone HTML page (inline CSS, no external assets).
 
     Args:
-        tables, counts, failed, sections, sweeps, duplicates: as for :func:`format_markdown`.
+        tables, counts, failed, sections, sweeps, duplicates, ci: as for :func:`format_markdown`.
         links: trial hash -> href of its folder (relative to the page); each environment cell then links the
             trials its number rests on, one per seed.
     """
     e = html.escape
     links = links or {}
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', "<title>shiftbench leaderboard</title>",
-           f"<style>{_CSS}</style></head><body>", "<h1>shiftbench leaderboard</h1>", f'<p class="note">{e(INTRO)}</p>']
+           f"<style>{_CSS}</style></head><body>", "<h1>shiftbench leaderboard</h1>",
+           f'<p class="note">{e(intro(tables[0].se_ddof if tables else SE_DDOF))}</p>']
     for t in tables:
         out += [f"<h2>{e(t.dataset)} — {e(t.title)}</h2>", f'<p class="note">{e(_table_blurb(t))} '
-                f"({e(_seed_note(t))})</p>", "<table>", "<thead><tr><th>Method</th>"
+                f"({e(_seed_note(t))})</p>", f"<table><caption>{e(caption(t, ci))}</caption>",
+                "<thead><tr><th>Method</th>"
                 + "".join(f'<th{" class=avg" if k == AVG else ""}>{e(n)}</th>' for k, n in t.columns())
                 + "</tr></thead>", "<tbody>"]
         for m in t.methods:
@@ -678,11 +824,12 @@ def format_html(tables: Sequence[Table], counts: Mapping[str, int], failed: Sequ
                 c = t.cells[(m, k)]
                 cls = ' class="avg"' if k == AVG else ""
                 if c.mean is None:
-                    tds.append(f"<td{cls}>{DASH}</td>")
+                    tds.append(f"<td{cls}>{e(c.text())}</td>")
                 else:
                     tip = f"{c.n_seeds} seeds, {c.n_trials} trials"
                     runs = "" if k == AVG else _trial_links(t, m, k, links)
-                    tds.append(f'<td{cls}>{e(c.text())}<sup class="n" title="{tip}">n={c.n_trials}</sup>{runs}</td>')
+                    value = f"<b>{e(c.text(ci))}</b>" if c.mark else e(c.text(ci))
+                    tds.append(f'<td{cls}>{value}<sup class="n" title="{tip}">n={c.n_trials}</sup>{runs}</td>')
             out.append(f"<tr><td>{e(m)}</td>{''.join(tds)}</tr>")
         out += ["</tbody></table>"] + [f'<p class="note"><b>Note:</b> {e(n)}</p>' for n in table_notes(t)]
     for sec in sections:
@@ -709,26 +856,40 @@ def tex_escape(s: str) -> str:
     return "".join(_TEX_SPECIAL.get(ch, ch) for ch in s)
 
 
-def _tex_cell(c: Cell) -> str:
+def _tex_cell(c: Cell, ci: bool = False) -> str:
     if c.mean is None:
-        return "--"
-    value = f"{c.mean:.1f}" if c.n_seeds <= 1 else f"{c.mean:.1f} \\pm {c.se:.1f}"
+        return "--" + ("\\textsuperscript{\\dag}" if not c.complete else "")
+    if not c.complete:
+        return f"${c.mean:.1f}$\\textsuperscript{{\\dag}}"
+    if c.n_seeds <= 1 or c.se is None:
+        value = f"{c.mean:.1f}"
+    else:
+        interval = f"\\;[{c.ci_low:.1f}, {c.ci_high:.1f}]" if ci and c.ci_low is not None else ""
+        value = f"{c.mean:.1f} \\pm {c.se:.1f}{interval}"
+    if c.mark:
+        value = f"\\mathbf{{{value}}}"
     return f"${value}$\\textsuperscript{{\\tiny {c.n_trials}}}"
 
 
-def format_tex(tables: Sequence[Table]) -> str:
+def _tex_text(text: str) -> str:
+    """Plain text with the caption's few math signs, for LaTeX."""
+    return tex_escape(text).replace("±", "$\\pm$").replace("√", "$\\surd$").replace("−", "-")
+
+
+def format_tex(tables: Sequence[Table], ci: bool = False) -> str:
     """The leaderboard as LaTeX ``table`` floats with booktabs tabulars (needs ``\\usepackage{booktabs}``)."""
     out = ["% shiftbench leaderboard: needs \\usepackage{booktabs}",
            "% test accuracy (%), mean $\\pm$ SE over trial seeds; superscript = trials behind the cell", ""]
     for t in tables:
         cols = t.columns()
+        dag = "; \\dag: incomplete Avg" if len(t.envs) > 1 else ""
         out += ["\\begin{table}[ht]", "\\centering",
-                f"\\caption{{{tex_escape(t.dataset)}: {tex_escape(t.title)}. Test accuracy (\\%), mean $\\pm$ SE "
-                f"over seeds; superscript: trials behind the cell.}}",
+                f"\\caption{{{tex_escape(t.dataset)}: {tex_escape(t.title)}. Test accuracy (\\%). "
+                f"{_tex_text(caption(t, ci))} Superscript: trials behind the cell{dag}.}}",
                 f"\\begin{{tabular}}{{l{'c' * len(cols)}}}", "\\toprule",
                 " & ".join(["\\textbf{Method}"] + [tex_escape(n) for _, n in cols]) + " \\\\", "\\midrule"]
         for m in t.methods:
-            out.append(" & ".join([tex_escape(m)] + [_tex_cell(t.cells[(m, k)]) for k, _ in cols]) + " \\\\")
+            out.append(" & ".join([tex_escape(m)] + [_tex_cell(t.cells[(m, k)], ci) for k, _ in cols]) + " \\\\")
         out += ["\\bottomrule", "\\end{tabular}"]
         out += [f"\\par\\smallskip{{\\footnotesize {tex_escape(n)}}}" for n in table_notes(t)]
         out += ["\\end{table}", ""]
@@ -747,14 +908,18 @@ def _report_dict(tables: Sequence[Table], counts: Mapping[str, int], failed: Seq
             for k, name in t.columns():
                 c = t.cells[(m, k)]
                 entry[AVG if k == AVG else f"env{k}"] = {
-                    "name": name, "mean": c.mean, "se": c.se, "n_seeds": c.n_seeds, "n_trials": c.n_trials}
+                    "name": name, "mean": c.mean, "se": c.se, "ci95_low": c.ci_low, "ci95_high": c.ci_high,
+                    "n_seeds": c.n_seeds, "n_trials": c.n_trials, "mark": c.mark,
+                    **({"complete": int(c.complete)} if k == AVG else {})}
             methods[m] = entry
         if t.metric == "acc":
             ds["rules"][t.rule] = {"title": t.title, "methods": methods}
         else:  # extra metrics (robust_acc, ...) at the accuracy-selected checkpoint, keyed by metric then rule
             ds.setdefault("extra_metrics", {}).setdefault(t.metric, {})[t.rule] = {"title": t.title,
                                                                                     "methods": methods}
+    ddof = tables[0].se_ddof if tables else SE_DDOF
     return {"schema": METRICS_SCHEMA, "unit": "percent", "counts": dict(counts),
+            "statistics": {"se_ddof": ddof, "ci_level": CI_LEVEL},
             "failures": [{"hash": str(f.get("hash", "")), "reason": str(f.get("reason", "")), "step": f.get("step")}
                          for f in failed],
             "datasets": datasets}
@@ -780,7 +945,8 @@ def numbers_only(obj: Any) -> Any:
 
 def _metrics(report: Mapping[str, Any], sections: Sequence[Section]) -> dict:
     """metrics.json: report.json's counts and cells (same key paths, numbers only), and each section's numbers."""
-    out = {"counts": numbers_only(report["counts"]) or {}, "datasets": numbers_only(report["datasets"]) or {}}
+    out = {"counts": numbers_only(report["counts"]) or {}, "statistics": numbers_only(report["statistics"]) or {},
+           "datasets": numbers_only(report["datasets"]) or {}}
     nums = {sec.key: numbers_only(sec.numbers if sec.numbers is not None else sec.metrics) for sec in sections}
     if any(v is not None for v in nums.values()):
         out["sections"] = {k: v for k, v in nums.items() if v is not None}
@@ -795,7 +961,7 @@ def _csv(rows: list[list[Any]]) -> str:
 
 def _leaderboard_csv(tables: Sequence[Table], extra: bool = False) -> str:
     """Accuracy tables (or, with ``extra``, the extra-metric tables with a leading ``metric`` column)."""
-    head = ["dataset", "rule", "method", "env", "mean", "se", "n_seeds", "n_trials"]
+    head = ["dataset", "rule", "method", "env", "mean", "se", "ci95_low", "ci95_high", "n_seeds", "n_trials", "mark"]
     rows: list[list[Any]] = [["metric"] + head if extra else head]
     for t in tables:
         if (t.metric != "acc") != extra:
@@ -803,15 +969,11 @@ def _leaderboard_csv(tables: Sequence[Table], extra: bool = False) -> str:
         for m in t.methods:
             for k, name in t.columns():
                 c = t.cells[(m, k)]
+                num = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
                 rows.append(([t.metric] if extra else []) + [
-                    t.dataset, t.rule, m, name, "" if c.mean is None else f"{c.mean:.4f}",
-                    "" if c.se is None else f"{c.se:.4f}", c.n_seeds, c.n_trials])
+                    t.dataset, t.rule, m, name, num(c.mean), num(c.se), num(c.ci_low), num(c.ci_high), c.n_seeds,
+                    c.n_trials, c.mark or ("incomplete" if not c.complete else "")])
     return _csv(rows)
-
-
-def headline(t: Table, method: str) -> Cell:
-    """A table's one number per method: its Avg cell, or its only environment's cell."""
-    return t.cells[(method, AVG if len(t.envs) > 1 else t.envs[0])] if t.envs else Cell(None, None, 0, 0)
 
 
 def _plot_methods_csv(tables: Sequence[Table]) -> str:
@@ -820,7 +982,7 @@ def _plot_methods_csv(tables: Sequence[Table]) -> str:
     main = [t for t in tables if t.rule == PLOT_RULE and t.metric == "acc"]
     rows: list[list[Any]] = [["method", "accuracy", *[t.dataset for t in main]]]
     for m in sorted({m for t in main for m in t.methods}):
-        values = [headline(t, m).mean if m in t.methods else None for t in main]
+        values = [headline(t, m).mean if m in t.methods and headline(t, m).complete else None for t in main]
         full = values and all(v is not None for v in values)
         rows.append([m, f"{float(np.mean(values)):.4f}" if full else ""]
                     + ["" if v is None else f"{v:.4f}" for v in values])
@@ -903,7 +1065,7 @@ def plot_env_bars(table: Table, path: Path) -> None:
     fig.savefig(path, format="png")
 
 
-def plot_over_steps(trials: Sequence[Trial], path: Path) -> None:
+def plot_over_steps(trials: Sequence[Trial], path: Path, se_ddof: int = SE_DDOF) -> None:
     """One panel per dataset: the test environment's "in" accuracy against step, mean ± SE over trials per method.
 
     Only trials that hold out a single environment are drawn (the leave-one-domain-out pairs are not test runs). A
@@ -929,7 +1091,7 @@ def plot_over_steps(trials: Sequence[Trial], path: Path) -> None:
             steps = sorted(by_step)
             vals = [np.asarray(by_step[s]) for s in steps]
             mean = np.array([v.mean() for v in vals])
-            se = np.array([v.std() / math.sqrt(len(v)) for v in vals])
+            se = np.array([standard_error(v, se_ddof) or 0.0 for v in vals])
             st = styles[m]
             ax.plot(steps, mean, marker=st["marker"], linestyle=st["linestyle"], color=st["color"], markersize=4,
                     label=m)
@@ -977,7 +1139,7 @@ def _links(trials: Sequence[Trial], out: Path) -> dict[str, str]:
 
 
 def leaderboard_text(trials: Sequence[Trial], failed: Sequence[Mapping[str, Any]] = (), incomplete: int = 0,
-                     terminal: bool = False) -> str:
+                     terminal: bool = False, se_ddof: int = SE_DDOF, ci: bool = False) -> str:
     """The Markdown leaderboard (what leaderboard.md holds), for printing to a terminal.
 
     Args:
@@ -985,12 +1147,14 @@ def leaderboard_text(trials: Sequence[Trial], failed: Sequence[Mapping[str, Any]
         failed: failed-trial dicts (:func:`load_failed`), listed by reason in the run summary.
         incomplete: number of trials without a done or failed marker.
         terminal: the short form: sections with a one-line terminal summary show only that line.
+        se_ddof: 1 (the sample SE, default) or 0 (DomainBed's printed tables).
+        ci: show each cell's 95% t-interval.
 
     Returns:
         The text.
     """
-    return format_markdown(all_tables(trials), _summary_counts(trials, failed, incomplete), failed,
-                           build_sections(trials), terminal=terminal)
+    return format_markdown(all_tables(trials, se_ddof), _summary_counts(trials, failed, incomplete), failed,
+                           build_sections(trials), terminal=terminal, ci=ci)
 
 
 @dataclass(frozen=True)
@@ -1004,11 +1168,11 @@ class Written:
 
 def write_files(trials: Sequence[Trial], out_dir: str | os.PathLike, failed: Sequence[Mapping[str, Any]] = (),
                 incomplete: int = 0, plots: bool = True, sweeps: Sequence[Mapping[str, Any]] = (),
-                duplicates: int = 0) -> Written:
+                duplicates: int = 0, se_ddof: int = SE_DDOF, ci: bool = False) -> Written:
     """:func:`write_report`, also returning the Markdown (as in leaderboard.md) and its terminal form."""
+    tables = all_tables(trials, se_ddof)  # checks se_ddof before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tables = all_tables(trials)
     counts = _summary_counts(trials, failed, incomplete)
     if len(sweeps) > 1:
         counts.update(sweeps=len(sweeps), duplicates=int(duplicates))
@@ -1022,13 +1186,13 @@ def write_files(trials: Sequence[Trial], out_dir: str | os.PathLike, failed: Seq
         for rel, data in sec.files.items():
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             _atomic_write(out / rel, data)
-    kw = {"sweeps": sweeps, "duplicates": duplicates}
+    kw = {"sweeps": sweeps, "duplicates": duplicates, "ci": ci}
     markdown = format_markdown(tables, counts, failed, sections, **kw)
     terminal = format_markdown(tables, counts, failed, sections, terminal=True, details=str(out / "leaderboard.md"),
                                **kw)
     _atomic_write(out / "leaderboard.md", markdown)
     _atomic_write(out / "leaderboard.html", format_html(tables, counts, failed, sections, _links(trials, out), **kw))
-    _atomic_write(out / "leaderboard.tex", format_tex(tables))
+    _atomic_write(out / "leaderboard.tex", format_tex(tables, ci))
     _atomic_write(out / "leaderboard.csv", _leaderboard_csv(tables))
     _atomic_write(out / "leaderboard_extra.csv", _leaderboard_csv(tables, extra=True))
     _atomic_write(out / "plot_methods.csv", _plot_methods_csv(tables))
@@ -1039,12 +1203,13 @@ def write_files(trials: Sequence[Trial], out_dir: str | os.PathLike, failed: Seq
         for t in tables:
             if t.rule == PLOT_RULE and t.metric == "acc":
                 _plot_atomic(plot_env_bars, out / "plots" / f"accuracy_by_env_{_safe(t.dataset)}.png", t)
-        _plot_atomic(plot_over_steps, out / "plots" / "accuracy_over_steps.png", trials)
+        _plot_atomic(lambda tr, buf: plot_over_steps(tr, buf, se_ddof), out / "plots" / "accuracy_over_steps.png",
+                     trials)
     return Written(report, markdown, terminal)
 
 
 def write_report(trials: Sequence[Trial], out_dir: str | os.PathLike, failed: Sequence[Mapping[str, Any]] = (),
-                 incomplete: int = 0, plots: bool = True) -> dict:
+                 incomplete: int = 0, plots: bool = True, se_ddof: int = SE_DDOF, ci: bool = False) -> dict:
     """Writes every leaderboard file, report.json, metrics.json and the plots into ``out_dir`` (see the module
     docstring).
 
@@ -1054,15 +1219,18 @@ def write_report(trials: Sequence[Trial], out_dir: str | os.PathLike, failed: Se
         failed: failed-trial dicts (:func:`load_failed`), counted and listed by reason.
         incomplete: number of trials without a done or failed marker (counted only).
         plots: also draw ``plots/*.png``.
+        se_ddof: 1 (the sample SE, default) or 0 (DomainBed's printed tables, for side-by-side comparison).
+        ci: show each cell's 95% t-interval in the tables (report.json, metrics.json and the CSV always carry it).
 
     Returns:
         The report dict, as written to report.json (metrics.json holds its numbers).
     """
-    return write_files(trials, out_dir, failed, incomplete, plots).report
+    return write_files(trials, out_dir, failed, incomplete, plots, se_ddof=se_ddof, ci=ci).report
 
 
 def build_report(runs_dir: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                 plots: bool = True, terminal: bool = False) -> tuple[dict, str]:
+                 plots: bool = True, terminal: bool = False, se_ddof: int = SE_DDOF,
+                 ci: bool = False) -> tuple[dict, str]:
     """Scans ``runs_dir`` (one folder, or several: :func:`scan_sweeps`) and writes the report into ``out_dir``.
 
     Args:
@@ -1071,6 +1239,7 @@ def build_report(runs_dir: str | os.PathLike | Sequence[str | os.PathLike], out_
         plots: also draw ``plots/*.png``.
         terminal: return the terminal form of the leaderboard (long sections as one line each) instead of
             leaderboard.md's text.
+        se_ddof, ci: as for :func:`write_report`.
 
     Returns:
         (report dict as in report.json, Markdown leaderboard text).
@@ -1081,5 +1250,5 @@ def build_report(runs_dir: str | os.PathLike | Sequence[str | os.PathLike], out_
     failed = scan.failed + [{"hash": Path(u["dir"]).name, "dir": u["dir"], "reason": f"unreadable: {u['reason']}",
                              "step": None} for u in scan.unreadable]
     w = write_files(scan.done, out_dir, failed=failed, incomplete=len(scan.incomplete), plots=plots,
-                    sweeps=scan.sweeps, duplicates=scan.duplicates)
+                    sweeps=scan.sweeps, duplicates=scan.duplicates, se_ddof=se_ddof, ci=ci)
     return w.report, w.terminal if terminal else w.markdown

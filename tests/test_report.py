@@ -12,13 +12,15 @@ Training-domain validation picks draw 1 at step 100 (val .75 beats .65), so cell
 run's last step and picks draw 0 (test out .50 beats .30): A + .05; had it early-stopped, draw 0 at step 50 (.99)
 would give .11. No leave-one-domain-out pairs: that table is all dashes.
 
-By hand (percent, SE = std/√2 with ddof=0, i.e. |a - b| / 2 / √2):
-    erm  env0: 80, 70 -> 75.0 ± 3.5   env1: 60, 64 -> 62.0 ± 1.4   env2: 30, 40 -> 35.0 ± 3.5
-         Avg: seed 0 = 56.667, seed 1 = 58.0 -> 57.3 ± 0.5
-    irm  env0: 78, 78 -> 78.0 ± 0.0   env1: 66, 70 -> 68.0 ± 1.4   env2: 50, 44 -> 47.0 ± 2.1
-         Avg: seed 0 = 64.667, seed 1 = 64.0 -> 64.3 ± 0.2
-    oracle adds 5: erm 80.0 ± 3.5, 67.0 ± 1.4, 40.0 ± 3.5, Avg 62.3 ± 0.5; irm 83.0 ± 0.0, 73.0 ± 1.4, 52.0 ± 2.1,
-         Avg 69.3 ± 0.2.
+By hand (percent; two seeds a, b: SE = s/√2 with ddof=1 is |a - b| / 2, with ddof=0 |a - b| / 2 / √2):
+    erm  env0: 80, 70 -> 75.0 ± 5.0   env1: 60, 64 -> 62.0 ± 2.0   env2: 30, 40 -> 35.0 ± 5.0
+         Avg: mean of the column means (75 + 62 + 35) / 3 = 57.33; per seed 56.667 and 58.0 -> ± 0.67
+    irm  env0: 78, 78 -> 78.0 ± 0.0   env1: 66, 70 -> 68.0 ± 2.0   env2: 50, 44 -> 47.0 ± 3.0
+         Avg: 64.33; per seed 64.667 and 64.0 -> ± 0.33
+    oracle adds 5: erm 80.0 ± 5.0, 67.0 ± 2.0, 40.0 ± 5.0, Avg 62.3 ± 0.7; irm 83.0 ± 0.0, 73.0 ± 2.0,
+         52.0 ± 3.0, Avg 69.3 ± 0.3.
+Rows: irm (Avg 64.3) above erm (57.3); irm is best in every column and erm is never within irm's SE of it (env1:
+62 < 68 - 2), so irm's cells are bold. The 95% interval of erm's env2 cell: 35 ± t(0.975, 1) · 5 = 35 ± 12.706 · 5.
 A cell rests on 2 seeds × 2 draws = 4 trials; an Avg cell on 12.
 """
 
@@ -126,13 +128,15 @@ def test_leaderboard_markdown_numbers(report: tuple[Path, dict]):
     assert [c.strip() for c in header.strip("|").split("|")] == ["Method", *ENV_NAMES, "Avg"]
     erm = next(line for line in td.splitlines() if line.startswith("| erm"))
     assert [c.strip() for c in erm.strip("|").split("|")] == [
-        "erm", "75.0 ± 3.5 (n=4)", "62.0 ± 1.4 (n=4)", "35.0 ± 3.5 (n=4)", "57.3 ± 0.5 (n=12)"]
+        "erm", "75.0 ± 5.0 (n=4)", "62.0 ± 2.0 (n=4)", "35.0 ± 5.0 (n=4)", "57.3 ± 0.7 (n=12)"]
     irm = next(line for line in td.splitlines() if line.startswith("| irm"))
     assert [c.strip() for c in irm.strip("|").split("|")] == [
-        "irm", "78.0 ± 0.0 (n=4)", "68.0 ± 1.4 (n=4)", "47.0 ± 2.1 (n=4)", "64.3 ± 0.2 (n=12)"]
+        "irm", "**78.0 ± 0.0 (n=4)**", "**68.0 ± 2.0 (n=4)**", "**47.0 ± 3.0 (n=4)**", "**64.3 ± 0.3 (n=12)**"]
+    assert td.index("| irm") < td.index("| erm")  # sorted by Avg, descending
+    assert "Mean ± SE at ddof=1 over seeds. Rows sorted by Avg, descending; bold: the best cell" in td
     orc = sections["toy — test-domain validation (oracle)"]
-    assert "80.0 ± 3.5 (n=4)" in orc and "67.0 ± 1.4 (n=4)" in orc and "40.0 ± 3.5 (n=4)" in orc
-    assert "62.3 ± 0.5 (n=12)" in orc and "83.0 ± 0.0" in orc and "52.0 ± 2.1" in orc and "69.3 ± 0.2" in orc
+    assert "80.0 ± 5.0 (n=4)" in orc and "67.0 ± 2.0 (n=4)" in orc and "40.0 ± 5.0 (n=4)" in orc
+    assert "62.3 ± 0.7 (n=12)" in orc and "83.0 ± 0.0" in orc and "52.0 ± 3.0" in orc and "69.3 ± 0.3" in orc
     loo = sections["toy — leave-one-domain-out"]
     assert "No selections (it needs trials holding out pairs of environments" in loo
     assert "| erm" not in loo
@@ -171,15 +175,19 @@ def test_report_json(report: tuple[Path, dict]):
     assert list(toy["rules"]) == list(RULES)
     erm = toy["rules"]["training_domain"]["methods"]["erm"]
     assert list(erm) == ["env0", "env1", "env2", "avg"]
-    assert erm["env0"]["mean"] == pytest.approx(75.0) and erm["env0"]["se"] == pytest.approx(5 / math.sqrt(2))
+    assert erm["env0"]["mean"] == pytest.approx(75.0) and erm["env0"]["se"] == pytest.approx(5.0)
     assert erm["env0"]["n_seeds"] == 2 and erm["env0"]["n_trials"] == 4 and erm["env0"]["name"] == "+90%"
-    assert erm["avg"]["mean"] == pytest.approx(57.0 + 1 / 3) and erm["avg"]["se"] == pytest.approx(
-        (2 / 3) / math.sqrt(2))
+    assert erm["avg"]["mean"] == pytest.approx(57.0 + 1 / 3) and erm["avg"]["se"] == pytest.approx(2 / 3)
+    assert erm["avg"]["complete"] == 1 and erm["avg"]["mark"] == "" and toy["rules"]["training_domain"]["methods"][
+        "irm"]["avg"]["mark"] == "best"
+    assert list(toy["rules"]["training_domain"]["methods"]) == ["irm", "erm"]  # the table's order
+    assert full["statistics"] == {"se_ddof": 1, "ci_level": 0.95}
     assert erm["avg"]["n_seeds"] == 2 and erm["avg"]["n_trials"] == 12
     irm_orc = toy["rules"]["oracle"]["methods"]["irm"]
-    assert irm_orc["env2"]["mean"] == pytest.approx(52.0) and irm_orc["env2"]["se"] == pytest.approx(3 / math.sqrt(2))
+    assert irm_orc["env2"]["mean"] == pytest.approx(52.0) and irm_orc["env2"]["se"] == pytest.approx(3.0)
     loo = toy["rules"]["leave_one_domain_out"]["methods"]["irm"]["env1"]
-    assert loo == {"name": "+80%", "mean": None, "se": None, "n_seeds": 0, "n_trials": 0}
+    assert loo == {"name": "+80%", "mean": None, "se": None, "ci95_low": None, "ci95_high": None, "n_seeds": 0,
+                   "n_trials": 0, "mark": ""}
 
 
 def test_metrics_json_is_numbers_at_report_json_paths(report: tuple[Path, dict]):
@@ -194,8 +202,10 @@ def test_metrics_json_is_numbers_at_report_json_paths(report: tuple[Path, dict])
             node = node[k]
         assert node == v, path
     erm = metrics["datasets"]["toy"]["rules"]["training_domain"]["methods"]["erm"]
-    assert erm["env2"] == {"mean": pytest.approx(35.0), "se": pytest.approx(5 / math.sqrt(2)), "n_seeds": 2,
-                           "n_trials": 4}
+    t1 = 12.7062047  # t(0.975, 1), from a table
+    assert erm["env2"] == {"mean": pytest.approx(35.0), "se": pytest.approx(5.0), "ci95_low": pytest.approx(
+        35 - t1 * 5), "ci95_high": pytest.approx(35 + t1 * 5), "n_seeds": 2, "n_trials": 4}
+    assert erm["avg"]["complete"] == 1 and metrics["statistics"] == {"se_ddof": 1, "ci_level": 0.95}
     assert metrics["datasets"]["toy"]["rules"]["leave_one_domain_out"]["methods"]["irm"]["env1"] == {
         "n_seeds": 0, "n_trials": 0}
     assert metrics["counts"]["failed"] == 1 and "failures" not in metrics and "schema" not in metrics
@@ -215,11 +225,13 @@ def test_html_and_tex(report: tuple[Path, dict]):
     page = (out / "leaderboard.html").read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and "<style>" in page
     assert "http://" not in page and "https://" not in page and "<link" not in page and "<script" not in page
-    assert "75.0 ± 3.5" in page and "57.3 ± 0.5" in page and "n=12" in page
+    assert "75.0 ± 5.0" in page and "57.3 ± 0.7" in page and "n=12" in page and "<b>64.3 ± 0.3</b>" in page
+    assert "<caption>Mean ± SE at ddof=1 over seeds. Rows sorted by Avg" in page
     assert "test-domain validation (oracle)" in page
     tex = (out / "leaderboard.tex").read_text(encoding="utf-8")
     assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex and "\\begin{tabular}" in tex
-    assert "$75.0 \\pm 3.5$" in tex and "$64.3 \\pm 0.2$" in tex and "+90\\%" in tex
+    assert "$75.0 \\pm 5.0$" in tex and "$\\mathbf{64.3 \\pm 0.3}$" in tex and "+90\\%" in tex
+    assert "Mean $\\pm$ SE at ddof=1 over seeds." in tex
     assert "leave-one-domain-out" in tex
 
 
@@ -227,10 +239,13 @@ def test_csv_files(report: tuple[Path, dict]):
     out, _ = report
     with open(out / "leaderboard.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["dataset", "rule", "method", "env", "mean", "se", "n_seeds", "n_trials"]
+    assert list(rows[0]) == ["dataset", "rule", "method", "env", "mean", "se", "ci95_low", "ci95_high", "n_seeds",
+                             "n_trials", "mark"]
     assert len(rows) == len(RULES) * 2 * 4
     row = next(r for r in rows if (r["rule"], r["method"], r["env"]) == ("training_domain", "irm", "-90%"))
     assert float(row["mean"]) == pytest.approx(47.0) and row["n_seeds"] == "2" and row["n_trials"] == "4"
+    assert row["mark"] == "best" and float(row["se"]) == pytest.approx(3.0)
+    assert float(row["ci95_high"]) == pytest.approx(47.0 + 12.7062047 * 3.0, abs=1e-3)
     with open(out / "selections.csv", newline="") as f:
         sels = list(csv.DictReader(f))
     td = [s for s in sels if s["rule"] == "training_domain"]
@@ -255,7 +270,7 @@ def test_plots_are_png(report: tuple[Path, dict]):
 
 def test_build_report_and_empty_runs(sweep: Path, tmp_path: Path):
     metrics, text = build_report(sweep, tmp_path / "r", plots=False)
-    assert metrics["counts"]["done"] == 24 and metrics["counts"]["incomplete"] == 1 and "57.3 ± 0.5" in text
+    assert metrics["counts"]["done"] == 24 and metrics["counts"]["incomplete"] == 1 and "57.3 ± 0.7" in text
     assert not (tmp_path / "r" / "plots").exists()
     empty = write_report([], tmp_path / "empty")
     assert empty["counts"]["done"] == 0 and empty["datasets"] == {}
@@ -381,11 +396,11 @@ def test_report_over_two_sweeps_labels_repeated_methods_and_counts_shared_trials
     assert full["counts"]["done"] == 6 and full["counts"]["duplicates"] == 1 and full["counts"]["sweeps"] == 2
     assert full["sweeps"] == [{"label": "qs", "dir": str(qs), "done": 4}, {"label": "cd", "dir": str(cd), "done": 2}]
     rows = full["datasets"]["toy"]["rules"]["training_domain"]["methods"]
-    assert list(rows) == ["erm (cd)", "erm (qs)", "irm"]  # irm ran in qs only (cd's copy is qs's trial)
+    assert list(rows) == ["erm (qs)", "irm", "erm (cd)"]  # by the headline; irm ran in qs only (cd's copy is qs's)
     assert rows["erm (qs)"]["env2"]["mean"] == pytest.approx(65.0) and rows["erm (qs)"]["env2"]["n_trials"] == 2
     assert rows["erm (cd)"]["env2"]["mean"] == pytest.approx(25.0) and rows["irm"]["env2"]["n_trials"] == 2
-    # SE = |20 - 30| / 2 / √2 = 3.5
-    assert _row(text, "toy — training-domain validation", "erm (cd)") == ["erm (cd)", "25.0 ± 3.5 (n=2)"]
+    # SE = |20 - 30| / 2 = 5.0 (ddof=1)
+    assert _row(text, "toy — training-domain validation", "erm (cd)") == ["erm (cd)", "25.0 ± 5.0 (n=2)"]
     assert f"- sweeps: qs ({qs}: 4 done), cd ({cd}: 2 done); 1 trial(s) found in more than one folder counted once" \
         in text
     with open(tmp_path / "r" / "plot_methods.csv", newline="") as f:
@@ -466,3 +481,134 @@ def test_attestation_terminal_line():
         "attestation: 2 trial(s) signed, no checkpoint; 1 warning(s), first: x is not in its log")
     assert _numbers(rows, heads, []) == {"signed": 32, "host_verified": 1, "host_failed": 0, "not_in_log": 1,
                                          "logs": 1, "tree_size": 32, "warnings": 0}
+
+
+# ------------------------------------------------------------------ error bars, Avg and the leaderboard (issues 15, 17)
+
+
+def test_standard_error_and_t_interval_by_hand():
+    from shiftbench.report import standard_error, t_interval
+
+    values = [0.70, 0.80, 0.90]  # mean 0.80; s = 0.1 (ddof=1), std = 0.0816 (ddof=0)
+    assert standard_error(values) == pytest.approx(0.1 / math.sqrt(3)) == pytest.approx(0.0577, abs=5e-5)
+    assert standard_error(values, ddof=0) == pytest.approx(0.0471, abs=5e-5)
+    lo, hi = t_interval(values)  # t(0.975, 2) = 4.303 -> ± 4.303 · 0.0577 = ± 0.248
+    assert (lo, hi) == (pytest.approx(0.80 - 0.2484, abs=1e-4), pytest.approx(0.80 + 0.2484, abs=1e-4))
+    assert standard_error([0.5]) is None and t_interval([0.5]) is None  # one seed: no estimate
+
+
+# Leaderboard fixture: one test environment (the headline column), three seeds per method, accuracies in percent:
+#   a  70, 80, 90        mean 80.0  SE 5.774 (ddof=1) / 4.714 (ddof=0)  95% t-interval 80 ± 24.84 = [55.2, 104.8]
+#   b  76, 78, 80        mean 78.0  SE 1.155
+#   e  74.5 x 3          mean 74.5  SE 0
+#   d  74 x 3            mean 74.0  SE 0
+#   c  60, 61, 62        mean 61.0  SE 0.577
+#   f  61 x 3            mean 61.0  SE 0        (ties c: name order keeps c first)
+# Order: a, b, e, d, c, f. Best: a. Within a's SE (ddof=1: >= 80 - 5.774 = 74.23): b and e, not d (74.0).
+# With ddof=0 (>= 80 - 4.714 = 75.29): b only.
+BOARD = {"a": (0.70, 0.80, 0.90), "b": (0.76, 0.78, 0.80), "e": (0.745,) * 3, "d": (0.74,) * 3,
+         "c": (0.60, 0.61, 0.62), "f": (0.61,) * 3}
+
+
+@pytest.fixture(scope="module")
+def board(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("board")
+    for method, accs in BOARD.items():
+        for seed, acc in enumerate(accs):
+            _one(root, method, acc, seed=seed)
+    return root
+
+
+def test_leaderboard_is_sorted_by_the_headline_and_marks_the_best_and_those_within_one_se(board, tmp_path):
+    from shiftbench.report import compute_tables
+
+    (t,) = compute_tables(load_trials(board), rules=["training_domain"])
+    assert t.methods == ["a", "b", "e", "d", "c", "f"]
+    assert {m: t.cells[(m, 2)].mark for m in t.methods} == {"a": "best", "b": "within_1se", "e": "within_1se",
+                                                             "d": "", "c": "", "f": ""}
+    a = t.cells[("a", 2)]
+    assert a.mean == pytest.approx(80.0) and a.se == pytest.approx(10 / math.sqrt(3)) and a.n_seeds == 3
+    assert (a.ci_low, a.ci_high) == (pytest.approx(55.159, abs=1e-3), pytest.approx(104.841, abs=1e-3))
+    (t0,) = compute_tables(load_trials(board), rules=["training_domain"], se_ddof=0)
+    assert t0.cells[("a", 2)].se == pytest.approx(4.714, abs=1e-3)
+    assert [m for m in t0.methods if t0.cells[(m, 2)].mark] == ["a", "b"]
+    assert (t0.cells[("a", 2)].ci_low, t0.cells[("a", 2)].ci_high) == (a.ci_low, a.ci_high)  # always ddof=1
+
+    write_report(load_trials(board), tmp_path / "r", plots=False, ci=True)
+    md = (tmp_path / "r" / "leaderboard.md").read_text(encoding="utf-8")
+    head = "toy — training-domain validation"
+    assert _row(md, head, "a") == ["a", "**80.0 ± 5.8 [55.2, 104.8] (n=3)**"]
+    assert _row(md, head, "e") == ["e", "**74.5 ± 0.0 [74.5, 74.5] (n=3)**"]
+    assert _row(md, head, "d") == ["d", "74.0 ± 0.0 [74.0, 74.0] (n=3)"]
+    body = md.split(f"## {head}\n", 1)[1].split("\n## ", 1)[0]
+    assert [line.split("|")[1].strip() for line in body.splitlines() if line.startswith("| ")][2:] == list("abedcf")
+    assert "[a, b] = 95% t-interval, mean ± t(0.975, n−1)·s/√n (s at ddof=1)" in body
+    with open(tmp_path / "r" / "leaderboard.csv", newline="") as f:
+        marks = [(r["method"], r["mark"]) for r in csv.DictReader(f) if r["rule"] == "training_domain"]
+    assert marks == [("a", "best"), ("b", "within_1se"), ("e", "within_1se"), ("d", ""), ("c", ""), ("f", "")]
+    tex = (tmp_path / "r" / "leaderboard.tex").read_text(encoding="utf-8")
+    assert "$\\mathbf{80.0 \\pm 5.8\\;[55.2, 104.8]}$" in tex and "$74.0 \\pm 0.0\\;[74.0, 74.0]$" in tex
+    page = (tmp_path / "r" / "leaderboard.html").read_text(encoding="utf-8")
+    assert "<b>78.0 ± 1.2 [73.0, 83.0]</b>" in page and "<td>61.0 ± 0.6 [58.5, 63.5]<sup" in page
+
+
+def test_metrics_json_carries_mean_se_interval_and_n_per_cell(board, tmp_path):
+    build_report(board, tmp_path / "r", plots=False, se_ddof=0)
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    cell = metrics["datasets"]["toy"]["rules"]["training_domain"]["methods"]["a"]["env2"]
+    assert cell == {"mean": pytest.approx(80.0), "se": pytest.approx(4.714, abs=1e-3),
+                    "ci95_low": pytest.approx(55.159, abs=1e-3), "ci95_high": pytest.approx(104.841, abs=1e-3),
+                    "n_seeds": 3, "n_trials": 3}
+    assert metrics["statistics"] == {"se_ddof": 0, "ci_level": 0.95}
+
+
+def test_avg_is_the_mean_of_column_means_and_marked_when_incomplete(tmp_path):
+    # x: env0 50, 70; env1 80, 80; env2 30, 50 -> columns 60, 80, 40 -> Avg 60.0; per seed 53.33, 66.67 -> SE 6.67
+    # y: env0 60, 60; env1 90 (seed 0 only); env2 20, 40 -> columns 60, 90, 30 -> Avg 60.0, incomplete (no ±)
+    # z: env0 and env1 only -> no Avg number, incomplete
+    cases = {"x": {0: (0.5, 0.7), 1: (0.8, 0.8), 2: (0.3, 0.5)}, "y": {0: (0.6, 0.6), 1: (0.9,), 2: (0.2, 0.4)},
+             "z": {0: (0.5, 0.5), 1: (0.5, 0.5)}}
+    for method, by_env in cases.items():
+        for env, accs in by_env.items():
+            for seed, acc in enumerate(accs):
+                _one(tmp_path / "s", method, acc, seed=seed, envs=(env,))
+    full = write_report(load_trials(tmp_path / "s"), tmp_path / "r", plots=False)
+    rows = full["datasets"]["toy"]["rules"]["training_domain"]["methods"]
+    assert rows["x"]["avg"]["mean"] == pytest.approx(60.0) and rows["x"]["avg"]["se"] == pytest.approx(20 / 3)
+    assert rows["x"]["avg"]["complete"] == 1 and rows["x"]["avg"]["n_seeds"] == 2
+    assert rows["y"]["avg"]["mean"] == pytest.approx(60.0) and rows["y"]["avg"]["se"] is None
+    assert rows["y"]["avg"]["complete"] == 0 and rows["y"]["avg"]["ci95_low"] is None
+    assert rows["z"]["avg"]["mean"] is None and rows["z"]["avg"]["complete"] == 0
+    assert list(rows) == ["x", "y", "z"]  # x and y tie at 60.0 (name order); z has no headline
+    md = (tmp_path / "r" / "leaderboard.md").read_text(encoding="utf-8")
+    head = "toy — training-domain validation"
+    assert _row(md, head, "x")[-1] == "60.0 ± 6.7 (n=6)" and _row(md, head, "y")[-1] == "60.0† (n=5)"
+    assert _row(md, head, "z")[-1] == "–†"
+    with open(tmp_path / "r" / "leaderboard.csv", newline="") as f:
+        avg = {r["method"]: r["mark"] for r in csv.DictReader(f)
+               if r["rule"] == "training_domain" and r["env"] == "Avg"}
+    assert avg == {"x": "", "y": "incomplete", "z": "incomplete"}  # an incomplete Avg is never marked best
+    with open(tmp_path / "r" / "plot_methods.csv", newline="") as f:
+        assert {r["method"]: r["accuracy"] for r in csv.DictReader(f)} == {"x": "60.0000", "y": "", "z": ""}
+
+
+def test_trials_of_an_older_protocol_get_their_own_row(tmp_path):
+    # Same method and seeds; protocol-1 trials (no key, data seed fixed) at 90%, protocol-2 trials at 50% and 60%.
+    for seed, acc in enumerate((0.5, 0.6)):
+        spec = {**_spec("erm", seed, 0, [2]), "protocol": 2}
+        rec = {"step": 100, **{f"env{i}_in_acc": acc if i == 2 else 0.9 for i in range(3)},
+               **{f"env{i}_out_acc": 0.7 for i in range(3)}}
+        _write_trial(tmp_path / "s" / "trials", spec, [rec], "done")
+        _one(tmp_path / "s", "erm", 0.9, seed=seed)
+    full = write_report(load_trials(tmp_path / "s"), tmp_path / "r", plots=False)
+    rows = full["datasets"]["toy"]["rules"]["training_domain"]["methods"]
+    assert rows["erm"]["env2"]["mean"] == pytest.approx(55.0) and rows["erm"]["env2"]["n_trials"] == 2
+    assert rows["erm (protocol 1)"]["env2"]["mean"] == pytest.approx(90.0)
+
+
+def test_bad_se_ddof_is_one_clear_error(board, tmp_path):
+    from shiftbench.errors import UserError
+
+    with pytest.raises(UserError, match="se_ddof must be 0 .* or 1"):
+        build_report(board, tmp_path / "r", plots=False, se_ddof=2)
+    assert not (tmp_path / "r").exists()

@@ -5,11 +5,11 @@ Records at steps 50 and 100: the training environments' out accuracy is .60 then
 picks step 100, as does the oracle (last step). The test environment's robust accuracy is .90 at step 50 (it would
 win any selection by robust accuracy) and B + .01·env at step 100, with B per (method, seed):
 
-    erm          B = .10, .20 -> env0: 10, 20 -> 15.0 ± 3.5; env1 16.0 ± 3.5; env2 17.0 ± 3.5; Avg 16.0 ± 3.5
-    adversarial  B = .40, .50 -> env0: 45.0 ± 3.5 ... Avg 46.0 ± 3.5
-    irm          B = .30 (seed 0 only: seed 1 records no robust accuracy) -> env0 30.0 ± 0.0, n_seeds 1
+    erm          B = .10, .20 -> env0: 10, 20 -> 15.0 ± 5.0; env1 16.0 ± 5.0; env2 17.0 ± 5.0; Avg 16.0 ± 5.0
+    adversarial  B = .40, .50 -> env0: 45.0 ± 5.0 ... Avg 46.0 ± 5.0
+    irm          B = .30 (seed 0 only: seed 1 records no robust accuracy) -> env0 30.0 (no SE), n_seeds 1
 
-(SE = |a − b| / 2 / √2 = 3.54 for two seeds 10 points apart.)
+(SE = s / √2 = |a − b| / 2 = 5.0 for two seeds 10 points apart, ddof=1.)
 """
 
 from __future__ import annotations
@@ -70,10 +70,12 @@ def test_extra_metrics_are_found_in_the_records(trials):
 def test_robust_table_reports_the_checkpoint_selected_by_accuracy(trials):
     (table,) = compute_tables(trials, rules=["training_domain"], metric="robust_acc")
     cell = lambda m, k: table.cells[(m, k)]  # noqa: E731
-    assert cell("erm", 0).mean == pytest.approx(15.0) and cell("erm", 0).se == pytest.approx(5 / math.sqrt(2))
+    assert cell("erm", 0).mean == pytest.approx(15.0) and cell("erm", 0).se == pytest.approx(5.0)
     assert cell("erm", 2).mean == pytest.approx(17.0) and cell("erm", "avg").mean == pytest.approx(16.0)
     assert cell("adversarial", 1).mean == pytest.approx(46.0) and cell("adversarial", "avg").n_seeds == 2
-    assert (cell("irm", 0).mean, cell("irm", 0).se, cell("irm", 0).n_seeds) == (pytest.approx(30.0), 0.0, 1)
+    assert (cell("irm", 0).mean, cell("irm", 0).se, cell("irm", 0).n_seeds) == (pytest.approx(30.0), None, 1)
+    (ddof0,) = compute_tables(trials, rules=["training_domain"], metric="robust_acc", se_ddof=0)
+    assert ddof0.cells[("erm", 0)].se == pytest.approx(5 / math.sqrt(2))  # DomainBed's printing: |a − b| / 2 / √2
     assert {s.step for s in table.selections.values()} == {100}
     assert table.title == "training-domain validation: robust_acc"
     (acc,) = compute_tables(trials, rules=["training_domain"])  # the accuracy table is untouched: 0.6 at step 100
@@ -86,7 +88,7 @@ def test_report_files_carry_the_extra_tables(trials, tmp_path):
     section = md.split("## toy — training-domain validation: robust_acc", 1)[1].split("\n## ", 1)[0]
     erm = next(line for line in section.splitlines() if line.startswith("| erm"))
     assert [c.strip() for c in erm.strip("|").split("|")] == [
-        "erm", "15.0 ± 3.5 (n=2)", "16.0 ± 3.5 (n=2)", "17.0 ± 3.5 (n=2)", "16.0 ± 3.5 (n=6)"]
+        "erm", "15.0 ± 5.0 (n=2)", "16.0 ± 5.0 (n=2)", "17.0 ± 5.0 (n=2)", "16.0 ± 5.0 (n=6)"]
     assert "## toy — test-domain validation (oracle): robust_acc" in md  # the oracle's last step is step 100 too
     assert "leave-one-domain-out: robust_acc" not in md  # a rule with nothing selected adds no extra table
     toy = metrics["datasets"]["toy"]

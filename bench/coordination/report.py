@@ -6,7 +6,8 @@ partners (``env{i}_in_return`` of its test environments) and with training partn
 ``in`` splits). Cross-play between learners is played here: every pair of those agents (weights from
 ``model.pt``, at most :data:`MAX_SEEDS` seeds per method) meets in the dataset's game with its evaluation protocol;
 a method's cross-play is, per seed, the mean return with the same method's other seeds, then mean ± SE over
-seeds. All numbers are returns (each game's optimum is 1.0), mean ± standard error over seeds (ddof = 0).
+seeds. All numbers are returns (each game's optimum is 1.0), mean ± standard error over seeds (ddof = 1; one seed
+shows its value alone).
 
 Files: ``plots/crossplay_<dataset>.png`` (the learner matrix, and the partner population's own matrix from
 spec.json) and ``coordination/crossplay_<dataset>.csv``.
@@ -38,7 +39,9 @@ def _mean_se(values: Sequence[float]) -> dict[str, Any]:
 
 
 def _text(cell: dict[str, Any]) -> str:
-    return "–" if cell["mean"] is None else f"{cell['mean']:.3f} ± {cell['se']:.3f}"
+    if cell["mean"] is None:
+        return "–"
+    return f"{cell['mean']:.3f}" if cell["se"] is None else f"{cell['mean']:.3f} ± {cell['se']:.3f}"
 
 
 def _agents(trials: Sequence[dict]) -> list[dict]:
