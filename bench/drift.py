@@ -1,8 +1,9 @@
-"""Two-sample drift detectors with calibrated p-values, input reductions and a label-shift estimate.
+"""Two-sample drift detectors with valid p-values, input reductions and a label-shift estimate.
 
 Every detector answers one question about a reference sample ``x`` (n_ref × d) and a test sample ``y``
-(n_test × d): are they drawn from the same distribution? Each returns a :class:`DriftResult` whose p-value has a
-false-positive rate of at most ``alpha`` when they are (shown by ``tests/test_drift.py``). Built on numpy, scipy,
+(n_test × d): are they drawn from the same distribution? Each returns a :class:`DriftResult` whose p-value is
+valid: its false-positive rate is at most ``alpha`` when they are (shown by ``tests/test_drift.py``); the
+permutation p-values are close to exact (size ≈ α), the KS and Bonferroni ones conservative. Built on numpy, scipy,
 torch and scikit-learn only.
 
 Detectors (the names of :data:`DETECTORS`):
@@ -12,14 +13,16 @@ Detectors (the names of :data:`DETECTORS`):
   JMLR 2012; the +1 makes the test exact at any B: Phipson & Smyth, 2010). One kernel matrix serves every
   permutation: it is built once, in blocks of rows, each multiplied at once by a matrix whose columns are the
   permutations' sample indicators, so memory grows with n·B plus one 64 MB block, never with n² (the whole matrix
-  at 5000 per side would take 400 MB in float32). Beyond ``max_quadratic`` pooled examples the linear-time
-  statistic MMD²_l with its normal approximation is used instead (Gretton et al. 2012, section 6).
+  at 5000 per side would take 400 MB in float32). Beyond ``max_quadratic`` pooled examples the same permutation
+  test runs on disjoint blocks (:func:`mmd_blocks`), sized so that power never drops as n grows; the linear-time
+  MMD²_l with its normal approximation (Gretton et al. 2012, section 6) is there by name only: at 5000 vs 5001 it
+  missed a shift the quadratic test found 10 times in 10.
 - ``ks``: a Kolmogorov–Smirnov test per feature, combined by Bonferroni (p = d · min p_j) or, with
   ``correction="fdr"``, by Simes' global test (p = min_k d · p_(k) / k), which rejects exactly when the
   Benjamini–Hochberg procedure rejects at least one feature.
-- ``classifier``: a classifier two-sample test (Lopez-Paz & Oquab, ICLR 2017): balance the samples, train a
-  classifier to tell them apart on half, and test its held-out accuracy against chance with a one-sided binomial
-  test.
+- ``classifier``: a classifier two-sample test (Lopez-Paz & Oquab, ICLR 2017): train a classifier to tell the
+  samples apart on half of the pooled data and test its held-out log-odds (Liu et al. 2020's C2ST-L) by permuting
+  the held-out labels, an exact null; or its accuracy with Fisher's exact test.
 - ``bbsd``: black-box shift detection (Lipton et al., ICML 2018; Rabanser et al., "Failing Loudly", NeurIPS 2019):
   ``ks`` on a classifier's softmax outputs; the default for classifiers. For two classes one column suffices.
 
@@ -50,7 +53,8 @@ from .errors import UserError
 ALPHA = 0.05
 """Default significance level."""
 MAX_QUADRATIC = 10_000
-"""Pooled sample size above which ``mmd`` switches (method="auto") from the permutation test to linear-time MMD."""
+"""The most pooled examples ``mmd`` (method="auto") puts in one kernel matrix (about 1 CPU-second at B = 100);
+beyond, the permutation test runs on disjoint blocks of at most this size (:func:`mmd_blocks`)."""
 _BLOCK_BYTES = 64 * 2**20
 """Kernel rows are built in blocks of at most this many bytes."""
 _SINGLE_THREAD_ROWS = 2048
@@ -154,17 +158,17 @@ def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return d2.clamp_min_(0.0)
 
 
-def median_bandwidth(z: np.ndarray, max_points: int = 300, seed: int = 0) -> float:
+def median_bandwidth(z: np.ndarray, max_points: int = 300, seed: int | np.random.SeedSequence = 0) -> float:
     """The median heuristic: the median Euclidean distance between distinct pooled points (Gretton et al. 2012).
 
     Taken over all pairs of at most ``max_points`` pooled rows drawn at random (44,850 pairs at 300 rows, from one
-    small matrix product). It depends on the pooled sample only, never on which rows are reference, so the
-    permutation test stays exact.
+    small matrix product). The rows are drawn independently of the data and of the permutations, and the median
+    is the same whichever rows are reference, so the permutation test stays exact.
 
     Args:
         z: pooled sample (n × d).
         max_points: rows the distances are taken between.
-        seed: seed of the row subset.
+        seed: seed (or seed sequence) of the row subset.
 
     Returns:
         σ of the kernel ``exp(-‖a − b‖² / (2σ²))``; 1.0 when all points coincide.
@@ -235,7 +239,7 @@ def _indicators(n: int, m: int, n_permutations: int, rng: np.random.Generator) -
 def mmd_test(x: Any, y: Any, alpha: float = ALPHA, n_permutations: int = 100, bandwidth: float | None = None,
              seed: int = 0, method: str = "auto", max_quadratic: int = MAX_QUADRATIC,
              dtype: str = "float32") -> DriftResult:  # fmt: skip
-    """MMD two-sample test with an RBF kernel (median-heuristic bandwidth).
+    """MMD two-sample test with an RBF kernel (median-heuristic bandwidth) and a permutation p-value.
 
     Args:
         x: reference sample (n_ref × d).
@@ -243,40 +247,102 @@ def mmd_test(x: Any, y: Any, alpha: float = ALPHA, n_permutations: int = 100, ba
         alpha: significance level.
         n_permutations: B, the number of random permutations.
         bandwidth: kernel σ; None for the median heuristic on the pooled sample.
-        seed: seed of the permutations and of the median's subsample.
-        method: "permutation", "linear" (linear-time MMD², normal approximation) or "auto" (permutation up to
-            ``max_quadratic`` pooled examples, linear beyond).
+        seed: seed of the permutations, the blocks and (a separate stream) the median's subsample.
+        method: "auto" (default: the permutation test on the whole sample up to ``max_quadratic`` pooled examples,
+            on disjoint blocks of at most that many beyond, see :func:`mmd_blocks`), "permutation" (whole sample at
+            any size: time and memory grow with n²·B) or "linear" (linear-time MMD²_l with a normal approximation:
+            fast but far less powerful, asked for by name only).
         max_quadratic: see ``method``.
         dtype: "float32" (default; the statistic agrees with float64 to ~1e-5 relative) or "float64".
 
     Returns:
-        The result; ``statistic`` is the unbiased MMD² (permutation) or MMD²_l (linear).
+        The result; ``statistic`` is the unbiased MMD² (the mean over blocks when blocked) or MMD²_l (linear).
     """
     x, y = _check_pair(x, y)
     z = np.concatenate([x, y])
     if method not in ("auto", "permutation", "linear"):
         raise UserError(f"unknown MMD method {method!r}: use auto, permutation or linear")
-    linear = method == "linear" or (method == "auto" and len(z) > max_quadratic)
-    with _threads(0 if linear else len(z)):  # the linear statistic is O(n d) work
-        sigma = float(bandwidth) if bandwidth else median_bandwidth(z, seed=seed)
+    if max_quadratic < 8:
+        raise UserError(f"max_quadratic must be at least 8 pooled examples (got {max_quadratic})")
+    # the bandwidth's rows and the permutations come from independent streams: the permutations must not depend
+    # on which rows set the kernel
+    bw_seed, perm_seed = np.random.SeedSequence(seed).spawn(2)
+    linear = method == "linear"
+    with _threads(0 if linear else min(len(z), max_quadratic)):  # the linear statistic is O(n d) work
+        sigma = float(bandwidth) if bandwidth else median_bandwidth(z, seed=bw_seed)
         if linear:
             return _mmd_linear(x, y, alpha, sigma, seed)
-        return _mmd_permutation(x, y, z, alpha, n_permutations, sigma, seed, dtype)
+        limit = len(z) if method == "permutation" else max_quadratic
+        return _mmd_permutation(x, y, alpha, n_permutations, sigma, perm_seed, dtype, limit)
 
 
-def _mmd_permutation(x: np.ndarray, y: np.ndarray, z: np.ndarray, alpha: float, n_permutations: int, sigma: float,
-                     seed: int, dtype: str) -> DriftResult:  # fmt: skip
+def _mmd_permutation(x: np.ndarray, y: np.ndarray, alpha: float, n_permutations: int, sigma: float,
+                     seed: np.random.SeedSequence, dtype: str, limit: int) -> DriftResult:  # fmt: skip
+    """The permutation test on the whole pooled sample, or on K disjoint blocks of it.
+
+    With blocks, the statistic is the mean of the blocks' MMD² and each random split permutes every block
+    independently: under no shift the pooled examples are exchangeable, so the data's law is invariant under the
+    product of the within-block permutation groups and the p-value stays exact (the randomisation test over any
+    group; Hemerik & Goeman, "Exact testing with random permutations", TEST 2018).
+    """
     if n_permutations < 1:
         raise UserError(f"n_permutations must be positive (got {n_permutations})")
     rng = np.random.default_rng(seed)
     tdtype = {"float32": torch.float32, "float64": torch.float64}.get(dtype)
     if tdtype is None:
         raise UserError(f"unknown dtype {dtype!r}: use float32 or float64")
-    stats = mmd_permutation_stats(z, _indicators(len(z), len(x), n_permutations, rng), sigma, tdtype)
+    k, m_x, m_y = mmd_blocks(len(x), len(y), limit)
+    if k == 1 and m_x == len(x) and m_y == len(y):
+        blocks = [(np.arange(len(x)), np.arange(len(y)))]
+    else:
+        blocks = _block_rows(len(x), len(y), k, m_x, m_y, rng)
+    stats = np.zeros(n_permutations + 1)
+    for ix, iy in blocks:
+        u = _indicators(len(ix) + len(iy), len(ix), n_permutations, rng)
+        stats += mmd_permutation_stats(np.concatenate([x[ix], y[iy]]), u, sigma, tdtype)
     # the terms of MMD² are means of kernel values in [0, 1]: rounding errors stay below these absolute sizes
-    tol = 1e-6 if tdtype == torch.float32 else 1e-12
-    return DriftResult("mmd", float(stats[0]), permutation_pvalue(stats[0], stats[1:], tol), alpha, len(x), len(y),
-                       x.shape[1], {"bandwidth": sigma, "n_permutations": n_permutations})  # fmt: skip
+    tol = (1e-6 if tdtype == torch.float32 else 1e-12) * len(blocks)
+    details = {"bandwidth": sigma, "n_permutations": n_permutations, "blocks": len(blocks)}
+    return DriftResult("mmd", float(stats[0]) / len(blocks), permutation_pvalue(stats[0], stats[1:], tol), alpha,
+                       m_x, m_y, x.shape[1], details)  # fmt: skip
+
+
+def mmd_blocks(n_x: int, n_y: int, limit: int) -> tuple[int, int, int]:
+    """How the block permutation test divides a pooled sample larger than ``limit``: (K blocks, m_x, m_y used).
+
+    Within a block of s/K pooled examples the unbiased MMD² has mean MMD² and a null spread ∝ K/s (a degenerate
+    U-statistic: Gretton et al. 2012, Theorem 12), so the mean over K independent blocks has a signal-to-noise ratio
+    ∝ √K · s/K = s/√K for small shifts (the block form is Zaremba, Gretton & Blaschko's B-test, NeurIPS 2013, with
+    many small blocks and a normal null; here the blocks are as large as allowed and the null is a permutation one).
+    Blocks hold at most ``limit`` examples, so with k = ⌊n/limit⌋ the choice is k full blocks (dropping the rest)
+    or k + 1 blocks sharing all n, whichever has the larger s/√K. That ratio is continuous and non-decreasing in n:
+    power does not drop as n crosses a block boundary. Each side keeps its share of the pooled sample and every
+    block at least two examples of each.
+
+    Args:
+        n_x: reference sample size.
+        n_y: test sample size.
+        limit: the most pooled examples in one block (:data:`MAX_QUADRATIC`).
+
+    Returns:
+        (K, m_x, m_y); (1, n_x, n_y) when the pooled sample fits one block.
+    """
+    n = n_x + n_y
+    if n <= limit:
+        return 1, n_x, n_y
+    k = n // limit
+    k, s = (k, k * limit) if math.sqrt(k) * limit >= n / math.sqrt(k + 1) else (k + 1, n)
+    k = max(1, min(k, n_x // 2, n_y // 2))
+    s = min(s, k * limit)
+    m_x = min(n_x, max(2 * k, round(s * n_x / n)))
+    return k, m_x, min(n_y, max(2 * k, s - m_x))
+
+
+def _block_rows(n_x: int, n_y: int, k: int, m_x: int, m_y: int,
+                rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    """K disjoint random (reference rows, test rows) blocks of ``m_x`` and ``m_y`` rows in all."""
+    px, py = rng.permutation(n_x)[:m_x], rng.permutation(n_y)[:m_y]
+    return list(zip(np.array_split(px, k), np.array_split(py, k)))
 
 
 def _mmd_linear(x: np.ndarray, y: np.ndarray, alpha: float, sigma: float, seed: int) -> DriftResult:
@@ -359,6 +425,11 @@ def looks_like_probabilities(a: np.ndarray) -> bool:
 # ----------------------------------------------------------------------------------------------------- classifier
 
 
+CLASSIFIERS = ("logistic", "mlp", "gbm")
+"""Models of the classifier test; the first is the default (the most powerful of the three in
+``bench_scripts/drift_power.py --c2st``)."""
+
+
 def _classifier(name: str, seed: int, n_train: int):
     if name == "logistic":
         from sklearn.linear_model import LogisticRegression
@@ -378,45 +449,94 @@ def _classifier(name: str, seed: int, n_train: int):
         # early stopping needs a stratified validation cut: only with enough examples
         return make_pipeline(StandardScaler(), MLPClassifier((64,), max_iter=300, early_stopping=n_train >= 40,
                                                              random_state=seed))  # fmt: skip
-    raise UserError(f"unknown classifier {name!r}: use logistic, gbm or mlp")
+    raise UserError(f"unknown classifier {name!r}: use {', '.join(CLASSIFIERS)}")
 
 
-def classifier_test(x: Any, y: Any, alpha: float = ALPHA, classifier: str = "mlp", seed: int = 0,
-                    test_fraction: float = 0.5, **_: Any) -> DriftResult:  # fmt: skip
-    """Classifier two-sample test (Lopez-Paz & Oquab 2017).
+_CONTROLLER: list = []
 
-    Both samples are cut to the smaller size, so that any classifier independent of the held-out labels scores
-    1/2 in expectation; the classifier is trained on a stratified ``1 − test_fraction`` and the number it gets
-    right of the rest is tested against Binomial(n_held_out, 1/2), one-sided. Classifiers: ``mlp`` (default; one
-    hidden layer of 64, scikit-learn), ``logistic``, ``gbm`` (histogram gradient boosting; uses OpenMP threads,
-    slow on a loaded machine).
+
+def _one_thread():
+    """threadpoolctl's limit to one BLAS/OpenMP thread, from one controller: building one scans the process's
+    libraries (about 20 ms, more than a small fit)."""
+    if not _CONTROLLER:
+        from threadpoolctl import ThreadpoolController
+
+        _CONTROLLER.append(ThreadpoolController())
+    return _CONTROLLER[0].limit(limits=1)
+
+
+def _scores(clf, z: np.ndarray) -> np.ndarray:
+    """The classifier's log-odds that a row is from the test sample."""
+    if hasattr(clf, "decision_function"):
+        return np.asarray(clf.decision_function(z), dtype=np.float64).ravel()
+    p = np.clip(clf.predict_proba(z)[:, 1], 1e-12, 1.0 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+def classifier_test(x: Any, y: Any, alpha: float = ALPHA, classifier: str = CLASSIFIERS[0], seed: int = 0,
+                    test_fraction: float = 0.5, n_permutations: int = 1000, statistic: str = "logit",
+                    **_: Any) -> DriftResult:  # fmt: skip
+    """Classifier two-sample test (Lopez-Paz & Oquab, ICLR 2017) with an exact null.
+
+    The pooled sample is labelled by origin (1 = test), a classifier is trained on a stratified
+    ``1 − test_fraction`` of it and scores the rest. That classifier never saw the held-out rows, so under no shift
+    their labels are exchangeable given its scores: permuting the held-out labels gives an exact null for any
+    statistic of (scores, labels), whatever the class balance of the predictions (a binomial test of the accuracy
+    is valid too but conservative: its size was 0.033, 0.010 or 0 at α = 0.05 as the predictions leaned to one
+    class). Statistics:
+
+    - ``logit`` (default): the mean held-out log-odds of test rows minus that of reference rows, the C2ST-L of Liu
+      et al., "Learning Deep Kernels for Non-Parametric Two-Sample Tests" (ICML 2020), with ``n_permutations``
+      random permutations and the +1 rule; size ≈ α, and more power than accuracy, which throws the margins away.
+    - ``accuracy``: the held-out accuracy; its permutation null is hypergeometric given the number of rows
+      predicted "test" (Fisher's exact test on the predicted-by-true table), computed exactly.
+
+    Classifiers (:data:`CLASSIFIERS`): ``logistic`` (default), ``mlp`` (one hidden layer of 64) and ``gbm``
+    (histogram gradient boosting; uses OpenMP threads, slow on a loaded machine), all scikit-learn.
 
     Returns:
-        The result; ``statistic`` is the held-out accuracy.
+        The result; ``statistic`` is the log-odds difference or the accuracy; ``details`` hold both, the
+        held-out count and the number correct.
     """
-    from scipy.stats import binomtest
     from sklearn.model_selection import train_test_split
 
+    if statistic not in ("logit", "accuracy"):
+        raise UserError(f"unknown classifier-test statistic {statistic!r}: use logit or accuracy")
+    if n_permutations < 1:
+        raise UserError(f"n_permutations must be positive (got {n_permutations})")
     x, y = _check_pair(x, y, min_n=4)
     rng = np.random.default_rng(seed)
-    n = min(len(x), len(y))
-    x, y = x[rng.choice(len(x), n, replace=False)], y[rng.choice(len(y), n, replace=False)]
-    z, lab = np.concatenate([x, y]), np.r_[np.zeros(n, int), np.ones(n, int)]
+    z, lab = np.concatenate([x, y]), np.r_[np.zeros(len(x), int), np.ones(len(y), int)]
     z_tr, z_te, l_tr, l_te = train_test_split(z, lab, test_size=test_fraction, stratify=lab,
                                               random_state=int(rng.integers(2**31)))  # fmt: skip
-    from threadpoolctl import threadpool_limits
-
-    # logistic and MLP fits multiply small matrices: extra threads only add waiting (gbm keeps its OpenMP threads)
     from sklearn.exceptions import ConvergenceWarning
 
-    with threadpool_limits(1) if classifier != "gbm" else contextlib.nullcontext(), warnings.catch_warnings():
+    # logistic and MLP fits multiply small matrices: extra threads only add waiting (gbm keeps its OpenMP threads)
+    with _one_thread() if classifier != "gbm" else contextlib.nullcontext(), warnings.catch_warnings():
         # with no shift there is nothing to learn, so an iteration cap is reached by design
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf = _classifier(classifier, seed, len(z_tr)).fit(z_tr, l_tr)
-        correct = int((clf.predict(z_te) == l_te).sum())
-    p = binomtest(correct, len(l_te), 0.5, alternative="greater").pvalue
-    return DriftResult("classifier", correct / len(l_te), float(p), alpha, n, n, x.shape[1],
-                       {"classifier": classifier, "n_held_out": len(l_te), "correct": correct})  # fmt: skip
+        s = _scores(clf, z_te)
+    pred = (s > 0).astype(int)
+    correct = int((pred == l_te).sum())
+    n1 = int(l_te.sum())
+    diff = float(s[l_te == 1].mean() - s[l_te == 0].mean())
+    details = {"classifier": classifier, "statistic": statistic, "n_held_out": len(l_te), "correct": correct,
+               "accuracy": correct / len(l_te), "logit_difference": diff}  # fmt: skip
+    if statistic == "accuracy":
+        from scipy.stats import hypergeom
+
+        # correct = 2·TP + n − n₁ − (rows predicted test): given the predictions, monotone in TP ~ hypergeometric
+        tp = int(((pred == 1) & (l_te == 1)).sum())
+        p = float(hypergeom.sf(tp - 1, len(l_te), n1, int(pred.sum())))
+        return DriftResult("classifier", correct / len(l_te), p, alpha, len(x), len(y), x.shape[1], details)
+    # the difference of means is monotone in the sum of the test-labelled scores: permute that sum
+    picks = np.argsort(rng.random((n_permutations, len(s))), axis=1)[:, :n1]
+    sums = s[picks].sum(1)
+    tol = 1e-9 * float(np.abs(s).sum() + 1.0)
+    p = permutation_pvalue(float(s[l_te == 1].sum()), sums, tol)
+    details["n_permutations"] = n_permutations
+    return DriftResult("classifier", diff, p, alpha, len(x), len(y), x.shape[1], details)
 
 
 # ------------------------------------------------------------------------------------------------------ registry
@@ -434,7 +554,7 @@ _OPTIONS = {
     "mmd": {"n_permutations", "bandwidth", "seed", "method", "max_quadratic", "dtype"},
     "ks": {"correction"},
     "bbsd": {"correction"},
-    "classifier": {"classifier", "seed", "test_fraction"},
+    "classifier": {"classifier", "seed", "test_fraction", "n_permutations", "statistic"},
 }
 
 

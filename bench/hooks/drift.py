@@ -13,10 +13,16 @@ data) on three views:
 Each side is a seeded random sample of at most :data:`MAX_SAMPLES` examples. For classification, BBSE's estimate
 of the held-out label distribution is kept too (next to the true one, which uses the test labels: a diagnostic).
 
+A training environment without an ``out`` split contributes its ``in`` split to the reference: data the model was
+trained on. The inputs view is unaffected (its PCA is then fitted on other rows of the same splits, disjoint from
+the reference), but the features and outputs of seen examples differ from those of unseen ones wherever the model
+overfits, so those views can flag overfitting as drift. Such results are marked: ``reference_seen`` in drift.json
+(top level and per view), ``drift_env{i}_reference_seen`` = 1 in the record, and a † in the report section.
+
 Where the numbers go: flat keys ``drift_env{i}_{view}_{statistic,pvalue,drift}``, ``drift_env{i}_n_ref``,
-``drift_env{i}_n_test`` (and ``drift_env{i}_bbse_tv``) in the final record (final.json's ``record``, which the MLflow
-mirror logs as metrics); detector names and details in final.json's ``drift`` and in ``drift.json`` in the trial
-folder (an MLflow artifact like every trial file).
+``drift_env{i}_n_test``, ``drift_env{i}_reference_seen`` (and ``drift_env{i}_bbse_tv``) in the final record
+(final.json's ``record``, which the MLflow mirror logs as metrics); detector names and details in final.json's
+``drift`` and in ``drift.json`` in the trial folder (an MLflow artifact like every trial file).
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ N_PERMUTATIONS = 500
 """Permutations of the MMD tests (smallest p-value 1/501)."""
 ALPHA = drift.ALPHA
 VIEWS = ("inputs", "features", "outputs")
+MODEL_VIEWS = ("features", "outputs")
+"""The views computed by the model: biased when the reference is data it was trained on."""
 FILE = "drift.json"
 _IN_ACC = re.compile(r"^env(\d+)_in_acc$")
 
@@ -72,8 +80,21 @@ def gather(split: Split, idx: np.ndarray, batch_size: int = 2048) -> dict[str, t
 
 def sample(splits: Sequence[Split], n: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
     """At most ``n`` examples drawn uniformly without replacement from the union of ``splits``."""
+    total = sum(len(s) for s in splits)
+    return take(splits, np.sort(rng.choice(total, min(n, total), replace=False)))
+
+
+def disjoint_samples(splits: Sequence[Split], sizes: Sequence[int],
+                     rng: np.random.Generator) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+    """Disjoint uniform samples without replacement of the given sizes from the union of ``splits``."""
+    total = sum(len(s) for s in splits)
+    pick = rng.choice(total, min(sum(sizes), total), replace=False)
+    return [take(splits, np.sort(part)) for part in np.split(pick, np.cumsum(sizes)[:-1])]
+
+
+def take(splits: Sequence[Split], pick: np.ndarray) -> dict[str, torch.Tensor]:
+    """Rows ``pick`` (sorted) of the concatenation of ``splits``."""
     sizes = [len(s) for s in splits]
-    pick = np.sort(rng.choice(sum(sizes), min(n, sum(sizes)), replace=False))
     out: dict[str, list[torch.Tensor]] = defaultdict(list)
     offset = 0
     for s, size in zip(splits, sizes):
@@ -104,7 +125,8 @@ class DriftCallback(Callback):
         rec = final["record"]
         for env, views in report.get("envs", {}).items():
             final["drift"].setdefault("envs", {})[env] = {
-                v: {k: r[k] for k in ("detector", "reduction", "statistic", "p_value", "drift", "n_ref", "n_test")}
+                v: {k: r[k] for k in ("detector", "reduction", "statistic", "p_value", "drift", "n_ref", "n_test",
+                                      "reference_seen")}
                 for v, r in views.items() if v in VIEWS}  # fmt: skip
             for view in VIEWS:
                 if view in views:
@@ -113,6 +135,7 @@ class DriftCallback(Callback):
                     rec[f"drift_{env}_{view}_pvalue"] = r["p_value"]
                     rec[f"drift_{env}_{view}_drift"] = int(r["drift"])
                     rec[f"drift_{env}_n_ref"], rec[f"drift_{env}_n_test"] = r["n_ref"], r["n_test"]
+            rec[f"drift_{env}_reference_seen"] = int(report.get("reference_seen", False))
             if "bbse" in views:
                 rec[f"drift_{env}_bbse_tv"] = views["bbse"]["tv_estimated"]
 
@@ -123,18 +146,23 @@ class DriftCallback(Callback):
         n_envs = len(ds.environments)
         train = [j for j in range(n_envs) if j not in spec.test_envs]
         ref_names = [f"env{j}_out" if f"env{j}_out" in splits else f"env{j}_in" for j in train]
-        fit_names = [f"env{j}_in" for j in train]
-        exact = all(name.endswith("_out") for name in ref_names)
+        seen = any(name.endswith("_in") for name in ref_names)
         keys = task.input_keys
         rng = np.random.default_rng(seed_hash(spec.seed, "drift"))
-        ref = sample([splits[n] for n in ref_names], MAX_SAMPLES, rng)
-        # without out splits the PCA is fitted on the reference itself (see ``reduction_fit``): nothing else to draw
-        fit = sample([splits[n] for n in fit_names], FIT_SAMPLES, rng) if exact else ref
+        if not seen:
+            fit_names = [f"env{j}_in" for j in train]
+            ref = sample([splits[n] for n in ref_names], MAX_SAMPLES, rng)
+            fit = sample([splits[n] for n in fit_names], FIT_SAMPLES, rng)
+        else:  # the PCA rows and the reference are disjoint parts of the same splits, so the test stays exact
+            fit_names = ref_names
+            total = sum(len(splits[n]) for n in ref_names)
+            n_fit = min(FIT_SAMPLES, total // 2)
+            ref, fit = disjoint_samples([splits[n] for n in ref_names], [min(MAX_SAMPLES, total - n_fit), n_fit], rng)
         pca = drift.PCAReduction(PCA_DIM, seed=seed_hash(spec.seed, "drift-pca") % 2**31)
         pca.fit(_inputs(fit, keys))
         ref_views = self._views(run, ref, pca, keys)
         report: dict[str, Any] = {
-            "alpha": ALPHA, "reference": ref_names, "reduction_fit": fit_names if exact else ref_names,
+            "alpha": ALPHA, "reference": ref_names, "reference_seen": seen, "reduction_fit": fit_names,
             "max_samples": MAX_SAMPLES, "n_permutations": N_PERMUTATIONS, "envs": {},
         }  # fmt: skip
         for i in spec.test_envs:
@@ -151,7 +179,7 @@ class DriftCallback(Callback):
                 else:
                     res = drift.run_detector("mmd", x, y, ALPHA, n_permutations=N_PERMUTATIONS, seed=seed)
                     reduction = pca.name if view == "inputs" else "penultimate"
-                env[view] = {**res.to_dict(), "reduction": reduction}
+                env[view] = {**res.to_dict(), "reduction": reduction, "reference_seen": seen and view in MODEL_VIEWS}
             if ref_views["preds"] is not None and "y" in ref and "y" in test:
                 est = drift.bbse(ref["y"].numpy(), ref_views["preds"], test_views["preds"], ds.num_classes)
                 q_true = np.bincount(test["y"].numpy(), minlength=ds.num_classes) / len(test["y"])
@@ -216,10 +244,14 @@ def acc_drop(record: dict, test_env: int, n_envs: int) -> float | None:
     return float(np.mean(train)) - float(test)
 
 
-def _flag_cell(pvalues: list[float], flags: list[int]) -> str:
+SEEN = "†"
+"""Marks drift cells whose reference includes data the model was trained on."""
+
+
+def _flag_cell(pvalues: list[float], flags: list[int], seen: int = 0) -> str:
     if not pvalues:
         return DASH
-    return f"{sum(flags)}/{len(flags)} (p̃ {median(pvalues):.3g})"
+    return f"{sum(flags)}/{len(flags)} (p̃ {median(pvalues):.3g})" + (f" {SEEN}" if seen else "")
 
 
 @report_section("drift")
@@ -241,6 +273,7 @@ def drift_section(trials: Sequence[dict]) -> Section | None:
             if f"drift_env{i}_{view}_pvalue" in rec:
                 g[f"{view}_p"].append(float(rec[f"drift_env{i}_{view}_pvalue"]))
                 g[f"{view}_flag"].append(int(rec[f"drift_env{i}_{view}_drift"]))
+        g["seen"].append(int(rec.get(f"drift_env{i}_reference_seen", 0)))
         g["n"].append(1)
         alpha = alpha or (t.get("final") or {}).get("drift", {}).get("alpha")
     if not groups:
@@ -254,9 +287,11 @@ def drift_section(trials: Sequence[dict]) -> Section | None:
             ps, fl = g[f"{view}_p"], g[f"{view}_flag"]
             entry[f"{view}_flagged"] = sum(fl)
             entry[f"{view}_median_p"] = median(ps) if ps else None
+        entry["reference_seen"] = sum(g["seen"])
         metrics.append(entry)
-        rows.append([dataset, method, name, cell.text()] + [_flag_cell(g[f"{v}_p"], g[f"{v}_flag"]) for v in VIEWS]
-                    + [str(len(g["n"]))])  # fmt: skip
+        rows.append([dataset, method, name, cell.text()]
+                    + [_flag_cell(g[f"{v}_p"], g[f"{v}_flag"], sum(g["seen"]) if v in MODEL_VIEWS else 0)
+                       for v in VIEWS] + [str(len(g["n"]))])  # fmt: skip
     header = ["Dataset", "Method", "Test env", "Acc drop (pp)", "Inputs (MMD)", "Features (MMD)", "Outputs (BBSD)",
               "n"]  # fmt: skip
     a = alpha if alpha is not None else ALPHA
@@ -265,6 +300,10 @@ def drift_section(trials: Sequence[dict]) -> Section | None:
             f"percentage points, mean ± SE over trials (all draws and seeds). Drift cells: trials flagged at "
             f"α = {a} / trials (p̃ = median p-value); reference = training environments' out splits, test = the "
             f"held-out environment's in split, up to {MAX_SAMPLES} examples each.")  # fmt: skip
+    if any(m["reference_seen"] for m in metrics):
+        note += (f" {SEEN}: in some of these trials a training environment had no out split, so the reference "
+                 f"holds in-split examples the model was trained on; features and outputs can then flag "
+                 f"overfitting as drift.")  # fmt: skip
     md = "\n".join([note, "", md_table(header, rows, pad=True)])
     htm = f'<p class="note">{html.escape(note)}</p>' + html_table(header, rows)
     table = [["" if v is None else f"{v:.6g}" if isinstance(v, float) else v for v in m.values()] for m in metrics]
