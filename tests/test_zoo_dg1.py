@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from shiftbench.config import load_suite
 from shiftbench.featurewise import env_features, input_features, scores_from_features
 from shiftbench.methods.andmask import ANDMask, and_mask
 from shiftbench.methods.arm import ARM, support_sets
@@ -101,6 +102,29 @@ def test_defaults_and_ranges_are_domainbeds(name):
     assert METHODS.get("cdann").hparam_space().keys() == METHODS.get("dann").hparam_space().keys()
     assert {"arm", "selfreg"} <= set(METHODS.names())
 
+
+
+NOT_DG = {
+    "adversarial", "cbft", "finetune",  # adversarial robustness and mechanistic fine-tuning
+    "cooperative", "otherplay", "selfplay",  # coordination
+    "bsoftmax", "cbloss", "crt", "cvardro", "dfr", "focal", "jtt", "ldam", "lff", "lisa", "resample", "reweight",
+    "reweightcrt", "sqrtreweight",  # subpopulation shift (the subpop suite)
+}  # fmt: skip
+"""Registered methods that are not domain-generalisation algorithms. A new method must join the domainbed_all suite
+or this set, so none is left out of the zoo's leaderboard by accident."""
+
+
+def test_domainbed_all_suite_runs_every_dg_method_on_both_digits_datasets():
+    suite = load_suite("domainbed_all")
+    dg = set(METHODS.names()) - NOT_DG
+    assert NOT_DG <= set(METHODS.names())  # no stale name
+    assert set(suite.methods) == dg, (sorted(dg - set(suite.methods)), sorted(set(suite.methods) - dg))
+    assert len(suite.methods) == len(dg) == 34  # DomainBed's 30 of issue 17 plus ERM, IRM, GroupDRO, V-REx
+    assert suite.datasets == ("colored_digits", "rotated_digits") and suite.test_envs == "each"
+    assert suite.n_hparams >= 2 and suite.n_seeds >= 2  # a random search, replicated over trial seeds
+    trials = suite.trials()
+    assert len(trials) == 34 * (3 + 6) * suite.n_hparams * suite.n_seeds  # every single test environment
+    assert {t.test_envs for t in trials if t.dataset == "rotated_digits"} == {(i,) for i in range(6)}
 
 # ---------------------------------------------------------------- feature-level scoring (shared by the zoo)
 
