@@ -8,46 +8,21 @@ import os
 import sys
 from pathlib import Path
 
+from .cliargs import Parser, callbacks, csv, csv_ints, parse_kv
 from .errors import UserError
 
-
-def _csv_ints(s: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in s.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+__all__ = ["build_parser", "main", "parse_kv"]
 
 
-def _csv(s: str) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
-
-
-def _callbacks(s: str) -> list[str]:
-    """``drift,robust_eval:eps=0.3,steps=20,attest`` -> three names: a ``k=v`` piece belongs to the callback
-    before it (settings of a ``name:k=v,...`` callback are themselves comma-separated)."""
-    out: list[str] = []
-    for piece in _csv(s):
-        if "=" in piece and ":" not in piece.split("=", 1)[0] and out and ":" in out[-1]:
-            out[-1] += "," + piece
-        else:
-            out.append(piece)
-    return out
-
-
-def parse_kv(items: list[str] | None, what: str) -> dict[str, str]:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UserError(f"{what} {item!r} must look like name=value")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
+# Argument types live in cliargs, which subcommand modules import while the parser is built (no import cycle).
+_csv_ints, _csv, _callbacks = csv_ints, csv, callbacks
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default: auto)")
     p.add_argument("--amp", action="store_true", help="bfloat16 mixed precision on CUDA")
-    p.add_argument("--data-root", default=os.environ.get("SHIFTBENCH_DATA"), help="folder with real datasets")
+    p.add_argument("--data-root", default=os.environ.get("SHIFTBENCH_DATA"),
+                   help="folder with real datasets (default: $SHIFTBENCH_DATA; unset: only embedded datasets load)")
     p.add_argument("--download", action="store_true", help="let loaders download missing datasets")
     p.add_argument("--checkpoint-interval", type=float, default=30.0,
                    help="seconds of training between checkpoints, taken at evaluations (default: 30; 0: every one)")
@@ -65,50 +40,71 @@ def _run_options(a: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="shiftbench",
         description="Benchmark training methods under distribution shift: sweeps, model selection, leaderboards.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    ls = sub.add_parser("list", help="list registered methods, datasets, suites, models")
+    ls = sub.add_parser("list", help="list registered methods, datasets, suites, models, callbacks")
     ls.add_argument("what", nargs="?", default="all",
-                    choices=["all", "methods", "datasets", "suites", "models", "callbacks"])
+                    choices=["all", "methods", "datasets", "suites", "models", "callbacks"],
+                    help="which group to list (default: all)")
 
     tr = sub.add_parser("train", help="run one trial")
-    tr.add_argument("--dataset", required=True)
-    tr.add_argument("--method", required=True)
-    tr.add_argument("--test-envs", type=_csv_ints, default=None, help="held-out environments, e.g. 2 or 0,1")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--hparams-seed", type=int, default=0, help="random-search draw (0: defaults)")
-    tr.add_argument("--steps", type=int, default=None)
-    tr.add_argument("--eval-every", type=int, default=None)
-    tr.add_argument("--hparams", nargs="*", metavar="K=V", help="fixed hyperparameters")
-    tr.add_argument("--option", nargs="*", metavar="K=V", help="dataset options, e.g. env_size=2000")
-    tr.add_argument("--model", default=None)
+    tr.add_argument("--dataset", required=True, help="registered dataset (shiftbench list datasets)")
+    tr.add_argument("--method", required=True, help="registered method (shiftbench list methods)")
+    tr.add_argument("--test-envs", type=_csv_ints, default=None,
+                    help="held-out environments, e.g. 2 or 0,1 (default: the dataset's default test environments)")
+    tr.add_argument("--seed", type=int, default=0, help="trial seed")
+    tr.add_argument("--hparams-seed", type=int, default=0, help="random-search draw (0: the declared defaults)")
+    tr.add_argument("--steps", type=int, default=None, help="training steps (default: the dataset's, e.g. 5001)")
+    tr.add_argument("--eval-every", type=int, default=None,
+                    help="evaluate and checkpoint every this many steps (default: the dataset's, e.g. 100)")
+    tr.add_argument("--hparams", nargs="*", metavar="K=V",
+                    help="fixed hyperparameters, e.g. lr=1e-3 (default: none; the draw decides the rest)")
+    tr.add_argument("--option", nargs="*", metavar="K=V",
+                    help="dataset options, e.g. env_size=2000 (default: none; see docs/data.md)")
+    tr.add_argument("--model", default=None, help="registered model (default: the dataset's default model)")
     tr.add_argument("--callbacks", type=_callbacks, default=(), metavar="NAME[,NAME]",
-                    help="trial callbacks, e.g. drift,attest or robust_eval:steps=20 (see shiftbench list callbacks)")
-    tr.add_argument("--out", required=True, type=Path, help="trial folder")
-    tr.add_argument("--no-mlflow", action="store_true", help="do not mirror the trial to MLflow")
+                    help="trial callbacks, e.g. drift,attest or robust_eval:steps=20 (see shiftbench list callbacks; "
+                         "default: none)")
+    tr.add_argument("--out", required=True, type=Path,
+                    help="trial folder (new, or one holding this same trial to resume it)")
+    tr.add_argument("--no-mlflow", action="store_true",
+                    help="do not mirror the trial to MLflow (by default it goes to OUT/mlflow.db, or "
+                         "$MLFLOW_TRACKING_URI)")
+    tr.add_argument("--quiet", action="store_true", help="no progress line per evaluation on stderr")
     _add_run_options(tr)
 
     sw = sub.add_parser("sweep", help="run a sweep (skips finished trials, resumes unfinished ones)")
     src = sw.add_mutually_exclusive_group(required=True)
-    src.add_argument("--suite", help="suite name (shiftbench list suites) or YAML file")
-    src.add_argument("--datasets", type=_csv)
-    sw.add_argument("--methods", type=_csv)
-    sw.add_argument("--test-envs", help="default | each | each+pairs | 0;1,2 (sets separated by ';')")
-    sw.add_argument("--n-hparams", type=int)
-    sw.add_argument("--n-seeds", type=int)
-    sw.add_argument("--steps", type=int)
-    sw.add_argument("--eval-every", type=int)
-    sw.add_argument("--name")
-    sw.add_argument("--callbacks", type=_callbacks, metavar="NAME[,NAME]", help="trial callbacks (replace the suite's)")
-    sw.add_argument("--out", required=True, type=Path)
-    sw.add_argument("--workers", type=int, default=1)
+    src.add_argument("--suite",
+                     help="suite name (shiftbench list suites) or YAML file (one of --suite and --datasets is "
+                          "required)")
+    src.add_argument("--datasets", type=_csv,
+                     help="comma-separated datasets, instead of --suite (needs --methods; default: none, use --suite)")
+    sw.add_argument("--methods", type=_csv, help="comma-separated methods (default: the suite's)")
+    sw.add_argument("--test-envs", help="default | each | each+pairs | 0;1,2 (sets separated by ';'; default: the "
+                                        "suite's, else each dataset's default test environments)")
+    sw.add_argument("--n-hparams", type=int,
+                    help="random-search draws per method; draw 0 is the defaults (default: the suite's, else 1)")
+    sw.add_argument("--n-seeds", type=int, help="trial seeds per draw (default: the suite's, else 1)")
+    sw.add_argument("--steps", type=int, help="training steps per trial (default: the suite's, else 5001)")
+    sw.add_argument("--eval-every", type=int, help="evaluation interval in steps (default: the suite's, else 100)")
+    sw.add_argument("--name", help="sweep name, used for the MLflow experiment (default: the suite's, else 'sweep')")
+    sw.add_argument("--callbacks", type=_callbacks, metavar="NAME[,NAME]",
+                    help="trial callbacks, replacing the suite's (default: the suite's, else none)")
+    sw.add_argument("--option", nargs="*", metavar="K=V",
+                    help="dataset options for every dataset of the sweep, over the suite's, e.g. env_size=2000 "
+                         "(default: none; see docs/data.md)")
+    sw.add_argument("--out", required=True, type=Path,
+                    help="sweep folder (new, or one holding this same sweep to resume it)")
+    sw.add_argument("--workers", type=int, default=1, help="trials run at once, one process each")
     sw.add_argument("--retry-failed", action="store_true", help="run failed trials again")
-    sw.add_argument("--no-mlflow", action="store_true")
-    sw.add_argument("--no-progress", action="store_true")
+    sw.add_argument("--no-mlflow", action="store_true",
+                    help="do not mirror trials to MLflow (by default: OUT/mlflow.db, or $MLFLOW_TRACKING_URI)")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _add_run_options(sw)
 
     rp = sub.add_parser("report", help="write leaderboards, metrics.json and plots from a runs folder")
@@ -118,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports)")
 
     dm = sub.add_parser("demo", help="run the quickstart suite and print its leaderboard")
-    dm.add_argument("--out", type=Path, default=Path("runs/demo"))
-    dm.add_argument("--reports", type=Path, default=Path("reports"))
-    dm.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1))
+    dm.add_argument("--out", type=Path, default=Path("runs/demo"), help="sweep folder")
+    dm.add_argument("--reports", type=Path, default=Path("reports"), help="where the leaderboards and plots go")
+    dm.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1),
+                    help="trials run at once (default: the number of CPUs)")
     _add_run_options(dm)
     _add_command_modules(sub)
     return p
@@ -146,39 +143,33 @@ def _parse_test_envs(s: str | None):
 
 
 def cmd_list(a) -> int:
-    from .config import suite_names
-    from .registry import CALLBACKS, DATASETS, METHODS, MODELS
+    from .catalog import load
 
-    groups = {
-        "methods": lambda: [(n, _first_line(METHODS.get(n).__doc__)) for n in METHODS.names()],
-        "datasets": lambda: [(n, f"[{DATASETS.get(n).TASK}] " + _first_line(DATASETS.get(n).__doc__))
-                             for n in DATASETS.names()],  # fmt: skip
-        "suites": lambda: [(n, _suite_summary(n)) for n in suite_names()],
-        "models": lambda: [(n, _first_line(MODELS.get(n).__doc__)) for n in MODELS.names()],
-        "callbacks": lambda: [(n + ("k=v,..." if n.endswith(":") else ""), _first_line(CALLBACKS.get(n).__doc__))
-                              for n in CALLBACKS.names()],  # fmt: skip
+    catalog = load()  # from a cache keyed on the package's sources: no plug-in (and no torch) is imported
+    show = {
+        "methods": lambda: [(m["name"], m["doc"]) for m in catalog["methods"]],
+        "datasets": lambda: [(d["name"], f"[{d['task']}] {d['doc']}") for d in catalog["datasets"]],
+        "suites": lambda: [(n, _suite_summary(n)) for n in sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))],
+        "models": lambda: [(m["name"], m["doc"]) for m in catalog["models"]],
+        "callbacks": lambda: [(c["name"] + ("k=v,..." if c["name"].endswith(":") else ""), c["doc"])
+                              for c in catalog["callbacks"]],  # fmt: skip
     }
-    for g in groups if a.what == "all" else [a.what]:
+    for g in show if a.what == "all" else [a.what]:
         print(f"{g}:")
-        for name, doc in groups[g]():
+        for name, doc in show[g]():
             print(f"  {name:22s} {doc}")
     return 0
 
 
+SUITES_DIR = Path(__file__).parent / "suites"
+
+
 def _suite_summary(name: str) -> str:
-    """The first sentence of a suite file's opening comment (at most 100 characters)."""
+    """A suite file's opening comment, whole, on one line."""
     import itertools
 
-    from .config import SUITES_DIR
-
-    lines = (SUITES_DIR / f"{name}.yaml").read_text().splitlines()
-    comment = " ".join(line.lstrip("# ").strip() for line in itertools.takewhile(lambda x: x.startswith("#"), lines))
-    sentence = comment.split(". ")[0].rstrip(".")
-    return sentence if len(sentence) <= 100 else sentence[:99].rstrip() + "…"
-
-
-def _first_line(doc: str | None) -> str:
-    return (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""
+    lines = (SUITES_DIR / f"{name}.yaml").read_text(encoding="utf-8").splitlines()
+    return " ".join(line.lstrip("#").strip() for line in itertools.takewhile(lambda x: x.startswith("#"), lines))
 
 
 def cmd_train(a, parser) -> int:
@@ -193,18 +184,22 @@ def cmd_train(a, parser) -> int:
         dataset_options=parse_kv(a.option, "--option"), model=a.model, callbacks=tuple(a.callbacks),
     )  # fmt: skip
     options = _run_options(a)
-    final = run_trial(spec, a.out, options)
+    extra = []
+    if not a.quiet:
+        from .progress import ProgressLine
+
+        extra.append(ProgressLine())
+    final = run_trial(spec, a.out, options, callbacks=extra)
     if final["status"] != "done":
         print(f"trial failed: {final.get('reason')}", file=sys.stderr)
         return 1
     rec = final["record"]
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}, indent=1))
     if not a.no_mlflow:
-        from .tracking import Tracker
+        from .tracking import Tracker, ui_command
 
-        tracker = Tracker(a.out, "shiftbench-trials")
-        run_id = tracker.mirror_trial(a.out)
-        print(f"MLflow run {run_id}; dashboard: {tracker.ui_command(a.out)}")
+        run_id = Tracker(a.out, "shiftbench-trials").mirror_trial(a.out)
+        print(f"MLflow run {run_id}; dashboard: {ui_command(a.out)}", file=sys.stderr)
     return 0
 
 
@@ -225,6 +220,11 @@ def cmd_sweep(a) -> int:
         raw = {k: v for k, v in overrides.items() if v is not None}
         raw["datasets"] = a.datasets
         sweep = SweepSpec.from_mapping(raw, where="command line")
+    extra = parse_kv(a.option, "--option")
+    if extra:
+        d = sweep.to_dict()
+        d["dataset_options"] = {ds: {**d["dataset_options"].get(ds, {}), **extra} for ds in d["datasets"]}
+        sweep = SweepSpec.from_mapping(d, where="--option")
     if a.workers <= 0:
         raise UserError(f"--workers must be positive (got {a.workers})")
     return _sweep_and_print(sweep, a.out, a.workers, _run_options(a), not a.no_mlflow, not a.no_progress)
@@ -279,9 +279,6 @@ def cmd_demo(a) -> int:
     _sweep_and_print(sweep, a.out, a.workers, _run_options(a), True, True)
     _report(a.out, a.reports)
     print(f"reports: {a.reports}/leaderboard.md (also .html, .tex, metrics.json, plots/)")
-    from .tracking import ui_command
-
-    print(f"MLflow dashboard: {ui_command(a.out)}")
     return 0
 
 

@@ -10,10 +10,13 @@ import torch
 
 from shiftbench.config import TrialSpec, supports_task
 from shiftbench.errors import UserError
+from shiftbench.methods.groups import NeedsGroups
 from shiftbench.registry import METHODS
 from shiftbench.trainer import CHECKPOINT, FAILED, FINAL, Interrupted, RunOptions, run_trial, trial_status
 
 SMALL_DATASETS = ["colored_digits", "rotated_digits"]
+"""Neither has per-example groups: the group methods (``NeedsGroups``) refuse them (tests/test_zoo_subpop.py checks
+the refusal) and train on subpop_digits in tests/test_method_contract.py."""
 UNANNEALED = {"iga": {"iga_penalty": 10.0}}
 """Methods whose default penalty weight applies from step 0 and dominates the risk for far longer than 25 steps
 (IGA: DomainBed's 1000, never annealed), run here with a weight at the low end of their range; their own tests
@@ -25,7 +28,8 @@ def spec_for(small, dataset="colored_digits", method="erm", steps=30, eval_every
 
 
 @pytest.mark.parametrize("dataset", SMALL_DATASETS)
-@pytest.mark.parametrize("method", [m for m in METHODS.names() if supports_task(METHODS.get(m), "classification")])
+@pytest.mark.parametrize("method", [m for m in METHODS.names() if supports_task(METHODS.get(m), "classification")
+                                    and not issubclass(METHODS.get(m), NeedsGroups)])  # fmt: skip
 def test_every_method_trains_on_every_small_dataset(method, dataset, small, tmp_path):
     # Default hyperparameters: penalties stay at weight 1 this early, so every method must fit its training data.
     spec = spec_for(small, dataset, method, steps=25, eval_every=8, hparams=UNANNEALED.get(method, {}))
@@ -34,10 +38,12 @@ def test_every_method_trains_on_every_small_dataset(method, dataset, small, tmp_
     records = [json.loads(line) for line in (tmp_path / "t" / "results.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 8, 16, 24]
     first, last = records[0], records[-1]
-    # Learning happened: training-environment accuracy rises above its value after one step.
+    # Learning happened: training-environment accuracy rises above its value after one step, or, for a method that
+    # reaches colored_digits' colour-cue ceiling (about 0.83) in its first step, the training loss falls by 10%.
     train_envs = [i for i in range(3) if i not in spec.test_envs]
     mean_acc = lambda r: np.mean([r[f"env{i}_in_acc"] for i in train_envs])  # noqa: E731
-    assert mean_acc(last) > mean_acc(first)
+    mean_loss = lambda r: np.mean([r[f"env{i}_in_loss"] for i in train_envs])  # noqa: E731
+    assert mean_acc(last) > mean_acc(first) or mean_loss(last) < 0.9 * mean_loss(first)
     assert np.isfinite(last["loss"])
     preds = np.load(tmp_path / "t" / "predictions.npz")
     n_env2 = (preds["split"] == "env2_in").sum()

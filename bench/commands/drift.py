@@ -29,13 +29,17 @@ from typing import Any
 
 import numpy as np
 
-from shiftbench import drift
-from shiftbench.cli import parse_kv
+from shiftbench.cliargs import parse_kv
 from shiftbench.errors import UserError
 
 FILE_SUFFIXES = (".csv", ".parquet", ".pq", ".npy")
 SPLITS = ("in", "out", "all")
 DEFAULT_N = 5000
+DETECTOR_NAMES = ("mmd", "ks", "classifier", "bbsd")
+"""The detectors of shiftbench.drift (kept here so that building the parser imports neither it nor torch; a test
+checks the two agree)."""
+ALPHA = 0.05
+"""shiftbench.drift.ALPHA, for the same reason."""
 
 
 @dataclass
@@ -71,6 +75,8 @@ def is_file_source(text: str) -> bool:
 
 def load_file(text: str, side: str) -> Source:
     """Reads a CSV, Parquet or NPY file into a Source; raises UserError naming the problem."""
+    from shiftbench import drift
+
     path = Path(text)
     if not path.is_file():
         raise UserError(f"--{side} file {text} does not exist")
@@ -243,6 +249,8 @@ class TrialModel:
         """``outputs`` (softmax for classification) or ``features`` (penultimate) of flattened inputs."""
         import torch
 
+        from shiftbench import drift
+
         if self.task_name != "classification":
             raise UserError("--trial models are supported for classification tasks only")
         width = int(np.prod(self.input_shape))
@@ -275,24 +283,29 @@ def register(subparsers) -> None:
     p.add_argument("--ref", required=True, help="reference: DATASET:ENVS[:in|out|all] or a .csv/.parquet/.npy file")
     p.add_argument("--test", required=True, help="test sample, same forms as --ref")
     p.add_argument("--detector", default=None,
-                   help=f"comma-separated {', '.join(drift.DETECTORS)} or all (default: bbsd with --trial, else mmd)")
+                   help=f"comma-separated {', '.join(DETECTOR_NAMES)} or all (default: bbsd with --trial, else mmd)")
     p.add_argument("--reduction", default=None,
                    help="auto | none | pca:K | rp:K | outputs | features (default: outputs for bbsd, else auto = "
                         "pca:32 above 32 features, fitted on the pooled sample)")  # fmt: skip
-    p.add_argument("--trial", type=Path, help="finished trial folder whose model gives outputs/features")
-    p.add_argument("--alpha", type=float, default=drift.ALPHA, help="significance level of the gate (default 0.05)")
+    p.add_argument("--trial", type=Path,
+                   help="finished trial folder whose model gives outputs/features (default: none: inputs only)")
+    p.add_argument("--alpha", type=float, default=ALPHA, help="significance level of the gate (default 0.05)")
     p.add_argument("--n", type=int, default=DEFAULT_N, help=f"at most this many examples per side ({DEFAULT_N})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--permutations", type=int, default=500, help="MMD permutations (default 500)")
     p.add_argument("--correction", choices=["bonferroni", "fdr"], default="bonferroni", help="KS/BBSD correction")
     p.add_argument("--classifier", choices=["logistic", "gbm", "mlp"], default="mlp", help="classifier test model")
-    p.add_argument("--option", nargs="*", metavar="K=V", help="dataset options for DATASET sources")
-    p.add_argument("--data-root", default=None, help="folder with real datasets")
+    p.add_argument("--option", nargs="*", metavar="K=V",
+                   help="dataset options for DATASET sources (default: none, the datasets' own)")
+    p.add_argument("--data-root", default=None,
+                   help="folder with real datasets (default: none: embedded datasets only)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=run)
 
 
 def _detectors(a: argparse.Namespace, model: TrialModel | None, probabilities: bool) -> list[str]:
+    from shiftbench import drift
+
     if a.detector is None:
         return ["bbsd"] if model is not None else ["mmd"]
     names = [d.strip() for d in a.detector.split(",") if d.strip()]
@@ -305,6 +318,8 @@ def _detectors(a: argparse.Namespace, model: TrialModel | None, probabilities: b
 
 def _reduce(name: str, reduction: str | None, ref: np.ndarray, test: np.ndarray, model: TrialModel | None,
             seed: int) -> tuple[np.ndarray, np.ndarray, str]:  # fmt: skip
+    from shiftbench import drift
+
     red = reduction or ("outputs" if name == "bbsd" else "auto")
     if red in ("outputs", "features"):
         if model is None:
@@ -321,6 +336,8 @@ def _reduce(name: str, reduction: str | None, ref: np.ndarray, test: np.ndarray,
 
 
 def run(a: argparse.Namespace) -> int:
+    from shiftbench import drift
+
     if not 0.0 < a.alpha < 1.0:
         raise UserError(f"--alpha must be strictly between 0 and 1 (got {a.alpha})")
     if a.n < 2:

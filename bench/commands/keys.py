@@ -22,7 +22,8 @@ def register(subparsers) -> None:
     for q in (c, sub.add_parser("list", help="the identity and its keys' fingerprints"),
               sub.add_parser("export", help="the public keys as one PEM file (stdout or --out)")):
         q.add_argument("--dir", type=Path, default=None, help="keys folder (default <config>/keys)")
-    sub.choices["export"].add_argument("--out", type=Path, default=None, help="write the PEM file here")
+    sub.choices["export"].add_argument("--out", type=Path, default=None,
+                                       help="write the PEM file here (default: print it on stdout)")
     p.set_defaults(func=run)
 
 

@@ -19,12 +19,15 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="labels_cmd", required=True)
     c = sub.add_parser("commit", help="write a salted label commitment and its private opening")
     src = c.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from-trial", type=Path, metavar="TRIAL", help="take the split's labels from this trial")
-    src.add_argument("--npy", type=Path, metavar="FILE", help="labels as a 1-d integer .npy, row i = example i")
+    src.add_argument("--from-trial", type=Path, metavar="TRIAL",
+                     help="take the split's labels from this trial (this or --npy is required)")
+    src.add_argument("--npy", type=Path, metavar="FILE",
+                     help="labels as a 1-d integer .npy, row i = example i (this or --from-trial is required)")
     c.add_argument("--split", required=True, help="split name, e.g. env2_in")
     c.add_argument("--context", default="", help="what the labels are (dataset, version); bound into every proof")
     c.add_argument("--queries", type=int, default=None, help="FRI queries (default: the 100-bit default)")
-    c.add_argument("--max-proofs", type=int, default=None, help="zero-knowledge budget: proofs this may serve")
+    c.add_argument("--max-proofs", type=int, default=None,
+                   help="zero-knowledge budget: proofs this may serve (default: no limit)")
     c.add_argument("--grinding", type=int, default=None, help="proof-of-work bits (default 20)")
     c.add_argument("-o", "--out", type=Path, required=True, help="commitment file to write (JSON)")
     c.set_defaults(func=run)

@@ -33,7 +33,8 @@ def register(subparsers) -> None:
                               description=__doc__.split("\n\n", 1)[0])  # fmt: skip
     p.add_argument("--params", type=Path, default=Path("params.yaml"), help="sweep file naming the datasets")
     p.add_argument("--out", type=Path, default=Path("data"), help="folder to write (default: data)")
-    p.add_argument("--data-root", default=os.environ.get("SHIFTBENCH_DATA"), help="where real datasets are read from")
+    p.add_argument("--data-root", default=os.environ.get("SHIFTBENCH_DATA"),
+                   help="where real datasets are read from (default: $SHIFTBENCH_DATA; unset: embedded datasets only)")
     p.add_argument("--download", action="store_true", help="let loaders download missing datasets")
     p.add_argument("--check", action="store_true", help="only verify OUT against its manifest")
     p.set_defaults(func=run)

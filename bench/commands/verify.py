@@ -29,7 +29,10 @@ def register(subparsers) -> None:
     p.add_argument("--reexecute", type=int, default=0, metavar="K",
                    help="reload the weights and re-run K random committed examples against their Merkle proofs")
     p.add_argument("--trust", type=Path, default=None, metavar="POLICY",
-                   help="trust policy (YAML/JSON): trusted identities and keys, required schemes, sweeps")
+
+                                       help="trust policy (YAML/JSON): trusted identities and keys, required schemes, "
+                                            "sweeps (default: none: "
+                        "the keys of your own keys folder, reported as such)")
     p.add_argument("--public-key", action="append", default=[], metavar="FILE",
                    help="for your own runs: trust these public key(s) (PEM) instead of your keys folder; reported as "
                         "such, never as a policy")
@@ -37,17 +40,22 @@ def register(subparsers) -> None:
                    help="witness state: the last checkpoint seen per log (default <config>/witness/state.json)")
     p.add_argument("--countersign", type=Path, default=None, metavar="HOST_KEYS",
                    help="a host's keys folder (shiftbench keys create --dir): write a signed SLSA verification "
-                        "summary into each trial folder (needs --reexecute N)")
+                        "summary into each trial folder (needs --reexecute N; default: none, nothing is written)")
     p.add_argument("--log", type=Path, default=None, help="transparency log folder (default: the sweep's, or yours)")
     p.add_argument("--runs", type=Path, default=None,
                    help="sweep folder whose mlflow.db resolves RUN_ID (default: $MLFLOW_TRACKING_URI)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the re-execution sample")
-    p.add_argument("--data-root", default=os.environ.get("SHIFTBENCH_DATA"), help="folder with real datasets")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the re-execution sample (default: fresh randomness, so a submitter cannot know it)")
+    p.add_argument("--data-root", default=os.environ.get("SHIFTBENCH_DATA"),
+                   help="folder with real datasets (default: $SHIFTBENCH_DATA; unset: embedded datasets only)")
     p.add_argument("--proof", action="store_true",
-                   help="PATH is a zk-STARK accuracy proof (shiftbench prove), or a trial folder holding proof_*.stark: "
+
+                                                            help="PATH is a zk-STARK accuracy proof (shiftbench "
+                                                                 "prove), or a trial folder holding proof_*.stark: "
                         "check it without labels or predictions (exit 0 verified, 1 invalid)")
     p.add_argument("--labels", type=Path, default=None, metavar="COMMITMENT",
-                   help="with --proof: the published label commitment the proof must be about")
+                   help="with --proof: the published label commitment the proof must be about (default: none: checked "
+                        "against the label root the proof names, which is printed)")
     p.set_defaults(func=run)
 
 
