@@ -158,7 +158,8 @@ def test_robust_eval_settings_in_the_name():
 
 def test_robust_eval_records_every_split_and_leaves_training_alone(small, tmp_path):
     opts = small["rotated_digits"]
-    names = ("robust_eval:eps=0.1,steps=5,examples=60", "robust_eval:threat=spatial,k=3,key=spatial")
+    names = ("robust_eval:eps=0.1,steps=5,examples=60", "robust_eval:threat=spatial,k=3,key=spatial",
+             "robust_eval:threat=spatial,k=2,max_rotation=0,max_shift=0,key=still")
     spec = TrialSpec.resolve("rotated_digits", "erm", steps=30, eval_every=15, dataset_options=opts, callbacks=names)
     plain = TrialSpec.resolve("rotated_digits", "erm", steps=30, eval_every=15, dataset_options=opts)
     final = run_trial(spec, tmp_path / "r")
@@ -168,11 +169,35 @@ def test_robust_eval_records_every_split_and_leaves_training_alone(small, tmp_pa
     for i in range(6):
         for part in ("in", "out"):
             assert 0.0 <= rec[f"env{i}_{part}_robust_acc"] < rec[f"env{i}_{part}_acc"] / 2  # ERM breaks under PGD
-            assert 0.0 <= rec[f"env{i}_{part}_spatial_acc"] <= 1.0
+            # no rotation, no shift: every attempt is the clean image, so the "attacked" accuracy is the clean one
+            assert rec[f"env{i}_{part}_still_acc"] == rec[f"env{i}_{part}_acc"]
+    # The spatial numbers replayed by hand from the final model: the callback's generator draws, per restart and
+    # attempt, one (rotation, shift) per example; an example counts as robust only if all 2 x 3 attempts leave it
+    # right.
+    from shiftbench.hparams import seed_hash
+    from shiftbench.trainer import Trainer
+
+    model = Trainer(spec, tmp_path / "replay")._build().model
+    model.load_state_dict(torch.load(tmp_path / "r" / "model.pt", weights_only=True))
+    model.eval()
+    data = load_dataset("rotated_digits", spec.dataset_options, None, False)
+    gaps = []
+    for name, split in data.eval_splits().items():
+        t = split.tensors
+        g = torch.Generator().manual_seed(seed_hash(spec.seed, "robust_eval", "spatial", 29, name))
+        robust = torch.ones(len(t["y"]), dtype=torch.bool)
+        with torch.no_grad():
+            for _ in range(2 * 3):  # restarts (default 2) x k
+                u = torch.rand(len(t["y"]), 3, generator=g)
+                moved = _transform(t["x"], (2 * u[:, 0] - 1) * 30.0, (2 * u[:, 1:] - 1) * 0.1).clamp(0, 1)
+                robust &= model(moved).argmax(1) == t["y"]
+        assert rec[f"{name}_spatial_acc"] == pytest.approx(robust.float().mean().item(), abs=1e-6), name
+        gaps.append(rec[f"{name}_acc"] - rec[f"{name}_spatial_acc"])
+    assert max(gaps) > 0.05  # the attack does bite, so the replay is not the clean accuracy again
     settings = (rec["robust_threat"], rec["robust_eps"], rec["robust_steps"], rec["robust_examples"])
     assert settings == ("linf", 0.1, 5, 60)
     assert rec["robust_bounds"] == "0:1"  # rotated_digits declares no range: the data's own
-    assert [e["key"] for e in final["robust_eval"]] == ["robust", "spatial"]
+    assert [e["key"] for e in final["robust_eval"]] == ["robust", "spatial", "still"]
     # The attack draws from its own generator: the clean numbers equal those of the same trial without it.
     bare = run_trial(plain, tmp_path / "p")["record"]
     assert bare["env0_in_loss"] == rec["env0_in_loss"] and bare["env3_out_acc"] == rec["env3_out_acc"]
