@@ -292,9 +292,10 @@ def register(subparsers) -> None:
     p.add_argument("--alpha", type=float, default=ALPHA, help="significance level of the gate (default 0.05)")
     p.add_argument("--n", type=int, default=DEFAULT_N, help=f"at most this many examples per side ({DEFAULT_N})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--permutations", type=int, default=500, help="MMD permutations (default 500)")
+    p.add_argument("--permutations", type=int, default=500, help="MMD and classifier-test permutations (default 500)")
     p.add_argument("--correction", choices=["bonferroni", "fdr"], default="bonferroni", help="KS/BBSD correction")
-    p.add_argument("--classifier", choices=["logistic", "gbm", "mlp"], default="mlp", help="classifier test model")
+    p.add_argument("--classifier", choices=["logistic", "mlp", "gbm"], default="logistic",
+                   help="classifier test model (default logistic)")
     p.add_argument("--option", nargs="*", metavar="K=V",
                    help="dataset options for DATASET sources (default: none, the datasets' own)")
     p.add_argument("--data-root", default=None,
