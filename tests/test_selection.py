@@ -182,3 +182,67 @@ def test_leave_one_domain_out_duplicate_role_uses_lowest_hash():
     dup = pair("p-dup", 0, 0, {0: 0.10, 10: 0.10, 20: 0.99})
     s = leave_one_domain_out([A, P0_0, dup, P0_1], 2)
     assert (s.hash, s.step) == ("a", 20) and s.val_acc == pytest.approx(0.795) and s.test_acc == pytest.approx(0.45)
+
+
+# ---------------------------------------------------------------------------------------------- worst-group rule
+
+
+def wg_rec(step: int, out_wg: tuple[float | None, float | None], out_acc: tuple[float, float], test_wg: float | None,
+           test_acc: float) -> dict:
+    """A record for 3 environments, test env 2: the training environments' out worst-group and plain accuracies,
+    the test environment's in worst-group and plain accuracies (None: not recorded)."""
+    r: dict = {"step": step, "env2_in_acc": test_acc, "env2_out_acc": 0.99, "env0_in_acc": 0.9, "env1_in_acc": 0.9}
+    for i in (0, 1):
+        r[f"env{i}_out_acc"] = out_acc[i]
+        if out_wg[i] is not None:
+            r[f"env{i}_out_worst_group_acc"] = out_wg[i]
+    if test_wg is not None:
+        r["env2_in_worst_group_acc"] = test_wg
+    return r
+
+
+# Draw 0: validation = min over the training envs' out worst-group accuracies:
+#   step 0: min(.50, .40) = .40   step 10: min(.70, .45) = .45   step 20: min(.55, .52) = .52  -> step 20, test wg .20
+#   (training-domain validation, mean out accuracy: .80, .85, .70 -> step 10 instead)
+# Draw 1: step 10: min(.90, .50) = .50, step 20: min(.60, .51) = .51 -> step 20 (.51 < draw 0's .52), test wg .45
+WG0 = trial("w0", 0, [2], [wg_rec(0, (0.50, 0.40), (0.80, 0.80), 0.30, 0.60),
+                           wg_rec(10, (0.70, 0.45), (0.85, 0.85), 0.35, 0.70),
+                           wg_rec(20, (0.55, 0.52), (0.70, 0.70), 0.20, 0.65)])
+WG1 = trial("w1", 1, [2], [wg_rec(10, (0.90, 0.50), (0.95, 0.95), 0.50, 0.80),
+                           wg_rec(20, (0.60, 0.51), (0.90, 0.90), 0.45, 0.75)])
+
+
+def test_worst_group_picks_by_the_worst_training_group_and_reports_the_test_worst_group():
+    s = sel.worst_group([WG1, WG0, *NOISE], 2)
+    assert s == Selection(val_acc=pytest.approx(0.52), test_acc=pytest.approx(0.20), hash="w0", hparams_seed=0,
+                          step=20)
+    t = training_domain([WG1, WG0], 2)  # the mean-accuracy rule picks another checkpoint: draw 1, step 10
+    assert (t.hash, t.step) == ("w1", 10) and t.test_acc == pytest.approx(0.80)
+
+
+def test_worst_group_falls_back_to_an_environments_accuracy_and_the_test_accuracy():
+    # env1 records no groups: its out accuracy stands in. step 0: min(.50, .65) = .50; step 10: min(.80, .60) = .60
+    # -> step 10; the test env records no worst-group accuracy either: its plain in accuracy .41 is reported.
+    t = trial("f", 0, [2], [wg_rec(0, (0.50, None), (0.9, 0.65), None, 0.33),
+                            wg_rec(10, (0.80, None), (0.9, 0.60), None, 0.41)])
+    s = sel.worst_group([t], 2)
+    assert (s.step, s.val_acc, s.test_acc) == (10, pytest.approx(0.60), pytest.approx(0.41))
+
+
+def test_worst_group_uses_a_named_validation_split_and_breaks_ties_by_draw_then_step():
+    # The dataset names env2_out (WILDS' val beside its test split) as the validation split: its worst-group accuracy
+    # alone decides, whatever the training environments say. Steps 10 and 20 tie at .70 -> the earlier one.
+    recs = []
+    for step, val, test in ((0, 0.60, 0.1), (10, 0.70, 0.2), (20, 0.70, 0.3)):
+        r = wg_rec(step, (0.99, 0.99), (0.99, 0.99), test, 0.9)
+        r["env2_out_worst_group_acc"] = val
+        recs.append(r)
+    a, b = trial("zz", 0, [2], recs), trial("aa", 1, [2], recs)
+    for t in (a, b):
+        t["dataset"] = {"validation_split": "env2_out"}
+    s = sel.worst_group([b, a], 2)
+    assert (s.hash, s.hparams_seed, s.step, s.test_acc) == ("zz", 0, 10, pytest.approx(0.2))
+    nan = trial("n", 0, [2], [{**recs[1], "env2_out_worst_group_acc": float("nan")}, recs[0]])
+    nan["dataset"] = {"validation_split": "env2_out"}
+    assert sel.worst_group([nan], 2).step == 0  # a non-finite validation value is skipped
+    assert sel.worst_group([a], 1) is None  # no trial holds out env 1
