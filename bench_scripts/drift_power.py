@@ -14,19 +14,30 @@ draws the reference sample (``--ref-size``, default 1000) from one and shifted t
 - ``label``: class proportions shifted, class 0 three times as frequent as the others relative to the pool;
 - ``env``: the held-out environment (its ``in`` split), the benchmark's own shift.
 
-Detectors: ``mmd`` (permutation, 100 permutations), ``ks`` (Bonferroni) and ``classifier`` (MLP) on 32 principal
-components of the inputs fitted on the training ``in`` splits; ``bbsd`` (KS on softmax outputs) and ``mmd_feat``
-(MMD on the penultimate features) of the ERM model.
+Detectors: ``mmd`` (permutation, 100 permutations), ``ks`` (Bonferroni) and ``classifier`` (the default: logistic
+regression, held-out log-odds by permutation) on 32 principal components of the inputs fitted on the training
+``in`` splits; ``bbsd`` (KS on softmax outputs) and ``mmd_feat`` (MMD on the penultimate features) of the ERM model.
 
 Run with the project's venv python, e.g. ``bench_scripts/drift_power.py --datasets colored_digits --repeats 20
 --null-repeats 60`` (the full grid), or a larger no-shift check on part of it: ``--shifts none --null-repeats 300
 --sizes 10,1000 --detectors mmd,bbsd,ks``. Prints Markdown tables; ``--out`` writes the rates (with repeat counts)
 as JSON. A dataset takes minutes on 2 idle cores (the ERM training is most of it).
+
+Two synthetic tables need no training (``--tables``; ``--before FILE`` adds the same rows for another version of
+``bench/drift.py``, e.g. ``git show 750095b:bench/drift.py > /tmp/old_drift.py``, the code before the block test):
+
+- ``mmd-n``: MMD power on one small Gaussian shift at pooled sizes around the quadratic limit (``--mmd-sizes``,
+  default 4000 ... 12000; reference and test halves, 10001 = 5000 vs 5001): power must not drop as n crosses it.
+- ``c2st``: the classifier test's size (no shift) and power (a mean shift) per classifier, against the binomial
+  test of the accuracy that the code before used.
+
+``--tables mmd-n,c2st --before /tmp/old_drift.py`` prints both in a few CPU-minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -152,6 +163,88 @@ def table(name: str, s: Setup, rates: dict, grid: tuple) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------- synthetic tables
+
+MMD_SIZES = (4000, 6000, 8000, 10000, 10001, 12000)
+
+
+def load_drift(path: Path):
+    """Another version of bench/drift.py, imported as ``shiftbench._before_drift`` (it imports ``.errors``)."""
+    spec = importlib.util.spec_from_file_location("shiftbench._before_drift", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def mmd_n_table(versions: dict, sizes: tuple[int, ...], repeats: int, dim: int, shift: float) -> str:
+    """Power of ``mmd_test`` (auto, 100 permutations) on N(0, I) against N(δ/√d · 1, I), per version and pooled n."""
+    hits = {v: dict.fromkeys(sizes, 0) for v in versions}
+    plan: dict[str, dict[int, str]] = {v: {} for v in versions}
+    secs = {v: dict.fromkeys(sizes, 0.0) for v in versions}
+    half = (max(sizes) + 1) // 2
+    for r in range(repeats):
+        rng = np.random.default_rng(r)
+        x, y = rng.normal(size=(half, dim)), rng.normal(shift / math.sqrt(dim), 1.0, size=(half, dim))
+        for v, mod in versions.items():
+            for n in sizes:
+                t0 = time.process_time()
+                res = mod.mmd_test(x[: n // 2], y[: n - n // 2], n_permutations=100, seed=r)
+                secs[v][n] += time.process_time() - t0
+                hits[v][n] += int(res.drift)
+                blocks = res.details.get("blocks", 1)
+                plan[v][n] = ("linear" if res.detector == "mmd_linear" else
+                              f"{blocks} × {(res.n_ref + res.n_test) // blocks}" if blocks > 1 or
+                              res.n_ref + res.n_test < n else "whole")  # fmt: skip
+        print(f"  mmd-n repeat {r + 1} of {repeats}", file=sys.stderr, flush=True)
+    lines = [f"### MMD power across the quadratic limit (d = {dim}, mean shift ‖δ‖ = {shift}, R = {repeats}, "
+             f"α = {drift.ALPHA}, 100 permutations)", "",
+             "| version | " + " | ".join(f"n={n}" for n in sizes) + " |",
+             "| --- | " + " | ".join("---:" for _ in sizes) + " |"]  # fmt: skip
+    for v in versions:
+        lines.append(f"| {v}: power | " + " | ".join(f"{hits[v][n] / repeats:.2f}" for n in sizes) + " |")
+        lines.append(f"| {v}: test | " + " | ".join(plan[v][n] for n in sizes) + " |")
+        lines.append(f"| {v}: CPU s | " + " | ".join(f"{secs[v][n] / repeats:.2f}" for n in sizes) + " |")
+    return "\n".join(lines)
+
+
+def c2st_rows(versions: dict, classifiers: tuple[str, ...], repeats: int, null_repeats: int) -> str:
+    """Size at α (no shift; 20 vs 20 and 20 vs 60, d = 4) and power (a mean shift of 0.5 on one of 4 coordinates,
+    100 vs 100) of the classifier test per classifier: the binomial test of accuracy of the code before, and the
+    current code's permutation test of the log-odds and Fisher's exact test of the accuracy."""
+    def variants(clf: str) -> dict:
+        out = {f"{v}: binomial, accuracy": lambda x, y, r, m=m: m.classifier_test(x, y, classifier=clf, seed=r)
+               for v, m in versions.items() if v != "current"}  # fmt: skip
+        out["current: permutation, log-odds"] = lambda x, y, r: drift.classifier_test(x, y, classifier=clf, seed=r)
+        out["current: Fisher, accuracy"] = lambda x, y, r: drift.classifier_test(x, y, classifier=clf, seed=r,
+                                                                                 statistic="accuracy")
+        return out
+
+    settings = {"size 20 vs 20": (20, 20, 0.0, null_repeats), "size 20 vs 60": (20, 60, 0.0, null_repeats),
+                "power 100 vs 100": (100, 100, 0.5, repeats)}  # fmt: skip
+    se = math.sqrt(drift.ALPHA * (1 - drift.ALPHA) / null_repeats)
+    lines = [f"### Classifier two-sample test (α = {drift.ALPHA}; size: R = {null_repeats}, an exact test lies in "
+             f"{drift.ALPHA - 2 * se:.3f}..{drift.ALPHA + 2 * se:.3f} 95% of the time; power: R = {repeats})", "",
+             "| classifier | test | " + " | ".join(settings) + " | CPU s / test |",
+             "| --- | --- | " + " | ".join("---:" for _ in settings) + " | ---: |"]  # fmt: skip
+    for clf in classifiers:
+        for name, fn in variants(clf).items():
+            cells, cpu, calls = [], 0.0, 0
+            for n_x, n_y, shift, reps in settings.values():
+                rng = np.random.default_rng(5)
+                flags = 0
+                for r in range(reps):
+                    x, y = rng.normal(size=(n_x, 4)), rng.normal(size=(n_y, 4))
+                    y[:, 0] += shift
+                    t0 = time.process_time()
+                    flags += int(fn(x, y, r).drift)
+                    cpu, calls = cpu + time.process_time() - t0, calls + 1
+                cells.append(f"{flags / reps:.3f}")
+            lines.append(f"| {clf} | {name} | " + " | ".join(cells) + f" | {cpu / calls:.3f} |")
+            print(f"  c2st {clf} {name} done", file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", default="colored_digits,rotated_digits")
@@ -166,12 +259,29 @@ def main() -> None:
     ap.add_argument("--shifts", default=",".join(SHIFTS), help=f"subset of {', '.join(SHIFTS)}")
     ap.add_argument("--detectors", default=",".join(DETECTORS), help=f"subset of {', '.join(DETECTORS)}")
     ap.add_argument("--out", type=Path, default=None, help="write the rates as JSON here")
+    ap.add_argument("--tables", default="datasets", help="comma-separated datasets (the grid above), mmd-n, c2st")
+    ap.add_argument("--before", type=Path, default=None, help="another bench/drift.py to compare in mmd-n and c2st")
+    ap.add_argument("--mmd-sizes", default=",".join(map(str, MMD_SIZES)), help="pooled sizes of the mmd-n table")
+    ap.add_argument("--mmd-shift", type=float, default=0.12, help="norm of the mean shift of the mmd-n table")
+    ap.add_argument("--mmd-dim", type=int, default=32)
+    ap.add_argument("--classifiers", default=",".join(drift.CLASSIFIERS), help="classifiers of the c2st table")
     a = ap.parse_args()
+    tables = set(a.tables.split(","))
+    if tables - {"datasets", "mmd-n", "c2st"}:
+        ap.error(f"unknown tables: {sorted(tables - {'datasets', 'mmd-n', 'c2st'})}")
+    torch.set_num_threads(a.threads)
+    versions = {"current": drift} | ({"before": load_drift(a.before)} if a.before else {})
+    if "mmd-n" in tables:
+        sizes = tuple(int(n) for n in a.mmd_sizes.split(","))
+        print(mmd_n_table(versions, sizes, a.repeats, a.mmd_dim, a.mmd_shift) + "\n", flush=True)
+    if "c2st" in tables:
+        print(c2st_rows(versions, tuple(a.classifiers.split(",")), a.repeats, a.null_repeats) + "\n", flush=True)
+    if "datasets" not in tables:
+        return
     grid = (tuple(int(n) for n in a.sizes.split(",")), tuple(a.shifts.split(",")), tuple(a.detectors.split(",")))
     unknown = (set(grid[1]) - set(SHIFTS)) | (set(grid[2]) - set(DETECTORS))
     if unknown:
         ap.error(f"unknown shifts or detectors: {sorted(unknown)}")
-    torch.set_num_threads(a.threads)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in [d.strip() for d in a.datasets.split(",") if d.strip()]:
