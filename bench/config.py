@@ -316,10 +316,12 @@ class SweepSpec:
         return dict(self.hparams)
 
     def trials(self) -> list[TrialSpec]:
+        """Every trial, a dataset's seeds outermost: trials sharing a data seed (:data:`PROTOCOL`) come together, so
+        a worker's in-process dataset cache holds one build per seed at a time."""
         out = []
-        for dataset, method in itertools.product(self.datasets, self.methods):
-            for te in self._test_env_sets(dataset):
-                for h, s in itertools.product(range(self.n_hparams), range(self.n_seeds)):
+        for dataset, s in ((d, s) for d in self.datasets for s in range(self.n_seeds)):
+            for method in self.methods:
+                for te, h in itertools.product(self._test_env_sets(dataset), range(self.n_hparams)):
                     out.append(
                         TrialSpec.resolve(
                             dataset,

@@ -292,6 +292,21 @@ def test_every_dataset_with_a_seed_option_follows_the_trial_seed():
             "rendezvous", "colored_mnist", "pacs"} <= set(seen)
 
 
+def test_the_dataset_cache_keys_on_the_effective_seed_and_a_sweep_groups_trials_by_it():
+    from shiftbench.config import SweepSpec, TrialSpec
+
+    digits_mod._build_cached.cache_clear()
+    a0, a1, b0 = (_data(TrialSpec.resolve("colored_digits", "erm", seed=s, dataset_options=SMALL)) for s in (0, 1, 0))
+    assert tensors(a0, 0, "in")["x"] is tensors(b0, 0, "in")["x"]  # the same build again
+    assert not torch.equal(tensors(a0, 0, "in")["x"], tensors(a1, 0, "in")["x"])
+    info = digits_mod._build_cached.cache_info()
+    assert (info.hits, info.misses) == (1, 2)
+    sweep = SweepSpec.from_mapping({"datasets": ["colored_digits"], "methods": ["erm", "irm"], "n_seeds": 3,
+                                    "n_hparams": 2, "test_envs": "each"})
+    seeds = [t.seed for t in sweep.trials()]
+    assert seeds == [0] * 12 + [1] * 12 + [2] * 12  # one data seed at a time (the cache keeps 4 builds)
+
+
 def test_the_protocol_version_enters_the_trial_hash():
     import dataclasses
 
