@@ -327,10 +327,14 @@ class Tracker:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
             # A tracking server stores artifacts where it is told to; any store this process writes itself (sqlite,
-            # another database) would otherwise put them under the current directory.
+            # another database) would otherwise put them under the current directory. The location is fixed here,
+            # once for every sweep that will share the experiment: a sqlite store shared by several sweeps (not the
+            # one in this --out) keeps them beside itself, so no sweep's runs land in another sweep's folder.
             location = None
             if not self.uri.startswith(("http:", "https:", "databricks")):
-                location = (self.out_dir / ARTIFACTS_DIR).as_uri()
+                db = sqlite_file(self.uri)
+                home = db.parent if db is not None and db != self.out_dir / DB_NAME else self.out_dir
+                location = (home / ARTIFACTS_DIR).as_uri()
             try:
                 return self.client.create_experiment(
                     name, artifact_location=location, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND}

@@ -192,7 +192,8 @@ def check_shared(out: str, sweep_hash: str) -> str | None:
     except (OSError, ValueError):
         return f"a worker on {host} cannot read {meta}; {hint}"
     if held != sweep_hash:
-        return f"a worker on {host} sees another sweep in {out} (hash {str(held)[:12]}); {hint}"
+        return (f"a worker on {host} sees another sweep in {out} (hash {str(held)[:12]}, the driver's is "
+                f"{sweep_hash[:12]}); {hint}")
     probe = Path(out) / f".write-probe-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         probe.write_bytes(b"")

@@ -58,12 +58,16 @@ class RayLauncher(Launcher):
 
     def _connect(self) -> bool:
         """Join or start a cluster; True if this call started it (and so stops it)."""
+        address = self.ray_address or os.environ.get("RAY_ADDRESS") or None
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a sweep sends no usage report
+        if not address or address.rpartition(":")[0].removeprefix("ray://") in ("127.0.0.1", "localhost"):
+            # Ray turns 127.0.0.1 into this host's reachable address unless told it runs a one-machine cluster (the
+            # setting is read when ray is imported and by the processes it starts).
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import ray
 
         if ray.is_initialized():
             return False
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report from an offline benchmark run
-        address = self.ray_address or os.environ.get("RAY_ADDRESS") or None
         quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
         if address:
             ray.init(address=address, **quiet)

@@ -122,19 +122,20 @@ class SlurmLauncher(Launcher):
         import submitit
 
         folder = Path(self.out) / ".submitit" / "%j"
-        executor = submitit.AutoExecutor(folder=folder, cluster=self.slurm_executor)
-        cpus = max(1, math.ceil(self.cpus_per_trial or 1))
-        params: dict[str, Any] = {
-            "name": f"shiftbench-{self.sweep_hash[:8]}", "timeout_min": max(1, math.ceil(self.slurm_time)),
-            "cpus_per_task": cpus, "gpus_per_node": self.slurm_gpus_per_task, "tasks_per_node": 1, "nodes": 1,
-        }  # fmt: skip
-        if self.slurm_executor == "slurm":
-            params["slurm_array_parallelism"] = self.slurm_array_parallelism
-            params["slurm_signal_delay_s"] = self.signal_delay_s
-            if self.slurm_partition:
-                params["slurm_partition"] = self.slurm_partition
+        minutes = max(1, math.ceil(self.slurm_time))
+        if self.slurm_executor == "local":
+            executor = submitit.LocalExecutor(folder=folder)
+            params: dict[str, Any] = {"timeout_min": minutes, "gpus_per_node": self.slurm_gpus_per_task,
+                                      "signal_delay_s": min(self.signal_delay_s, minutes * 30)}  # fmt: skip
         else:
-            params["local_signal_delay_s"] = min(self.signal_delay_s, int(params["timeout_min"] * 60) // 2)
+            executor = submitit.SlurmExecutor(folder=folder)
+            params = {"job_name": f"shiftbench-{self.sweep_hash[:8]}", "time": minutes, "nodes": 1,
+                      "ntasks_per_node": 1, "cpus_per_task": max(1, math.ceil(self.cpus_per_trial or 1)),
+                      "array_parallelism": self.slurm_array_parallelism, "signal_delay_s": self.signal_delay_s}  # fmt: skip
+            if self.slurm_gpus_per_task:
+                params["gpus_per_node"] = self.slurm_gpus_per_task
+            if self.slurm_partition:
+                params["partition"] = self.slurm_partition
         executor.update_parameters(**params)
         return executor
 
