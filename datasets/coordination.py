@@ -42,6 +42,7 @@ class CoordinationDataset(ShiftDataset):
         "holdout": 1,  # of which the "out" split holds this many
         "partner_steps": 100,  # self-play updates per partner agent
         "partner_learner": "ppo",
+        "partner_checkpoints": "fcp",  # the partners' kept weights: "fcp" (initial, middle, final) or "final"
         "eval_episodes": 64,  # per partner
         "greedy_eval": False,
     }
@@ -68,6 +69,8 @@ class CoordinationDataset(ShiftDataset):
             raise UserError(f"need 1 <= holdout < agents (got holdout={opts['holdout']}, agents={opts['agents']})")
         if opts["partner_learner"] not in ("ppo", "vdn"):
             raise UserError(f"partner_learner must be ppo or vdn (got {opts['partner_learner']!r})")
+        if opts["partner_checkpoints"] not in ("fcp", "final"):
+            raise UserError(f"partner_checkpoints must be fcp or final (got {opts['partner_checkpoints']!r})")
         for k in ("partner_steps", "eval_episodes"):
             if opts[k] < 1:
                 raise UserError(f"{k} must be positive (got {opts[k]})")
@@ -91,7 +94,8 @@ class CoordinationDataset(ShiftDataset):
         self.input_shape, self.num_classes = (self.game.obs_dim,), self.game.n_actions
         seeds = self.agent_seeds()
         self.population = PopulationSpec(self.game.spec(), tuple(int(s) for s in seeds.flatten()), o["partner_steps"],
-                                         learner=o["partner_learner"], hparams=tuple(self.PARTNER_HPARAMS.items()))
+                                         checkpoints=o["partner_checkpoints"], learner=o["partner_learner"],
+                                         hparams=tuple(self.PARTNER_HPARAMS.items()))
         bank = load_population(self.game, self.population)
         self.world = World(self.game, bank, o["eval_episodes"], o["greedy_eval"])
         n_in = o["agents"] - o["holdout"]
@@ -131,8 +135,11 @@ class CoordinationDataset(ShiftDataset):
         return crossplay(self.game, agents, self.options["eval_episodes"], self.options["greedy_eval"]).tolist()
 
     def describe(self):
+        bank, baseline = self.world.bank, self.game.heldout_baseline()
         return {**super().describe(), "game": self.game.spec(), "optimum": self.game.optimum,
+                "heldout_baseline": None if baseline is None else float(baseline),
                 "population": {**self.population.to_dict(), "hash": self.population.hash},
+                "population_checkpoints": {"steps": bank.checkpoint_steps, "selfplay_return": bank.checkpoint_returns},
                 "population_crossplay": self.population_crossplay}  # fmt: skip
 
 
@@ -140,8 +147,10 @@ class CoordinationDataset(ShiftDataset):
 class LeverGameDataset(CoordinationDataset):
     """Other-Play's lever game (Hu et al., ICML 2020); partners are self-play agents from other seeds."""
 
-    OPTIONS = {**CoordinationDataset.COMMON_OPTIONS, "partner_learner": "vdn", "eval_episodes": 2,
-               "greedy_eval": True}  # fmt: skip
+    # Final checkpoints only: a VDN agent acts by argmax, so its random initialisation and half-trained network are
+    # not weak partners but other arbitrary levers.
+    OPTIONS = {**CoordinationDataset.COMMON_OPTIONS, "partner_learner": "vdn", "partner_checkpoints": "final",
+               "eval_episodes": 2, "greedy_eval": True}  # fmt: skip
     N_STEPS = 150
     EVAL_EVERY = 25
     # The game is stateless, so its agents are tables: an MLP without hidden layers on the constant observation.
@@ -158,19 +167,22 @@ class LeverGameDataset(CoordinationDataset):
 class RendezvousDataset(CoordinationDataset):
     """A partially observable gridworld where two agents must meet on the same corner; partners from other seeds."""
 
-    OPTIONS = {**CoordinationDataset.COMMON_OPTIONS, "agents": 4, "size": 5, "horizon": 12, "view": 1}
-    N_STEPS = 300
-    EVAL_EVERY = 50
+    # 2 training populations x 8 agents = 16 partner seeds (Strouse et al. train with 32); a view of the whole grid
+    # and one past frame, so an agent can see where its partner is heading and follow it.
+    OPTIONS = {**CoordinationDataset.COMMON_OPTIONS, "populations": 3, "agents": 9, "partner_steps": 60, "size": 5,
+               "horizon": 12, "view": 4, "memory": 1}  # fmt: skip
+    N_STEPS = 1000  # Fictitious Co-Play needs about this many to learn to follow unseen partners (docs/coordination.md)
+    EVAL_EVERY = 250
     HPARAMS = {"mlp_width": HParam(64, choice([32, 64, 128])), "mlp_depth": HParam(2, choice([1, 2]))}
 
     @classmethod
     def resolve_options(cls, options):
         o = super().resolve_options(options)
-        if o["size"] < 3 or o["horizon"] < 1 or o["view"] < 0:
-            raise UserError(f"rendezvous needs size >= 3, horizon >= 1, view >= 0 (got size={o['size']}, "
-                            f"horizon={o['horizon']}, view={o['view']})")  # fmt: skip
+        if o["size"] < 3 or o["horizon"] < 1 or o["view"] < 0 or o["memory"] < 0:
+            raise UserError(f"rendezvous needs size >= 3, horizon >= 1, view >= 0, memory >= 0 (got size={o['size']}, "
+                            f"horizon={o['horizon']}, view={o['view']}, memory={o['memory']})")  # fmt: skip
         return o
 
     @classmethod
     def make_game(cls, options):
-        return Rendezvous(options["size"], options["horizon"], options["view"])
+        return Rendezvous(options["size"], options["horizon"], options["view"], options["memory"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from fractions import Fraction
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,7 +21,7 @@ from shiftbench.config import SweepSpec, TrialSpec
 from shiftbench.coordination import population as pop
 from shiftbench.coordination.games import LeverGame, ParallelEnv, Rendezvous
 from shiftbench.coordination.learners import LEARNERS, Rollout, play, selfplay_lineup
-from shiftbench.coordination.report import learner_crossplay
+from shiftbench.coordination.report import learner_crossplay, method_crossplay
 from shiftbench.errors import UserError
 from shiftbench.models import build_model
 from shiftbench.registry import METHODS
@@ -73,7 +74,8 @@ def test_other_play_value_of_each_lever_is_0_9_or_one_ninth():
 
 def test_rendezvous_hand_worked_meeting_walls_and_view():
     game = Rendezvous(size=5, horizon=3, view=1)  # cell = 5 x + y; corners 0, 4, 20, 24
-    state = {"pos": torch.tensor([[1, 5], [0, 24]]), "t": torch.zeros(2, dtype=torch.long)}
+    state = {"pos": torch.tensor([[1, 5], [0, 24]]), "t": torch.zeros(2, dtype=torch.long),
+             "past": torch.zeros(2, 0, 2, dtype=torch.long)}
     obs = game.observe(state)
     assert obs.shape == (2, 2, 25 + 9 + 1)
     # Episode 0: (0,1) and (1,0) are diagonal neighbours: each sees the other at offset (+1,-1) / (-1,+1).
@@ -87,6 +89,25 @@ def test_rendezvous_hand_worked_meeting_walls_and_view():
     for _ in range(2):
         state, reward, terminated, truncated = game.step(state, torch.tensor([[0, 0], [0, 0]]))
     assert reward[1] == 0 and truncated[1] and not terminated[1]  # the horizon ran out
+
+
+def test_rendezvous_frame_stack_shows_where_the_partner_came_from_hand_worked():
+    # view 4 on a 5 x 5 grid: the partner is always in the 9 x 9 window; one past frame; frame = 25 + 81 cells.
+    game = Rendezvous(size=5, horizon=12, view=4, memory=1)
+    assert (game.frame_dim, game.obs_dim) == (106, 2 * 106 + 1)
+    state = {"pos": torch.tensor([[6, 18]]), "t": torch.zeros(1, dtype=torch.long),
+             "past": torch.full((1, 1, 2), -1)}  # (1,1) and (3,3), before any move
+    obs = game.observe(state)[0]
+    assert obs[0, 106:212].sum() == 0  # no past yet
+    # Seat 0 sees its cell 6 and the partner at offset (+2,+2): window slot (2+4) * 9 + (2+4) = 60.
+    assert obs[0, :106].nonzero().flatten().tolist() == [6, 25 + 60]
+    # Seat 0 moves right (x+1) to (2,1) = cell 11; seat 1 moves up (y-1) to (3,2) = cell 17.
+    state, _, _, _ = game.step(state, torch.tensor([[4, 1]]))
+    obs = game.observe(state)[0]
+    assert obs[0, :106].nonzero().flatten().tolist() == [11, 25 + (1 + 4) * 9 + (1 + 4)]  # now at (+1,+1)
+    assert obs[0, 106:212].nonzero().flatten().tolist() == [6, 25 + 60]  # the frame before
+    assert obs[1, 106:212].nonzero().flatten().tolist() == [18, 25 + (-2 + 4) * 9 + (-2 + 4)]
+    assert obs[0, -1] == pytest.approx(1 / 12)
 
 
 def test_parallel_env_follows_the_pettingzoo_parallel_api():
@@ -108,11 +129,15 @@ def test_parallel_env_follows_the_pettingzoo_parallel_api():
         env.step({"player_0": 0, "player_1": 0})
 
 
-def test_rendezvous_symmetries_commute_with_observations_and_moves():
-    game = Rendezvous(size=5, view=1)
+@pytest.mark.parametrize("view, memory", [(1, 0), (4, 2)])
+def test_rendezvous_symmetries_commute_with_observations_and_moves(view, memory):
+    game = Rendezvous(size=5, view=view, memory=memory)
     g = torch.Generator().manual_seed(1)
     state = game.reset(200, g)
     state["t"] = torch.randint(0, 12, (200,), generator=g)
+    for k in range(memory):  # a random past, with some episodes that began only k steps ago
+        state["past"][:, k] = torch.where(torch.rand(200, 1, generator=g) < 0.2, -1,
+                                          torch.randint(0, 25, (200, 2), generator=g))
     actions = torch.randint(0, 5, (200, 2), generator=g)
     obs_perms, act_perms = game._symmetries
     assert len({tuple(p) for p in obs_perms.tolist()}) == 8
@@ -122,6 +147,19 @@ def test_rendezvous_symmetries_commute_with_observations_and_moves():
         after, reward, _, _ = game.step(state, actions)
         after_g, reward_g, _, _ = game.step(moved, act_perms[k][actions])
         assert torch.equal(after_g["pos"], game.transform(after, k)["pos"]) and torch.equal(reward_g, reward)
+        assert torch.equal(after_g["past"], game.transform(after, k)["past"])
+
+
+def test_lever_game_best_response_to_self_play_partners_is_worth_exactly_one_ninth():
+    assert LeverGame().heldout_baseline() == Fraction(1, 9)
+    assert LeverGame((1.0, 1.0, 0.5)).heldout_baseline() == Fraction(1, 2)
+    # Independently, from the game's own rewards: a self-play partner pulls one of the nine 1.0 levers, each with
+    # probability 1/9; the best reply to that mixture, over all ten levers, earns 1/9 (the 0.9 lever earns 0).
+    game = LeverGame()
+    a, b = torch.meshgrid(torch.arange(10), torch.arange(9), indexing="ij")
+    _, reward, _, _ = game.step(game.reset(90), torch.stack([a.flatten(), b.flatten()], 1))
+    value = reward.reshape(10, 9).double().mean(1)
+    assert value.max().item() == pytest.approx(1 / 9, abs=1e-12) and value[ODD_LEVER] == 0
 
 
 # -------------------------------------------------------------------------------------------------------- learners
@@ -138,6 +176,32 @@ def test_learner_raises_its_self_play_return_on_the_gridworld(kind):
     returns = [float(pop.selfplay_step(game, model, learner, opt, 64, s)["return"]) for s in range(90)]
     assert np.mean(returns[:10]) < 0.3  # random walkers rarely meet on a corner
     assert np.mean(returns[-10:]) > 0.8
+
+
+@pytest.mark.parametrize("returns, chosen", [
+    ([0.02, 0.1, 0.3, 0.45, 0.7, 0.9, 1.0], (0, 3, 6)),  # half of 1.0 is 0.5: 0.45 is nearer than 0.7
+    ([0.0, 0.2, 0.3, 0.5, 0.6], (0, 2, 4)),  # half of 0.6 is 0.3
+    ([0.0, 0.4, 0.6, 1.0], (0, 1, 3)),  # a tie (0.1 either side) goes to the earlier checkpoint
+    ([0.0, 1.0], (0, 1)),
+])  # fmt: skip
+def test_fcp_keeps_the_initial_the_half_reward_and_the_final_checkpoint(returns, chosen):
+    assert pop.fcp_choice(returns) == chosen
+
+
+def test_population_keeps_fcp_checkpoints_and_ppo_partners_start_uniform(monkeypatch):
+    game = Rendezvous(size=5, horizon=12, view=4, memory=1)
+    spec = pop.PopulationSpec(game.spec(), (7,), steps=20, episodes=32, candidates=10)
+    seen = []
+    real = pop.selfplay_return
+    monkeypatch.setattr(pop, "selfplay_return", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    bank = pop.load_population(game, spec)
+    assert bank.checkpoint_steps == [[0, 2 * pop.fcp_choice(seen)[1], 20]]
+    assert bank.checkpoint_returns == [[seen[i] for i in pop.fcp_choice(seen)]]
+    assert len(seen) == 11 and seen[-1] > 0.5  # every 2 updates, and the final agent meets itself
+    start = bank.outputs(bank.row(torch.tensor([0] * 4), 0), game.observe(game.reset(2)).flatten(0, 1))
+    assert torch.equal(start, torch.zeros(4, 5))  # the initial checkpoint is the uniform policy
+    final = pop.PopulationSpec(game.spec(), (7,), steps=20, episodes=32, checkpoints="final")
+    assert pop.load_population(game, final).checkpoint_steps == [[20]]
 
 
 def test_population_is_cached_by_content_and_rebuilt_identically(tmp_path, monkeypatch):
@@ -250,9 +314,11 @@ def test_lever_game_self_play_and_other_play_reach_the_known_returns(lever_sweep
 @pytest.mark.slow
 def test_fictitious_co_play_best_responds_to_its_training_partners(lever_sweep):
     _, by_method = lever_sweep
-    data = load_dataset("lever_game", by_method["cooperative"][0]["spec"]["dataset_options"])
-    bank, payoffs = data.world.bank, LeverGame().payoffs
+    payoffs = LeverGame().payoffs
     for trial in by_method["cooperative"]:
+        data = load_dataset("lever_game", trial["spec"]["dataset_options"])  # each trial seed has its partners
+        bank = data.world.bank
+        assert bank.n_checkpoints == 1  # final checkpoints only: a VDN agent's earlier ones are other levers
         test = trial["spec"]["test_envs"]
         agents = [int(a) for i, e in enumerate(data.environments) if i not in test
                   for a in e.splits["in"].tensors["partner"]]  # fmt: skip
@@ -276,8 +342,25 @@ def test_report_has_the_coordination_table_and_crossplay_plot(lever_sweep, tmp_p
     text = (tmp_path / "rep" / "leaderboard.md").read_text()
     assert "## Coordination: self-play and cross-play" in text
     assert "| otherplay | vdn | 0.900 ± 0.000 |" in text
+    assert "Held-out baseline: a best response to independently seeded self-play partners earns 0.111" in text
+    assert section["heldout_baseline"] == pytest.approx(1 / 9)
+    by_method = section["method_crossplay"]
+    assert by_method["otherplay"]["otherplay"] == pytest.approx(0.9)
+    assert "| otherplay | " in text.split("Cross-play by method")[1]
     assert (tmp_path / "rep" / "plots" / "crossplay_lever_game.png").read_bytes().startswith(b"\x89PNG")
     assert len((tmp_path / "rep" / "coordination" / "crossplay_lever_game.csv").read_text().splitlines()) == 13
+
+
+def test_method_crossplay_averages_pairs_of_distinct_agents_hand_worked():
+    m = np.array([[1.0, 0.2, 0.0, 0.6],
+                  [0.4, 1.0, 0.1, 0.3],
+                  [0.5, 0.7, 0.9, 0.8],
+                  [0.0, 0.0, 0.0, 0.0]])  # fmt: skip
+    out = method_crossplay(m, ["a", "a", "b", "c"])
+    assert out["a"]["a"] == pytest.approx((0.2 + 0.4) / 2)  # the diagonal (self-play) is left out
+    assert out["a"]["b"] == pytest.approx((0.0 + 0.1) / 2) and out["b"]["a"] == pytest.approx((0.5 + 0.7) / 2)
+    assert out["a"]["c"] == pytest.approx((0.6 + 0.3) / 2) and out["c"]["b"] == 0.0
+    assert out["b"]["b"] is None and out["c"]["c"] is None  # one agent: no distinct pair
 
 
 def test_attested_coordination_trial_verifies_by_replaying_its_partners(tmp_path, monkeypatch):

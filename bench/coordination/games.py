@@ -15,6 +15,7 @@ transformed action of ``a`` is ``act_perm[a]``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, ClassVar
 
 import numpy as np
@@ -66,6 +67,11 @@ class Game:
         """``n`` symmetries drawn uniformly: (obs_perm ``(n, obs_dim)``, act_perm ``(n, n_actions)``) int64."""
         raise NotImplementedError
 
+    def heldout_baseline(self) -> Fraction | None:
+        """The expected return of a best response to independently seeded self-play partners, where the game
+        alone decides it (None where it depends on what the partners learned)."""
+        return None
+
 
 def invert(perm: torch.Tensor) -> torch.Tensor:
     """Inverse permutations along the last axis."""
@@ -95,6 +101,17 @@ class LeverGame(Game):
 
     def spec(self):
         return {"game": self.name, "payoffs": self.payoffs.tolist()}
+
+    def heldout_baseline(self) -> Fraction:
+        """The most any policy earns in expectation with a self-play partner trained from an independent seed:
+        such a partner pulls one lever of the best payoff, and since relabelling those levers leaves the game and
+        the training distribution unchanged, each is equally likely. A policy pulling lever a then earns
+        payoff(a) · P(partner pulls a) = max payoff / (number of best levers) for a best lever and 0 for any other,
+        and a mixture earns the average: 1/9 on the standard game, the ceiling of a best response to self-play
+        partners (Fictitious Co-Play's) against Other-Play's 0.9. Exact, from the payoffs' decimal forms."""
+        exact = [Fraction(str(p)) for p in self.payoffs.tolist()]
+        best = max(exact)
+        return best / sum(1 for p in exact if p == best)
 
     def reset(self, n, generator=None):
         return {"t": torch.zeros(n, dtype=torch.long)}
@@ -144,21 +161,26 @@ class Rendezvous(Game):
     (stay / up / down / left / right, walls block) simultaneously, may share a cell, and are paid the goal's
     payoff, once, when both stand on the same goal cell; the episode then ends, or after ``horizon`` steps with 0.
 
-    Each agent observes its own cell (one-hot), its partner's offset only when the partner is within ``view``
-    cells in both axes (one-hot over the (2·view+1)² window, all zero otherwise), and the elapsed fraction of the
-    horizon. The corners are interchangeable under the square's eight rotations and reflections, which act on
-    cells, offsets and moves alike: self-play settles on an arbitrary corner, as it settles on an arbitrary lever.
+    Each agent observes a frame of the present and of each of the last ``memory`` steps (a frame stack, all zero
+    before the episode began): its own cell (one-hot) and its partner's offset when the partner is within ``view``
+    cells in both axes (one-hot over the (2·view+1)² window, all zero otherwise); then the elapsed fraction of the
+    horizon. With ``view`` >= size - 1 the partner is always seen, and the stack shows where it is heading, which
+    is what a partner must read to adapt to a convention it has not met. The corners are interchangeable under the
+    square's eight rotations and reflections, which act on cells, offsets and moves alike: self-play settles on an
+    arbitrary corner, as it settles on an arbitrary lever.
     """
 
     name = "rendezvous"
 
-    def __init__(self, size: int = 5, horizon: int = 12, view: int = 1):
-        if size < 3 or horizon < 1 or view < 0:
-            raise ValueError(f"need size >= 3, horizon >= 1, view >= 0 (got {size}, {horizon}, {view})")
-        self.size, self.horizon, self.view = size, horizon, view
+    def __init__(self, size: int = 5, horizon: int = 12, view: int = 1, memory: int = 0):
+        if size < 3 or horizon < 1 or view < 0 or memory < 0:
+            raise ValueError(f"need size >= 3, horizon >= 1, view >= 0, memory >= 0 (got {size}, {horizon}, {view}, "
+                             f"{memory})")  # fmt: skip
+        self.size, self.horizon, self.view, self.memory = size, horizon, view, memory
         s, w = size, 2 * view + 1
         self.n_actions = len(MOVES)
-        self.obs_dim = s * s + w * w + 1
+        self.frame_dim = s * s + w * w
+        self.obs_dim = (memory + 1) * self.frame_dim + 1
         payoff = torch.zeros(s, s)
         for x, y in ((0, 0), (0, s - 1), (s - 1, 0), (s - 1, s - 1)):
             payoff[x, y] = 1.0
@@ -168,7 +190,8 @@ class Rendezvous(Game):
         self._symmetries = self._symmetry_perms()
 
     def spec(self):
-        return {"game": self.name, "size": self.size, "horizon": self.horizon, "view": self.view}
+        spec = {"game": self.name, "size": self.size, "horizon": self.horizon, "view": self.view}
+        return {**spec, "memory": self.memory} if self.memory else spec  # memoryless games keep their old hash
 
     def _symmetry_perms(self) -> tuple[torch.Tensor, torch.Tensor]:
         s, v = self.size, self.view
@@ -186,7 +209,9 @@ class Rendezvous(Game):
                 for dy in range(-v, v + 1):
                     gx, gy = m @ np.array([dx, dy])
                     off[(gx + v) * w + (gy + v)] = (dx + v) * w + (dy + v)
-            obs_perms.append(np.concatenate([cell, s * s + off, [s * s + w * w]]))
+            frame = np.concatenate([cell, s * s + off])
+            frames = [k * self.frame_dim + frame for k in range(self.memory + 1)]
+            obs_perms.append(np.concatenate(frames + [[self.obs_dim - 1]]))
             act_perms.append(act)
         return torch.as_tensor(np.stack(obs_perms)), torch.as_tensor(np.stack(act_perms))
 
@@ -195,32 +220,40 @@ class Rendezvous(Game):
         a = torch.randint(k, (n,), generator=generator)
         b = (a + 1 + torch.randint(k - 1, (n,), generator=generator)) % k  # a different start cell
         pos = torch.stack([self._starts[a], self._starts[b]], 1)
-        return {"pos": pos, "t": torch.zeros(n, dtype=torch.long)}
+        past = torch.full((n, self.memory, 2), -1, dtype=torch.long)  # -1: before the episode began
+        return {"pos": pos, "t": torch.zeros(n, dtype=torch.long), "past": past}
 
-    def observe(self, state):
-        pos, t = state["pos"], state["t"]
+    def _frame(self, pos: torch.Tensor) -> torch.Tensor:
+        """``(n, 2, frame_dim)``: own cell and partner offset of positions ``(n, 2)`` (zero where -1)."""
         n, s, v = len(pos), self.size, self.view
         w = 2 * v + 1
-        obs = torch.zeros(n, 2, self.obs_dim)
-        obs.scatter_(2, pos[:, :, None], 1.0)
+        real = (pos >= 0).all(1)[:, None]
+        pos = pos.clamp(min=0)
+        frame = torch.zeros(n, 2, self.frame_dim)
+        frame.scatter_(2, pos[:, :, None], real[:, :, None].float().expand(n, 2, 1))
         x, y = pos // s, pos % s
         dx, dy = x.flip(1) - x, y.flip(1) - y  # partner minus self
-        seen = (dx.abs() <= v) & (dy.abs() <= v)
+        seen = (dx.abs() <= v) & (dy.abs() <= v) & real
         slot = s * s + (dx + v).clamp(0, w - 1) * w + (dy + v).clamp(0, w - 1)
-        obs.scatter_(2, slot[:, :, None], seen[:, :, None].float())
-        obs[:, :, -1] = (t.float() / self.horizon)[:, None]
-        return obs
+        frame.scatter_(2, slot[:, :, None], seen[:, :, None].float())
+        return frame
+
+    def observe(self, state):
+        frames = [self._frame(state["pos"])] + [self._frame(state["past"][:, k]) for k in range(self.memory)]
+        t = (state["t"].float() / self.horizon)[:, None, None].expand(-1, 2, 1)
+        return torch.cat(frames + [t], 2)
 
     def step(self, state, actions):
         s = self.size
         pos = state["pos"]
         x = (pos // s + MOVES[actions, 0]).clamp(0, s - 1)
         y = (pos % s + MOVES[actions, 1]).clamp(0, s - 1)
-        pos = x * s + y
+        new = x * s + y
         t = state["t"] + 1
-        met = (pos[:, 0] == pos[:, 1]) & (self.payoff[pos[:, 0]] > 0)
-        reward = torch.where(met, self.payoff[pos[:, 0]], torch.zeros(()))
-        return {"pos": pos, "t": t}, reward, met, ~met & (t >= self.horizon)
+        met = (new[:, 0] == new[:, 1]) & (self.payoff[new[:, 0]] > 0)
+        reward = torch.where(met, self.payoff[new[:, 0]], torch.zeros(()))
+        past = torch.cat([pos[:, None], state["past"][:, :-1]], 1) if self.memory else state["past"]
+        return {"pos": new, "t": t, "past": past}, reward, met, ~met & (t >= self.horizon)
 
     def outcome(self, state, actions, seat):
         pos = state["pos"]
@@ -233,8 +266,9 @@ class Rendezvous(Game):
 
     def transform(self, state: State, index: int) -> State:
         """The state mapped by symmetry ``index`` (for tests of equivariance)."""
-        cell = self._symmetries[0][index, : self.size**2]
-        return {"pos": invert(cell)[state["pos"]], "t": state["t"]}
+        to = invert(self._symmetries[0][index, : self.size**2])
+        past = torch.where(state["past"] >= 0, to[state["past"].clamp(min=0)], state["past"])
+        return {"pos": to[state["pos"]], "t": state["t"], "past": past}
 
 
 # ------------------------------------------------------------------------------------------- PettingZoo-style API

@@ -204,13 +204,20 @@ class PPO(Learner):
     """Proximal policy optimisation (Schulman et al., "Proximal Policy Optimization Algorithms", 2017): clipped
     surrogate ``min(ρA, clip(ρ, 1±ε)A)``, GAE(γ, λ) advantages (Schulman et al., 2016), a value head on the shared
     features, an entropy bonus. Every learner seat shares the network (parameter sharing, as in MAPPO/IPPO; Yu et
-    al., 2022); each step collects fresh episodes and takes ``ppo_epochs`` full-batch gradient steps on them."""
+    al., 2022); each step collects fresh episodes and takes ``ppo_epochs`` full-batch gradient steps on them.
+
+    The policy's output layer starts at zero, so the initial policy is uniform (a near-zero last layer is one of
+    the choices that matter in Andrychowicz et al., "What Matters in On-Policy Reinforcement Learning?", ICLR
+    2021): an untrained partner is then a random walker, not an arbitrary convention."""
 
     NAME = "ppo"
 
     def __init__(self, model, hparams):
         super().__init__(model, hparams)
         self.value = nn.Linear(model.featurizer.n_outputs, 1)
+        with torch.no_grad():
+            model.head.weight.zero_()
+            model.head.bias.zero_()
 
     def extra_parameters(self):
         return list(self.value.parameters())
@@ -283,6 +290,13 @@ class VDN(Learner):
 
     def __init__(self, model, hparams):
         super().__init__(model, hparams)
+        if not any(True for _ in model.featurizer.parameters()):
+            # A table (no hidden layer, the lever game): PyTorch's default output layer starts its Q-values in ±2,
+            # twice the largest payoff. Shrunk to ±0.02, the first greedy choices are still random (self-play seeds
+            # still break the symmetry), but a choice that does not pay is unlearned in a few updates, not a hundred.
+            with torch.no_grad():
+                model.head.weight.mul_(0.01)
+                model.head.bias.mul_(0.01)
         self.target = copy.deepcopy(model)
         self.target.requires_grad_(False)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -22,9 +22,9 @@ from shiftbench.io import atomic_write
 from shiftbench.models import build_model
 
 from .games import Game
-from .learners import LEARNERS, Learner, one_thread, play, sample, selfplay_lineup
+from .learners import LEARNERS, Learner, Lineup, one_thread, play, policy, sample, selfplay_lineup
 
-POPULATION_FORMAT = 1
+POPULATION_FORMAT = 2
 """Bumped whenever population training changes, so stale caches are never reused."""
 
 TRAIN_HPARAMS: dict[str, Any] = {
@@ -33,6 +33,8 @@ TRAIN_HPARAMS: dict[str, Any] = {
     "vdn_target_every": 10, "mlp_width": 64, "mlp_depth": 2,
 }  # fmt: skip
 """Hyperparameters of the partners' self-play training (a population spec may override any of them)."""
+CHECKPOINT_EVAL_SEED = 20210701
+"""Seed of the self-play evaluation that ranks an agent's candidate checkpoints."""
 
 
 def cache_dir() -> Path:
@@ -67,8 +69,10 @@ class PopulationSpec:
         seeds: one training seed per agent.
         steps: self-play updates per agent.
         episodes: episodes per update.
-        checkpoints: fractions of ``steps`` at which weights are kept (0 = the random initialisation); the last
-            must be 1.
+        checkpoints: which weights each agent keeps: ``fcp``, Fictitious Co-Play's three (the random
+            initialisation, the checkpoint whose self-play return is nearest half the final one, the final
+            network; :func:`fcp_choice`), or ``final`` (the final network only).
+        candidates: ``fcp`` chooses among the weights after every ``steps / candidates`` updates.
         learner: ``ppo`` or ``vdn``.
         hparams: overrides of :data:`TRAIN_HPARAMS`.
     """
@@ -77,14 +81,15 @@ class PopulationSpec:
     seeds: tuple[int, ...]
     steps: int
     episodes: int = 64
-    checkpoints: tuple[float, ...] = (0.0, 0.5, 1.0)
+    checkpoints: str = "fcp"
+    candidates: int = 20
     learner: str = "ppo"
     hparams: tuple[tuple[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": POPULATION_FORMAT, "game": self.game, "seeds": list(self.seeds), "steps": self.steps,
-                "episodes": self.episodes, "checkpoints": list(self.checkpoints), "learner": self.learner,
-                "hparams": dict(self.hparams)}  # fmt: skip
+                "episodes": self.episodes, "checkpoints": self.checkpoints, "candidates": self.candidates,
+                "learner": self.learner, "hparams": dict(self.hparams)}  # fmt: skip
 
     @property
     def hash(self) -> str:
@@ -96,11 +101,35 @@ class PopulationSpec:
         return {**TRAIN_HPARAMS, **dict(self.hparams), "weight_decay": 0.0}
 
 
-def train_agent(game: Game, spec: PopulationSpec, seed: int) -> list[dict[str, torch.Tensor]]:
-    """Trains one self-play agent; returns its weights at every checkpoint. Leaves the global RNG as it was."""
+def fcp_choice(returns: Sequence[float]) -> tuple[int, ...]:
+    """Fictitious Co-Play's checkpoints (Strouse et al., NeurIPS 2021, section 3: "the initial, a middle and the
+    final checkpoint", the middle one at about half the final reward) among candidates with these self-play
+    returns, in training order: the first, the one between whose return is nearest half the last one's (the
+    earliest on ties), the last. Fewer than three candidates: all of them."""
+    if len(returns) < 3:
+        return tuple(range(len(returns)))
+    half = returns[-1] / 2
+    middle = min(range(1, len(returns) - 1), key=lambda i: (abs(returns[i] - half), i))
+    return 0, middle, len(returns) - 1
+
+
+def selfplay_return(game: Game, model: nn.Module, kind: str, episodes: int = 64) -> float:
+    """Mean self-play return of an agent acting as it does as a partner (``ppo`` samples, ``vdn`` argmax), from
+    start states and action draws fixed by :data:`CHECKPOINT_EVAL_SEED`."""
+    gen = torch.Generator().manual_seed(CHECKPOINT_EVAL_SEED)
+    with one_thread(), torch.no_grad():
+        lineup = Lineup(torch.full((episodes, 2), -1, dtype=torch.long))
+        return float(play(game, lineup, policy(model, kind, generator=gen), generator=gen).returns.mean())
+
+
+def train_agent(game: Game, spec: PopulationSpec, seed: int) -> tuple[list[dict[str, torch.Tensor]], list[int],
+                                                                       list[float]]:  # fmt: skip
+    """Trains one self-play agent; returns its kept weights, the steps they were taken at and their self-play
+    returns. Leaves the global RNG as it was."""
     hp = spec.train_hparams
-    marks = sorted({round(f * spec.steps) for f in spec.checkpoints})
-    states = []
+    n = 1 if spec.checkpoints == "final" else max(1, spec.candidates)
+    marks = sorted({round(i * spec.steps / n) for i in range(n + 1)} - ({0} if n == 1 else set()))
+    states, returns = [], []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_hash("partner", seed))
         model = new_agent(game, hp)
@@ -109,9 +138,11 @@ def train_agent(game: Game, spec: PopulationSpec, seed: int) -> list[dict[str, t
         for step in range(spec.steps + 1):
             if step in marks:
                 states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+                returns.append(selfplay_return(game, model, spec.learner))
             if step < spec.steps:
                 selfplay_step(game, model, learner, optimizer, spec.episodes, step)
-    return states
+    keep = fcp_choice(returns) if spec.checkpoints == "fcp" else (len(marks) - 1,)
+    return [states[i] for i in keep], [marks[i] for i in keep], [returns[i] for i in keep]
 
 
 class PolicyBank(nn.Module):
@@ -165,11 +196,16 @@ class PolicyBank(nn.Module):
 
 
 def load_population(game: Game, spec: PopulationSpec) -> PolicyBank:
-    """The population of ``spec``: from the cache, or trained now and cached (atomically)."""
+    """The population of ``spec``: from the cache, or trained now and cached (atomically). The bank's
+    ``checkpoint_steps`` and ``checkpoint_returns`` (agent x checkpoint) say which weights were kept."""
     path = cache_dir() / f"{spec.hash[:24]}.pt"
     if path.exists():
         data = torch.load(path, weights_only=True)
     else:
-        data = {"spec": canonical_json(spec.to_dict()), "states": [train_agent(game, spec, s) for s in spec.seeds]}
+        trained = [train_agent(game, spec, s) for s in spec.seeds]
+        data = {"spec": canonical_json(spec.to_dict()), "states": [t[0] for t in trained],
+                "steps": [t[1] for t in trained], "returns": [t[2] for t in trained]}  # fmt: skip
         atomic_write(path, lambda f: torch.save(data, f), mode="wb")
-    return PolicyBank(data["states"], spec.learner)
+    bank = PolicyBank(data["states"], spec.learner)
+    bank.checkpoint_steps, bank.checkpoint_returns = data["steps"], data["returns"]
+    return bank

@@ -132,6 +132,20 @@ def plot_crossplay(dataset: str, matrix: np.ndarray | None, labels: Sequence[str
     return buf.getvalue()
 
 
+def method_crossplay(matrix: np.ndarray, methods: Sequence[str]) -> dict[str, dict[str, float | None]]:
+    """The learner matrix by method: entry (a, b) is the mean return of a's agents with b's over ordered pairs of
+    distinct agents (None for a method with one agent against itself). ``methods[i]`` is agent i's method."""
+    names = sorted(set(methods))
+    out: dict[str, dict[str, float | None]] = {}
+    for a in names:
+        out[a] = {}
+        for b in names:
+            vals = [matrix[i, j] for i, ma in enumerate(methods) for j, mb in enumerate(methods)
+                    if ma == a and mb == b and i != j]  # fmt: skip
+            out[a][b] = float(np.mean(vals)) if vals else None
+    return out
+
+
 def dataset_summary(trials: Sequence[dict]) -> dict[str, Any]:
     """Per-method cells, the learner matrix and its labels for one dataset's trials."""
     agents = _agents(trials)
@@ -160,9 +174,13 @@ def dataset_summary(trials: Sequence[dict]) -> dict[str, Any]:
         off = p[~np.eye(len(p), dtype=bool)]
         pop_stats = {"self": float(np.diag(p).mean()), "cross": float(off.mean()) if off.size else None,
                      "agents": len(p)}  # fmt: skip
+    baseline = next((t["dataset"]["heldout_baseline"] for t in trials
+                     if (t.get("dataset") or {}).get("heldout_baseline") is not None), None)  # fmt: skip
+    by_method_matrix = None if matrix is None else method_crossplay(matrix, [str(t["spec"].get("method"))
+                                                                                for t in played])  # fmt: skip
     return {"methods": methods, "labels": [_label(t) for t in played],
-            "crossplay": None if matrix is None else matrix.round(6).tolist(), "population": pop_stats,
-            "population_matrix": population}  # fmt: skip
+            "crossplay": None if matrix is None else matrix.round(6).tolist(), "method_crossplay": by_method_matrix,
+            "heldout_baseline": baseline, "population": pop_stats, "population_matrix": population}  # fmt: skip
 
 
 @report_section("coordination")
@@ -188,6 +206,20 @@ def coordination_section(trials: Sequence[dict]) -> Section | None:
                 for m, c in s["methods"].items()]
         md += ["", f"### {ds}", "", md_table(header, rows)]
         body.append(f"<h3>{html.escape(ds)}</h3>" + html_table(header, rows))
+        if s["heldout_baseline"] is not None:
+            line = (f"Held-out baseline: a best response to independently seeded self-play partners earns "
+                    f"{s['heldout_baseline']:.3f} in expectation (exact, from the game alone), whatever partners it "
+                    "trained with.")  # fmt: skip
+            md += ["", line]
+            body.append(f"<p>{html.escape(line)}</p>")
+        if s["method_crossplay"]:
+            names = list(s["method_crossplay"])
+            cp_header = ["row with column"] + names
+            cp_rows = [[a] + ["–" if s["method_crossplay"][a][b] is None else f"{s['method_crossplay'][a][b]:.3f}"
+                              for b in names] for a in names]  # fmt: skip
+            note = "Cross-play by method: mean return of the row's agents with the column's (distinct agents)."
+            md += ["", note, "", md_table(cp_header, cp_rows)]
+            body.append(f"<p>{html.escape(note)}</p>" + html_table(cp_header, cp_rows))
         if s["population"]:
             p = s["population"]
             line = (f"Partner population ({p['agents']} self-play agents): self-play {p['self']:.3f}, cross-play "
