@@ -360,8 +360,11 @@ def test_submitit_job_preempted_or_killed_mid_trial_is_requeued_and_resumes(tmp_
     (t,) = [t for t in sweep.trials() if t.hash == key]
     resumed = [json.loads(x) for x in (trial_dir(out, t) / "results.jsonl").read_text().splitlines()]
     assert resumed[: len(records_at_signal)] == records_at_signal and steps_of(out, t) == [0, *range(3, 60, 3), 59]
-    logs = "".join(p.read_text() for p in (out / ".submitit").rglob("*.err"))
-    assert "Caught signal SIGUSR2" in logs and "Requeued job" in logs  # submitit's checkpoint-and-requeue path
+    logs = "".join(p.read_text() for p in sorted((out / ".submitit").rglob("*_log.out")))
+    # submitit's checkpoint-and-requeue path: the signal caught, checkpoint() called, the job requeued and started
+    # again (two jobs, three starts)
+    assert "Caught signal SIGUSR2" in logs and "Calling checkpoint method" in logs and "Requeued job" in logs
+    assert logs.count("Starting with JobEnvironment") == 3
 
     # kill -9 (no signal to catch): the job ends without an answer; the driver submits it again and it resumes
     out2 = tmp_path / "slurm-kill"
