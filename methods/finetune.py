@@ -13,6 +13,12 @@ NC_SUFFIX = "_nc"
 """Splits named ``env{i}_nc`` are a training environment's cue-free fine-tuning set (D_NC)."""
 
 
+def nc_splits(splits, train_envs) -> list[str]:
+    """The cue-free splits a method may train on: ``env{i}_nc`` of the training environments ``i`` only (a held-out
+    environment's cue-free copies are test data), in environment order."""
+    return [f"env{i}{NC_SUFFIX}" for i in sorted(train_envs) if f"env{i}{NC_SUFFIX}" in splits]
+
+
 @METHODS.register("finetune")
 class FineTune(ERM):
     """Naive fine-tuning, the baseline of Lubana et al., "Mechanistic Mode Connectivity" (ICML 2023): θ starts at
@@ -23,9 +29,10 @@ class FineTune(ERM):
     folder as ``reference_erm_<steps>.pt``, so a resumed trial reuses it and trials of finetune and cbft with the
     same seed, steps, batch size and model start from the same θ_C). θ is initialised with a copy of θ_C's weights.
 
-    D_NC is the first split named ``env{i}_nc`` the dataset offers (``cue_digits``: ``nc_size`` cue-free copies of its
-    training digits). A dataset without one (e.g. ``colored_digits``) falls back to the training batches themselves,
-    so the method still runs everywhere; it is only meaningful where a cue-free set exists.
+    D_NC is the first split named ``env{i}_nc`` of a training environment i (:func:`nc_splits`; ``cue_digits``:
+    ``nc_size`` cue-free copies of its training digits); a held-out environment's is never read. A dataset without
+    one (e.g. ``colored_digits``) falls back to the training batches themselves, so the method still runs everywhere;
+    it is only meaningful where a cue-free set exists.
 
     The default of 100 reference steps is a short phase that leaves the smoke test on every small dataset something
     to learn; the cue-dataset experiments set ``ft_reference_steps`` so that θ_C has learned the cue (e.g. 1000).
@@ -50,7 +57,7 @@ class FineTune(ERM):
             self.model.load_state_dict(reference.state_dict())
         # a plain dict, not a submodule: θ_C is rebuilt from its cache by setup, so checkpoints need not carry it
         self.theta_c = {n: p.detach() for n, p in reference.named_parameters()}
-        names = sorted(k for k in context.splits if k.endswith(NC_SUFFIX))
+        names = nc_splits(context.splits, context.train_envs)
         self.nc_split = names[0] if names else None
         self.nc_stream = context.stream(names[0], int(self.hparams["batch_size"])) if names else None
 

@@ -10,6 +10,7 @@ from shiftbench.config import TrialSpec
 from shiftbench.datasets.cue_digits import VARIANTS, add_cue, cue_boxes
 from shiftbench.errors import UserError
 from shiftbench.methods.cbft import Interpolated, class_mean_gap, interpolate
+from shiftbench.methods.finetune import nc_splits
 from shiftbench.models import build_model
 from shiftbench.trainer import Interrupted, RunOptions, Trainer, load_dataset, run_trial
 
@@ -100,13 +101,13 @@ def test_path_ends_are_the_two_models():
 
 def test_fine_tuning_starts_at_the_reference_and_reads_the_cue_free_split(tmp_path):
     spec = TrialSpec.resolve("cue_digits", "finetune", steps=3, eval_every=3, dataset_options=SMALL,
-                             hparams={"lr": 0.0, "weight_decay": 0.0, "ft_reference_steps": 5})
+                             hparams={"lr": 1e-12, "weight_decay": 0.0, "ft_reference_steps": 5})
     run = Trainer(spec, tmp_path / "b")._build()
     assert run.algorithm.nc_split == "env0_nc"
-    run_trial(spec, tmp_path / "t")  # lr 0: the model never leaves θ_C
+    run_trial(spec, tmp_path / "t")  # lr 1e-12 (lr must be > 0): the model does not leave θ_C
     ref = torch.load(tmp_path / "t" / "reference_erm_5.pt", weights_only=True)
     final = torch.load(tmp_path / "t" / "model.pt", weights_only=True)
-    assert all(torch.equal(ref[k], final[k]) for k in ref)
+    assert all(torch.allclose(ref[k], final[k], rtol=0, atol=1e-9) for k in ref)
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +124,8 @@ def finetune_vs_cbft(tmp_path_factory):
 
 
 def midpoint_loss(spec, trial_dir) -> float:
-    """Cross-entropy on the cue environment's held-out split at θ_0.5 = (θ_C + θ) / 2."""
-    ds = load_dataset("cue_digits", spec.dataset_options)
+    """Cross-entropy on the cue environment's held-out split, cued as in training, at θ_0.5 = (θ_C + θ) / 2."""
+    ds = load_dataset("cue_digits", {**spec.dataset_options, "validation": "cued"})
     model = build_model(spec.model, ds.input_shape, 10, spec.hparams)
     model.load_state_dict(torch.load(trial_dir / "model.pt", weights_only=True))
     theta_c = torch.load(trial_dir / f"reference_erm_{spec.hparams['ft_reference_steps']}.pt", weights_only=True)
@@ -158,3 +159,44 @@ def test_cbft_resumes_exactly_after_a_kill(tmp_path):
         run_trial(spec, tmp_path / "cut", RunOptions(stop_after=10))
     resumed = run_trial(spec, tmp_path / "cut")["record"]
     assert resumed["env1_in_loss"] == whole["env1_in_loss"] and resumed["barrier"] == whole["barrier"]
+
+
+# ------------------------------------------------------------------------------------------ what selection scores on
+
+
+def test_validation_split_is_cue_free_by_default_and_cued_on_request():
+    default = load_dataset("cue_digits", {**SMALL, "cue_fraction": 0.9}).eval_splits()
+    assert bool((default["env0_out"].tensors["cue"] == -1).all())  # held-out cue-free data: what selection scores
+    cued = load_dataset("cue_digits", {**SMALL, "cue_fraction": 0.9, "validation": "cued"}).eval_splits()
+    t = cued["env0_out"].tensors
+    for c in range(10):
+        n_c = int((t["y"] == c).sum())
+        assert int((t["cue"] == c).sum()) == round(0.9 * n_c)
+    # the same digits and copies either way, the cue apart; training data untouched
+    assert torch.equal(default["env0_out"].tensors["base"], t["base"])
+    assert torch.equal(default["env0_in"].tensors["x"], cued["env0_in"].tensors["x"])
+    assert not set(t["base"].tolist()) & set(default["env0_nc"].tensors["base"].tolist())  # D_NC: in digits only
+    with pytest.raises(UserError, match="validation='last'"):
+        load_dataset("cue_digits", {**SMALL, "validation": "last"})
+
+
+def test_cue_only_classifier_scores_chance_on_the_default_validation_split():
+    # A model that reads only the box scores p + (1 - p)/10 on a cued split and 1/10 on a cue-free one, so a cued
+    # validation split rewards cue reliance and the default one does not.
+    def cue_reader(t):
+        s, boxes = cue_boxes(t["x"].shape[-1])
+        lit = torch.stack([t["x"][:, 0, r : r + s, c : c + s].eq(1).flatten(1).all(1) for r, c in boxes], 1)
+        return torch.where(lit.any(1), lit.float().argmax(1), torch.zeros(len(lit), dtype=torch.long))
+
+    for validation, expected in (("nc", 0.1), ("cued", 0.9 + 0.1 * 0.1)):
+        t = load_dataset("cue_digits", {**SMALL, "cue_fraction": 0.9, "validation": validation}) \
+            .eval_splits()["env0_out"].tensors
+        acc = float((cue_reader(t) == t["y"]).float().mean())
+        assert abs(acc - expected) < 0.04, (validation, acc)
+
+
+def test_fine_tuning_reads_only_a_training_environment_cue_free_split():
+    splits = {"env0_in": 0, "env0_nc": 0, "env1_nc": 0, "env2_nc": 0, "env2_out": 0}
+    assert nc_splits(splits, train_envs=(2, 0)) == ["env0_nc", "env2_nc"]
+    assert nc_splits(splits, train_envs=(1,)) == ["env1_nc"]
+    assert nc_splits(splits, train_envs=(3,)) == []  # a held-out env's env1_nc is test data, never read
