@@ -28,6 +28,7 @@ from shiftbench.launchers import LAUNCHERS, add_arguments, check_shared, from_ar
 from shiftbench.launchers.local import slot_device
 from shiftbench.launchers.slurm import slurm_minutes
 from shiftbench.sweep import prepare_out, run_sweep, trial_dir, trial_lock
+from shiftbench.trainer import RunOptions
 
 TINY = {"env_size": 120, "resolution": 8}
 _TIME_KEYS = {"elapsed", "step_time", "wall_time"}
@@ -277,8 +278,6 @@ def ray_cluster(tmp_path_factory):
 
 @pytest.mark.slow
 def test_ray_worker_killed_mid_trial_is_retried_resumes_and_matches_local(ray_cluster, tmp_path):
-    from shiftbench.trainer import RunOptions
-
     sweep = tiny_sweep(steps=60)
     options = RunOptions(device="cpu", checkpoint_interval=0)  # a checkpoint at every evaluation
     killed: list = []
@@ -329,7 +328,9 @@ def test_ray_ctrl_c_cancels_and_leaves_every_trial_done_or_resumable(ray_cluster
         time.sleep(0.1)
     driver.send_signal(signal.SIGINT)
     assert driver.wait(timeout=120) == 130
-    time.sleep(2)  # the cancelled tasks stop
+    deadline = time.monotonic() + 60
+    while any(holders(trial_lock(tmp_path, t)) for t in sweep.trials()) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the cancelled tasks stop
     states = {t.hash: sorted(p.name for p in trial_dir(tmp_path, t).glob("*")) for t in sweep.trials()}
     assert not any("failed.json" in names for names in states.values())  # done, partial or not started
     assert all(not holders(trial_lock(tmp_path, t)) for t in sweep.trials())  # no task still runs a trial
@@ -345,8 +346,6 @@ def test_ray_ctrl_c_cancels_and_leaves_every_trial_done_or_resumable(ray_cluster
 @pytest.mark.slow
 def test_submitit_job_preempted_or_killed_mid_trial_is_requeued_and_resumes(tmp_path):
     pytest.importorskip("submitit")
-    from shiftbench.trainer import RunOptions
-
     sweep = tiny_sweep(steps=60)
     options = RunOptions(device="cpu", checkpoint_interval=0)
     out = tmp_path / "slurm"
