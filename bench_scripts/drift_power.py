@@ -241,7 +241,7 @@ def c2st_rows(versions: dict, classifiers: tuple[str, ...], repeats: int, null_r
                     cpu, calls = cpu + time.process_time() - t0, calls + 1
                 cells.append(f"{flags / reps:.3f}")
             lines.append(f"| {clf} | {name} | " + " | ".join(cells) + f" | {cpu / calls:.3f} |")
-            print(f"  c2st {clf} {name} done", file=sys.stderr, flush=True)
+            print(f"  c2st {lines[-1]}", file=sys.stderr, flush=True)  # rows as they come: the table takes a while
     return "\n".join(lines)
 
 
