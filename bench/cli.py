@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sweep folder(s); several make one leaderboard (a trial in two folders counts once; a method "
                          "run in several sweeps gets a row per sweep, 'erm (name)')")
     rp.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports)")
+    rp.add_argument("--se-ddof", type=int, choices=(0, 1), default=1,
+                    help="degrees of freedom of the standard error: 1, the sample SE, or 0, DomainBed's printing "
+                         "convention, for side-by-side comparison with its published tables")
+    rp.add_argument("--ci", action="store_true",
+                    help="also print each cell's t-based 95%% interval over trial seeds (always in report.json, "
+                         "metrics.json and the CSV)")
 
     dm = sub.add_parser("demo", help="run the quickstart suite and print its leaderboard")
     dm.add_argument("--out", type=Path, default=Path("runs/demo"), help="sweep folder")
@@ -254,13 +260,13 @@ def cmd_report(a) -> int:
     for runs in a.runs:
         if not runs.is_dir():
             raise UserError(f"runs folder {runs} {'is not a folder' if runs.exists() else 'does not exist'}")
-    _report(a.runs, a.out)
+    _report(a.runs, a.out, se_ddof=a.se_ddof, ci=a.ci)
     print(f"reports written to {a.out} (leaderboard.md/.html/.tex, report.json, metrics.json, plots/)",
           file=sys.stderr)
     return 0
 
 
-def _report(runs: Path | list[Path], out: Path) -> None:
+def _report(runs: Path | list[Path], out: Path, se_ddof: int = 1, ci: bool = False) -> None:
     from .report import build_report, scan_runs
 
     folders = runs if isinstance(runs, list) else [runs]
@@ -268,7 +274,7 @@ def _report(runs: Path | list[Path], out: Path) -> None:
         raise UserError(f"{', '.join(map(str, folders))} hold{'s' if len(folders) == 1 else ''} no finished trial "
                         "(looked for final.json in trials/*/)")
     # the tables and sections are computed once, for the files and the terminal; long sections print one line here
-    _, text = build_report(folders, out, terminal=True)
+    _, text = build_report(folders, out, terminal=True, se_ddof=se_ddof, ci=ci)
     print(text)
 
 

@@ -127,3 +127,73 @@ def test_params_yaml_is_the_quickstart_suite_and_stages_use_the_console_script()
         assert "PYTHONSAFEPATH=1 shiftbench " in " ".join(stage["cmd"].split()).replace("MPLBACKEND=Agg ", "")
         assert "python -m" not in stage["cmd"]
     assert "data" in stages["sweep"]["deps"] and stages["prepare"]["outs"] == ["data"]
+
+
+def test_report_stage_files_and_ignores():
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["report"]
+    assert "reports/report.json" in stage["outs"] and list(stage["metrics"][0]) == ["reports/metrics.json"]
+    plots = {next(iter(p)): next(iter(p.values())) for p in stage["plots"]}
+    assert plots["reports/plot_methods.csv"]["x"] == "accuracy" and plots["reports/plot_methods.csv"]["y"] == "method"
+    assert "reports/leaderboard.csv" not in plots  # 8 rows per method there: no longer a bar chart's data
+    assert "dvc_plots/" in (REPO / ".gitignore").read_text().splitlines()
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())
+    assert list(lock["stages"]) == ["prepare", "sweep", "report"]
+    assert {o["path"] for o in lock["stages"]["report"]["outs"]} >= {"reports/metrics.json", "reports/report.json",
+                                                                     "reports/plot_methods.csv"}
+
+
+def _toy_trial(root: Path, method: str, seed: int, acc: float) -> None:
+    import hashlib
+
+    spec = {"dataset": "toy", "method": method, "test_envs": [1], "seed": seed, "hparams_seed": 0, "hparams": {},
+            "steps": 10, "eval_every": 10, "model": "mlp", "dataset_options": {}, "callbacks": []}
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    d = root / "trials" / h[:16]
+    d.mkdir(parents=True)
+    rec = {"step": 10, "env0_in_acc": 0.9, "env0_out_acc": 0.8, "env1_in_acc": acc, "env1_out_acc": acc}
+    (d / "spec.json").write_text(json.dumps({"hash": h, "spec": spec, "env_names": ["a", "b"]}))
+    (d / "results.jsonl").write_text(json.dumps(rec) + "\n")
+    (d / "final.json").write_text(json.dumps({"status": "done", "hash": h, "record": rec}))
+
+
+@pytest.mark.slow
+def test_dvc_metrics_show_has_numbers_only_and_plots_one_bar_per_method(tmp_path):
+    """``dvc metrics show`` and ``dvc plots show`` on a report, without running the pipeline: a section whose
+    content is keyed by an absolute path (as the attestation log's tree heads are) leaves no such key."""
+    from shiftbench import report
+
+    repo = tmp_path / "repo"
+    (repo / ".dvc").mkdir(parents=True)
+    for name in ("dvc.yaml", ".dvc/config", ".dvc/.gitignore"):
+        shutil.copy(REPO / name, repo / name)
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    run(["git", "init", "-q"], repo, env)
+    for method, accs in {"erm": (0.40, 0.50), "irm": (0.60, 0.64)}.items():
+        for seed, acc in enumerate(accs):
+            _toy_trial(repo / "runs" / "dvc", method, seed, acc)
+
+    @report.report_section("test_paths")
+    def by_path(trials):
+        return report.Section("test_paths", "By path", "x", "<p>x</p>",
+                              {str(repo / "runs" / "dvc" / "log"): {"root_hash": "ab" * 32, "tree_size": 4}, "n": 4})
+
+    try:
+        report.build_report(repo / "runs" / "dvc", repo / "reports", plots=False)
+    finally:
+        report.SECTIONS.pop("test_paths")
+    out, _ = run([str(BIN / "dvc"), "metrics", "show", "--json"], repo, env)
+    data = json.loads(out[out.index("{"):])[""]["data"]["reports/metrics.json"]["data"]
+
+    def leaves(obj, path=()):
+        return [x for k, v in obj.items() for x in leaves(v, (*path, k))] if isinstance(obj, dict) else [(path, obj)]
+
+    flat = dict(leaves(data))
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat.values())
+    assert not any("/" in k for path in flat for k in path)
+    assert flat[("sections", "test_paths", "n")] == 4 and flat[("counts", "done")] == 4
+    assert flat[("datasets", "toy", "rules", "training_domain", "methods", "irm", "env1", "mean")] == pytest.approx(62.0)
+    # only the bar chart's file: plots=False wrote no reports/plots/ images, which dvc would report as an error
+    out, _ = run([str(BIN / "dvc"), "plots", "show", "--json", "reports/plot_methods.csv"], repo, env)
+    (plot,) = json.JSONDecoder().raw_decode(out[out.index("{"):])[0]["data"]["reports/plot_methods.csv"]
+    bars = [(v["method"], float(v["accuracy"])) for v in plot["content"]["data"]["values"]]
+    assert bars == [("erm", pytest.approx(45.0)), ("irm", pytest.approx(62.0))]  # one bar per method
