@@ -2,25 +2,29 @@
 
 Two datasets, both of task type ``preference`` (:class:`shiftbench.tasks.Preference`, Bradley–Terry):
 
-``spurious_prefs`` — generated, deterministic from ``seed``, no network; built like DomainBed's ColoredMNIST, with
-a true feature that predicts the preference imperfectly but the same way everywhere and a spurious one that predicts
-it better in training and the other way round in the held-out domain. Four prompt domains (``chat``, ``code``,
-``math``, ``safety``). Every response is ``"Here is my answer about <topic>."``, three *claims* and a tail of filler
-words. The 120 claims are ``"it gives a <adjective> <noun>."`` (12 adjectives × 10 nouns), each with a value drawn once
-from N(0, 1) with the seed, so the visible quality (*content*: the sum of the three claims' values) is a fixed but
-arbitrary function of the text, which the encoder sees (a word bigram names each claim) and a model can only learn
-from data. The gold reward is content plus a part the text does not show (an annotator's view of, say, factual
+``spurious_prefs`` — generated, deterministic from ``seed``, no network; built like DomainBed's ColoredMNIST, with a
+true feature that predicts the preference imperfectly but the same way everywhere and a spurious one whose agreement
+with the preference is spread across the training domains (one of them below one half) and reversed in the held-out
+one. Four domains (``chat``, ``code``, ``math``, ``safety``), alike in their words: by default each draws its
+prompts and topics from all four domains' pool (:func:`prompt_pool`) and the default encoder (:data:`ENCODER`)
+leaves the prompt out, so no encoded pair says which domain it is from (with ``domain_text=true`` each domain asks
+its own questions). Every response is ``"Here is my answer about <topic>."``, three *claims* and a tail of filler
+words. The 120 claims are ``"it gives a <adjective> <noun>."`` (12 adjectives × 10 nouns), each with a value drawn
+once from N(0, 1) with the seed, so the visible quality (*content*: the sum of the three claims' values) is a fixed
+but arbitrary function of the text, which the encoder sees (a word bigram names each claim) and a model can only
+learn from data. The gold reward is content plus a part the text does not show (an annotator's view of, say, factual
 accuracy), N(0, (h · SD(content))²) with h = ``hidden_quality`` (default 1): so the content alone orders a pair as
 the gold reward does in about 75% of pairs in every domain (ColoredMNIST's 75% for the shape). The spurious cue is
 verbosity: the number of filler words is ``clip(round(24 + 8ℓ), 2, 60)`` with ``ℓ = ρ_d z + √(1 − ρ_d²) ε``, ``z``
 the standardised gold reward and ε ~ N(0, 1), so within a domain longer responses are better when ρ_d > 0 and worse
 when ρ_d < 0. ρ_d is calibrated (:func:`calibrated_rho`; Sheppard's sin(π(a_d − ½)) before rounding) so that a
-pair's longer response is the chosen one with probability a_d: the ``agreement`` option, by default 0.9 (chat),
-0.85 (code), 0.8 (math) and 0.1 (safety, the held-out domain, where the cue is reversed). A pair is two responses to
-one prompt with different lengths; ``chosen`` is the one with the higher gold reward (so the gold reward scores
-pairwise accuracy 1). The filler and the claims are shared by all domains, so both features transfer; only the
-cue's direction changes. Each domain also has a best-of-n pool (``bon_prompts`` prompts × 32 candidates from the
-same response distribution, with gold rewards) for the over-optimisation probe (:mod:`shiftbench.bestofn`).
+pair's longer response is the chosen one with probability a_d: the ``agreement`` option, by default 0.95 (chat),
+0.75 (code), 0.35 (math) and 0.1 (safety, the held-out domain): 68% over the training domains, so ERM leans on
+length, and the 35% domain shows a length-reliant model without test data (worst-domain validation). A pair is two
+responses to one prompt with different lengths; ``chosen`` is the one with the higher gold reward (so the gold
+reward scores pairwise accuracy 1). The filler and the claims are shared by all domains, so both features transfer;
+only the cue's direction changes. Each domain also has a best-of-n pool (``bon_prompts`` prompts × 32 candidates
+from the same response distribution, with gold rewards) for the over-optimisation probe (:mod:`shiftbench.bestofn`).
 
 ``preference_files`` — real preference data from JSONL (``.jsonl``, ``.json``, optionally ``.gz``), Parquet or CSV
 files, in the formats people have (see :func:`parse_pair`): explicit ``{prompt, chosen, rejected}``; implicit
@@ -138,8 +142,11 @@ class PreferenceDataset(ShiftDataset):
 # -------------------------------------------------------------------------------------------------- spurious_prefs
 
 DOMAINS: tuple[str, ...] = ("chat", "code", "math", "safety")
-AGREEMENT = "0.9,0.85,0.8,0.1"
+AGREEMENT = "0.95,0.75,0.35,0.1"
 """Default per-domain rate at which the longer response of a pair is the chosen one."""
+ENCODER = "hashing:1024,1,0"
+"""Default encoder: response word 1–2-grams in 1024 buckets (few collisions among the claims' bigrams), one character
+bucket (the hashing encoder needs one) and no prompt words, so the encoded pair says nothing of its domain."""
 ADJECTIVES = ("clear", "careful", "precise", "vague", "thorough", "brief",
               "correct", "tested", "sourced", "informal", "detailed", "structured")  # fmt: skip
 NOUNS = ("summary", "example", "proof", "estimate", "warning", "reference", "outline", "caveat", "comparison", "plan")
@@ -275,8 +282,15 @@ class ResponseSampler:
         return f"Here is my answer about {topic}. {body[0].upper()}{body[1:]} {' '.join(words[:filler])}"
 
 
+def prompt_pool(domain: str, domain_text: bool) -> list[tuple[str, str]]:
+    """The (prompt template, topic) pairs a domain asks about: its own (``domain_text``), or every domain's, so that
+    no word of a prompt or response tells the domains apart (ColoredMNIST's environments differ only in how colour
+    goes with the label; here only in how length goes with preference)."""
+    return [(PROMPTS[d], t) for d in ((domain,) if domain_text else DOMAINS) for t in TOPICS[d]]
+
+
 def generate_domain(domain: str, rate: float, n_pairs: int, n_bon: int, seed: int,
-                    hidden_quality: float = 1.0) -> dict[str, Any]:
+                    hidden_quality: float = 1.0, domain_text: bool = False) -> dict[str, Any]:
     """Texts and numbers of one domain of ``spurious_prefs`` (no encoding), deterministic in its arguments.
 
     Returns:
@@ -286,16 +300,16 @@ def generate_domain(domain: str, rate: float, n_pairs: int, n_bon: int, seed: in
     """
     rng = np.random.RandomState(seed_hash(seed, "domain", domain))
     sampler = ResponseSampler(claim_values(seed), rate, rng, seed, hidden_quality)
-    topics = TOPICS[domain]
+    asks = prompt_pool(domain, domain_text)
     pairs: dict[str, list] = {f"{side}{k}": [] for side in ("chosen", "rejected") for k in ("", "_gold", "_content")}
     pairs["prompt"] = []
     while len(pairs["prompt"]) < n_pairs:
-        topic = topics[rng.randint(len(topics))]
+        template, topic = asks[rng.randint(len(asks))]
         claims, visible, gold, filler = sampler.draw(2)
         if gold[0] == gold[1] or filler[0] == filler[1]:
             continue  # a pair needs a strict preference and a strict length order
         c, r = (0, 1) if gold[0] > gold[1] else (1, 0)
-        pairs["prompt"].append(PROMPTS[domain].format(topic))
+        pairs["prompt"].append(template.format(topic))
         for side, j in (("chosen", c), ("rejected", r)):
             pairs[side].append(sampler.render(topic, claims[j], filler[j]))
             pairs[f"{side}_gold"].append(float(gold[j]))
@@ -304,21 +318,21 @@ def generate_domain(domain: str, rate: float, n_pairs: int, n_bon: int, seed: in
                                      for k, v in pairs.items()}}  # fmt: skip
     for side in ("chosen", "rejected"):
         out["pairs"][f"{side}_len"] = np.array([word_count(t) for t in pairs[side]])
-    bon_topics = [topics[rng.randint(len(topics))] for _ in range(n_bon)]
+    bon_asks = [asks[rng.randint(len(asks))] for _ in range(n_bon)]
     claims, visible, gold, filler = sampler.draw(n_bon * BON_CANDIDATES)
-    texts = [sampler.render(bon_topics[i // BON_CANDIDATES], claims[i], filler[i]) for i in range(len(gold))]
-    out["bon"] = {"prompt": [PROMPTS[domain].format(t) for t in bon_topics], "text": texts,
+    texts = [sampler.render(bon_asks[i // BON_CANDIDATES][1], claims[i], filler[i]) for i in range(len(gold))]
+    out["bon"] = {"prompt": [t.format(topic) for t, topic in bon_asks], "text": texts,
                   "gold": gold.reshape(n_bon, BON_CANDIDATES), "content": visible.reshape(n_bon, BON_CANDIDATES)}
     return out
 
 
 @functools.lru_cache(maxsize=2)
 def _build_spurious(seed: int, n_pairs: int, agreement: str, hidden_quality: float, n_bon: int, encoder: str,
-                    cache_dir: str):
+                    cache_dir: str, domain_text: bool):
     enc = make_encoder(encoder, cache_dir or None)
     per_env, pools = [], {}
     for domain, rate in zip(DOMAINS, parse_agreement(agreement)):
-        d = generate_domain(domain, rate, n_pairs, n_bon, seed, hidden_quality)
+        d = generate_domain(domain, rate, n_pairs, n_bon, seed, hidden_quality, domain_text)
         p = d["pairs"]
         cols = {side: enc.encode(p["prompt"], p[side]) for side in ("chosen", "rejected")}
         for k in ("chosen_len", "rejected_len"):
@@ -342,18 +356,19 @@ class SpuriousPrefs(PreferenceDataset):
     The generative model is in the module docstring.
 
     Options: ``seed``; ``n_pairs`` per domain; ``agreement`` (per-domain rate at which the longer response is the
-    chosen one, comma-separated); ``hidden_quality`` (SD of the gold reward's unseen part, relative to the visible
-    part's); ``holdout_fraction``; ``bon_prompts`` (best-of-n prompts per domain, 32 candidates
-    each); ``encoder`` (:func:`shiftbench.text.make_encoder`); ``cache_dir`` (embedding cache of frozen encoders);
+    chosen one, comma-separated); ``domain_text`` (each domain its own prompts and topics; default: one shared
+    pool); ``hidden_quality`` (SD of the gold reward's unseen part, relative to the visible part's);
+    ``holdout_fraction``; ``bon_prompts`` (best-of-n prompts per domain, 32 candidates each); ``encoder``
+    (:func:`shiftbench.text.make_encoder`); ``cache_dir`` (embedding cache of frozen encoders);
     ``center_rewards_coefficient`` (TRL's centring term, see :class:`shiftbench.tasks.Preference`).
     """
 
     ENVIRONMENTS = DOMAINS
     DEFAULT_TEST_ENVS = (3,)
     OPTIONS: ClassVar[dict[str, Any]] = {
-        "seed": 0, "n_pairs": 2000, "agreement": AGREEMENT, "hidden_quality": 1.0, "holdout_fraction": 0.2,
-        "bon_prompts": 64,
-        "encoder": "hashing", "cache_dir": "", "center_rewards_coefficient": 0.0,
+        "seed": 0, "n_pairs": 4000, "agreement": AGREEMENT, "hidden_quality": 1.0, "holdout_fraction": 0.2,
+        "bon_prompts": 64, "domain_text": False,
+        "encoder": ENCODER, "cache_dir": "", "center_rewards_coefficient": 0.0,
     }  # fmt: skip
 
     def __init__(self, root=None, options=None, download=False):
@@ -366,7 +381,8 @@ class SpuriousPrefs(PreferenceDataset):
         if o["center_rewards_coefficient"] < 0:
             raise UserError("center_rewards_coefficient must be >= 0")
         per_env, self._pools, shape = _build_spurious(o["seed"], o["n_pairs"], o["agreement"], o["hidden_quality"],
-                                                      o["bon_prompts"], o["encoder"], o["cache_dir"])  # fmt: skip
+                                                      o["bon_prompts"], o["encoder"], o["cache_dir"],
+                                                      bool(o["domain_text"]))  # fmt: skip
         self.input_shape = shape
         self._make_environments(DOMAINS, per_env)
 
@@ -792,7 +808,7 @@ class PreferenceFiles(PreferenceDataset):
     OPTIONS: ClassVar[dict[str, Any]] = {
         "files": "", "format": "auto", "domain_column": "", "domains": "", "sections": "", "margin_column": "",
         "skip_malformed": False, "max_rows": 0, "max_line_bytes": MAX_LINE_BYTES, "holdout_fraction": 0.2, "seed": 0,
-        "encoder": "hashing", "cache_dir": "", "center_rewards_coefficient": 0.0,
+        "encoder": ENCODER, "cache_dir": "", "center_rewards_coefficient": 0.0,
     }  # fmt: skip
     HPARAMS: ClassVar[dict[str, HParam]] = {**MLP_HPARAMS, "hf_reward_path": HParam("", fixed(""))}
     """The ``mlp`` model's, and the ``hf_reward`` model's checkpoint (``--hparams hf_reward_path=...``)."""

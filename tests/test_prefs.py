@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from shiftbench.bestofn import best_of_n_curve, best_of_n_data, preference_rows
+from shiftbench.bestofn import RULES_SHOWN, best_of_n_curve, best_of_n_data, curve_key, preference_rows
 from shiftbench.config import TrialSpec
 from shiftbench.datasets.prefs import (
     DOMAINS, MALFORMED, REWARDBENCH_COUNTS, PreferenceFiles, SpuriousPrefs, generate_domain, load_pairs, parse_pair,
@@ -115,7 +115,7 @@ def test_gold_reward_scores_pairwise_accuracy_one(small_prefs):
 
 
 def test_length_only_reward_scores_the_agreement_rate_of_each_domain():
-    rates = [0.9, 0.85, 0.8, 0.1]
+    rates = [0.95, 0.75, 0.35, 0.1]
     ds = SpuriousPrefs(options={"n_pairs": 1000, "bon_prompts": 1})
     metrics = _evaluate_with(ds, lambda t, side: t[f"{side}_len"])
     for i, (domain, rate) in enumerate(zip(DOMAINS, rates)):
@@ -137,12 +137,60 @@ def test_visible_content_is_the_invariant_feature(small_prefs):
 
 def test_generator_is_deterministic_and_documented_text():
     a, b = generate_domain("code", 0.85, 20, 1, seed=3), generate_domain("code", 0.85, 20, 1, seed=3)
-    assert a["pairs"]["chosen"] == b["pairs"]["chosen"] and a["pairs"]["prompt"][0].startswith("How do I go about")
+    assert a["pairs"]["chosen"] == b["pairs"]["chosen"]
+    own = generate_domain("code", 0.85, 20, 1, seed=3, domain_text=True)["pairs"]["prompt"]
+    assert all(p.startswith("How do I go about") for p in own)
+    assert len({p.split()[0] for p in generate_domain("code", 0.85, 200, 1, seed=3)["pairs"]["prompt"]}) == 4
     assert generate_domain("code", 0.85, 20, 1, seed=4)["pairs"]["chosen"] != a["pairs"]["chosen"]
     assert np.all(a["pairs"]["chosen_gold"] > a["pairs"]["rejected_gold"])
     assert all(t.lower().count("it gives a") == 3 for t in a["pairs"]["chosen"])
     assert SpuriousPrefs(options=SMALL).version() == SpuriousPrefs(options=SMALL).version()
     assert SpuriousPrefs(options={**SMALL, "seed": 1}).version() != SpuriousPrefs(options=SMALL).version()
+
+
+def test_the_encoded_pair_does_not_tell_the_domains_apart():
+    # A logistic regression (scikit-learn, not the harness) that reads a response's encoding and guesses its domain
+    # (chat or safety): at chance with the default text, near perfect where prompts and topics are the domain's own.
+    # The response is either side of a pair at random, as a reward model meets it (a chosen one alone would tell
+    # chat from safety by its length: the longer side is the chosen one in 95% against 10% of pairs).
+    from sklearn.linear_model import LogisticRegression
+
+    def held_out_accuracy(options):
+        ds = SpuriousPrefs(options={"n_pairs": 400, "bon_prompts": 1, **options})
+        pick = np.random.RandomState(1).rand(320) < 0.5
+        xs = [np.where(pick[:, None], t["chosen"].numpy(), t["rejected"].numpy())
+              for t in (ds.environments[i].splits["in"].tensors for i in (0, 3))]
+        x, y = np.concatenate(xs), np.repeat([0, 1], [len(v) for v in xs])
+        order = np.random.RandomState(0).permutation(len(y))
+        fit, test = order[: len(y) // 2], order[len(y) // 2 :]
+        return LogisticRegression(max_iter=2000).fit(x[fit], y[fit]).score(x[test], y[test])
+
+    assert held_out_accuracy({}) < 0.6
+    assert held_out_accuracy({"domain_text": True, "encoder": "hashing:512,16,64"}) > 0.95
+
+
+def test_the_generator_own_features_separate_erm_from_the_invariant_reward():
+    # On the generator's own features (Δ visible content, Δ length), a logistic regression pooled over the training
+    # domains (ERM's optimum) against one on the content alone (the invariant reward). Measured (seed 0, 2000 pairs a
+    # domain): ERM 0.82 / 0.78 / 0.71 on chat / code / math and 0.65 on safety; content alone 0.74-0.76 everywhere.
+    from sklearn.linear_model import LogisticRegression
+
+    rng, xs, ys = np.random.RandomState(0), [], []
+    for domain, rate in zip(DOMAINS, (0.95, 0.75, 0.35, 0.1)):
+        p = generate_domain(domain, rate, 2000, 1, seed=0)["pairs"]
+        d = np.stack([p["chosen_content"] - p["rejected_content"], (p["chosen_len"] - p["rejected_len"]) / 8.0], 1)
+        sign = np.where(rng.rand(len(d)) < 0.5, -1.0, 1.0)
+        xs.append(d * sign[:, None])
+        ys.append((sign > 0).astype(int))
+    train_x, train_y = np.concatenate(xs[:3]), np.concatenate(ys[:3])
+    erm = LogisticRegression(fit_intercept=False).fit(train_x, train_y)
+    content = LogisticRegression(fit_intercept=False).fit(train_x[:, :1], train_y)
+    erm_acc = [erm.score(x, y) for x, y in zip(xs, ys)]
+    inv_acc = [content.score(x[:, :1], y) for x, y in zip(xs, ys)]
+    assert erm.coef_[0, 1] > 0.3  # ERM leans on length: it agrees with preference in 68% of training pairs
+    assert max(inv_acc) - min(inv_acc) < 0.04 and abs(np.mean(inv_acc) - 0.75) < 0.02
+    assert erm_acc[3] < inv_acc[3] - 0.08  # the held-out domain punishes the cue ...
+    assert erm_acc[2] < erm_acc[0] - 0.08  # ... and so does the 35% training domain, which worst-domain selection reads
 
 
 def test_options_round_trip_through_option_strings():
@@ -177,9 +225,10 @@ def test_erm_picks_up_the_length_cue_and_best_of_n_is_recorded(tmp_path):
                              callbacks=("best_of_n",))  # fmt: skip
     final = run_trial(spec, tmp_path / "t")
     rec = final["record"]
-    assert rec["env0_out_acc"] > 0.8  # the training domains reward verbosity ...
-    assert rec["env3_in_acc"] < 0.4  # ... and the held-out domain punishes it
-    assert rec["env3_in_length_corr"] > 0.45  # ODIN's plain-RM level of length bias, or more
+    # measured: chat 0.82, safety 0.43, corr(r, len) 0.25 on safety (where longer is worse), 0.69 on chat
+    assert rec["env0_out_acc"] > 0.8  # 40 steps in, ERM reads the easy cue: chat rewards verbosity ...
+    assert rec["env3_in_acc"] < 0.5  # ... and the held-out domain punishes it
+    assert rec["env3_in_length_corr"] > 0.1 and rec["env0_out_length_corr"] > 0.45  # ODIN's plain-RM level on chat
     bon = json.loads((tmp_path / "t" / "best_of_n.json").read_text())
     safety = bon["domains"]["safety"]
     assert bon["n"] == [1, 2, 4, 8, 16, 32]
@@ -192,17 +241,29 @@ def _preference_methods() -> list[str]:
     from shiftbench.registry import METHODS
 
     supports = getattr(config, "supports_task", lambda cls, task: True)
-    return [m for m in METHODS.names() if supports(METHODS.get(m), "preference")]
+    from shiftbench.methods.groups import NeedsGroups
+
+    # spurious_prefs has no per-example groups: the group methods refuse it (tests/test_zoo_subpop.py)
+    return [m for m in METHODS.names() if supports(METHODS.get(m), "preference")
+            and not issubclass(METHODS.get(m), NeedsGroups)]  # fmt: skip
 
 
 @pytest.mark.slow  # some methods (adversarial training) take ~20 s even for 4 steps on this box
 @pytest.mark.parametrize("method", _preference_methods())
-def test_every_preference_method_trains_on_spurious_prefs(method, tmp_path):
+def test_every_preference_method_records_what_its_predictions_say(method, tmp_path):
+    # Recomputed from the trial's own predictions.npz, independently of the evaluator: a pair is right when its
+    # reward difference is positive (chosen = the higher gold reward), the margin is the mean difference.
     tiny = {"n_pairs": 60, "bon_prompts": 1, "encoder": "hashing:64,32,16"}
     spec = TrialSpec.resolve("spurious_prefs", method, steps=4, eval_every=2, dataset_options=tiny)
     final = run_trial(spec, tmp_path / "t")
-    assert final["status"] == "done", final
-    assert {f"env{i}_{p}_length_corr" for i in range(4) for p in ("in", "out")} <= set(final["record"])
+    rec, z = final["record"], np.load(tmp_path / "t" / "predictions.npz")
+    splits = sorted(set(z["split"].tolist()))
+    assert splits == sorted(f"env{i}_{p}" for i in range(4) for p in ("in", "out"))
+    for name in splits:
+        score = z["score"][z["split"] == name]
+        assert len(score) == (48 if name.endswith("_in") else 12)
+        assert rec[f"{name}_acc"] == pytest.approx(float(np.mean(score > 0))), name
+        assert rec[f"{name}_margin"] == pytest.approx(float(np.mean(score)), rel=1e-5, abs=1e-6), name
 
 
 def test_best_of_n_callback_refuses_a_dataset_without_pools_before_a_trial_starts(small):
@@ -227,14 +288,14 @@ def test_best_of_n_curve_equals_the_mean_over_all_subsets():
         best_of_n_curve(proxy, gold, [8])
 
 
-def test_pools_over_optimise_a_length_reward_only_where_the_cue_reverses(small_prefs):
+def test_pools_over_optimise_a_length_reward_only_where_the_cue_is_below_one_half(small_prefs):
     pools = small_prefs.best_of_n_pools()
     for domain in DOMAINS:
         gold, length = pools[domain]["gold"], pools[domain]["length"]
         oracle = best_of_n_curve(gold, gold)
         assert all(b > a for a, b in zip(oracle, oracle[1:]))
         by_length = best_of_n_curve(length, gold)
-        assert (by_length[-1] < by_length[0]) == (domain == "safety"), domain
+        assert (by_length[-1] < by_length[0]) == (domain in ("math", "safety")), domain  # agreement < 1/2 there
 
 
 # -------------------------------------------------------------------------------------------------------- the report
@@ -267,6 +328,50 @@ def test_report_worst_domain_uses_test_in_and_training_out_splits():
     assert curves["methods"]["erm"]["c"]["mean"] == [0.0, 3.0] and curves["oracle"]["c"] == [0.0, 1.0]
 
 
+def _stepped_trial(rows, env_names=("a", "b", "c")):
+    """A fake trial holding out env 2 whose records are ``(step, env0 out, env1 out, env2 in, safety-like gold
+    curve)``; env2's out split copies its in split (what the oracle reads)."""
+    records = []
+    for step, a0, a1, test, gold in rows:
+        r = {"step": step, "env0_out_acc": a0, "env1_out_acc": a1, "env2_in_acc": test, "env2_out_acc": test,
+             "env0_in_acc": 1.0, "env1_in_acc": 1.0, "env2_in_length_corr": test - 1}
+        if gold is not None:
+            r.update({curve_key(d, "gold", n): v for d in env_names for n, v in zip((1, 2), gold)})
+        records.append(r)
+    bon = {"n": [1, 2], "env_names": list(env_names),
+           "domains": {d: {"gold": [0.0, 9.0], "oracle": [0.0, 4.0], "length": [1, 1]} for d in env_names}}
+    return {"hash": "t0", "task": "preference", "env_names": list(env_names), "records": records,
+            "spec": {"dataset": "toy", "method": "erm", "seed": 0, "test_envs": [2], "hparams_seed": 0},
+            "final": {"best_of_n": bon}}  # fmt: skip
+
+
+STEPPED = [(0, 0.60, 0.60, 0.30, (0.0, 1.0)),  # nothing picks this one
+        (5, 0.95, 0.55, 0.40, (0.0, 2.0)),  # training-domain validation: mean 0.75 is the best
+        (10, 0.70, 0.70, 0.50, (0.0, 3.0)),  # worst-domain validation: min 0.70 is the best
+        (15, 0.65, 0.50, 0.60, (0.0, 9.0))]  # the last step: the oracle's
+"""Checkpoints where each rule picks a different one (values chosen by hand)."""
+
+
+def test_preference_rows_show_each_rule_at_its_own_checkpoint():
+    trial = _stepped_trial(STEPPED)
+    picked = {r: preference_rows([trial], r)["toy"]["cells"][("erm", 2)] for r in RULES_SHOWN}
+    assert {r: c["acc_2"][0] for r, c in picked.items()} == pytest.approx(
+        {"training_domain": 0.40, "worst_group": 0.50, "oracle": 0.60})
+    assert picked["worst_group"]["corr_test"][0] == pytest.approx(-0.50)
+    assert picked["training_domain"]["worst"][0] == pytest.approx(0.40)  # min(0.95, 0.55, 0.40)
+
+
+def test_best_of_n_curves_come_from_the_checkpoint_the_rule_selects():
+    trial = _stepped_trial(STEPPED)
+    at = {r: best_of_n_data([trial], r)["toy"]["test_envs"][2]["methods"]["erm"]["c"]["mean"] for r in RULES_SHOWN}
+    assert at == {"training_domain": [0.0, 2.0], "worst_group": [0.0, 3.0], "oracle": [0.0, 9.0]}  # not final.json's
+    # a trial from before curves were recorded: its final curves stand only for a selection of its last step
+    old = _stepped_trial([row[:4] + (None,) for row in STEPPED])
+    assert best_of_n_data([old], "training_domain")["toy"] == {"n": [1, 2], "env_names": ["a", "b", "c"],
+                                                               "test_envs": {}, "skipped": 1}  # fmt: skip
+    assert best_of_n_data([old], "oracle")["toy"]["test_envs"][2]["methods"]["erm"]["c"]["mean"] == [0.0, 9.0]
+
+
 def test_report_writes_the_preference_sections_and_the_best_of_n_plot(tmp_path):
     from shiftbench import report
 
@@ -274,11 +379,15 @@ def test_report_writes_the_preference_sections_and_the_best_of_n_plot(tmp_path):
                              callbacks=("best_of_n",))  # fmt: skip
     run_trial(spec, tmp_path / "runs" / "trials" / spec.short_hash)
     metrics = report.write_report(report.scan_runs(tmp_path / "runs").done, tmp_path / "rep", plots=False)
-    cell = metrics["sections"]["preference"]["spurious_prefs"]["erm/env3"]
-    assert cell["worst"]["mean"] <= cell["acc_3"]["mean"] and cell["worst"]["n"] == 1
+    pref = metrics["sections"]["preference"]["spurious_prefs"]
+    assert set(pref) == set(RULES_SHOWN)
+    cell = pref["training_domain"]["erm/env3"]
+    record = run_trial(spec, tmp_path / "runs" / "trials" / spec.short_hash)["record"]  # done: read back
+    assert cell["acc_3"]["mean"] == pytest.approx(record["env3_in_acc"]) and cell["worst"]["n"] == 1
     assert set(metrics["sections"]["best_of_n"]["spurious_prefs"]["env3"]["methods"]["erm"]) == set(DOMAINS)
     md = (tmp_path / "rep" / "leaderboard.md").read_text()
     assert "corr(r,len) test" in md and "held-out domain **safety**" in md
+    assert "| acc (training-domain) | acc (worst-domain) | acc (oracle) |" in md
     assert (tmp_path / "rep" / "plots" / "best_of_n_spurious_prefs.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "rep" / "best_of_n_spurious_prefs.csv").read_text().startswith("dataset,test_env,method")
 
