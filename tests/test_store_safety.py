@@ -325,3 +325,130 @@ def test_locked_trial_is_waited_for_and_not_trained_again(tmp_path: Path) -> Non
     assert counts and counts[0]["total"] == 3
     assert (counts[0]["done"], counts[0]["elsewhere"], counts[0]["failed_total"]) == (2, 1, 0)
     assert (trial_dir(tmp_path, first) / FINAL).stat().st_mtime_ns == stamp  # not trained a second time
+
+
+# ------------------------------------------------------------------------------------------------ real processes
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(PYTHONSAFEPATH="1", MPLBACKEND="Agg", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def _sweep(exe: str, suite: Path, out: Path, log: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([exe, "sweep", "--suite", str(suite), "--out", str(out), "--no-progress"],
+                            env=_env(**env), stdout=subprocess.DEVNULL, stderr=open(log, "w"))  # fmt: skip
+
+
+def _wait_for(paths: Any, proc: subprocess.Popen, limit: float = 120.0) -> bool:
+    """Poll until ``paths()`` finds something or ``proc`` exits; True if found."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and proc.poll() is None:
+        if paths():
+            return True
+        time.sleep(0.005)
+    return bool(paths())
+
+
+@pytest.mark.slow
+def test_kill_during_store_creation_never_bricks_the_sweep(tmp_path: Path, exe: str) -> None:
+    """SIGKILL at a random moment of store creation, until one lands inside it; the relaunch then finishes."""
+    suite = write_suite(tmp_path)
+    rng = random.Random(12)
+    landed, tries, delays = None, 0, []
+    while landed is None and tries < 40:
+        tries += 1
+        out = tmp_path / f"try{tries}"
+        proc = _sweep(exe, suite, out, tmp_path / f"try{tries}.log")
+        if _wait_for(lambda: list(out.glob("mlflow.db.creating-*")), proc):
+            delays.append(round(rng.uniform(0.0, 2.0), 3))  # a build takes 1-4 s here: most kills land inside
+            time.sleep(delays[-1])
+        proc.kill()
+        proc.wait(30)
+        if list(out.glob("mlflow.db.creating-*")):
+            landed = out
+    print(f"kill landed inside store creation on try {tries} (delays after the build began: {delays})")
+    assert landed is not None, f"no kill landed inside store creation in {tries} tries"
+    assert not (landed / "mlflow.db").exists()  # the final name never holds a half-built store
+
+    relaunch = subprocess.run([exe, "sweep", "--suite", str(suite), "--out", str(landed), "--no-progress"],
+                              env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert relaunch.returncode == 0, relaunch.stderr[-3000:]
+    assert "3 finished now" in relaunch.stderr
+    assert not list(landed.glob("mlflow.db.creating-*")) and mlflow_store.problem(landed / "mlflow.db") is None
+    runs = assert_one_run_per_trial(f"sqlite:///{landed}/mlflow.db", "shiftbench-storetest", [landed], parents=1)
+    print(f"after the relaunch: {len(runs)} runs (3 trials + the sweep's parent)")
+    assert len(runs) == 4
+
+
+@pytest.mark.slow
+def test_store_half_built_by_mlflow_itself_is_rebuilt(tmp_path: Path, exe: str) -> None:
+    """The old failure, reproduced: MLflow building a store in place, killed mid-way; a sweep on it recovers."""
+    db = tmp_path / "shared" / "store.db"
+    db.parent.mkdir()
+    build = f"from mlflow import MlflowClient; MlflowClient(tracking_uri='sqlite:///{db}').search_experiments()"
+    rng = random.Random(3)
+    tries, found = 0, None
+    while found is None and tries < 40:
+        tries += 1
+        for path in db.parent.iterdir():
+            path.unlink()
+        proc = subprocess.Popen([sys.executable, "-c", build], env=_env(), stderr=subprocess.DEVNULL)
+        if _wait_for(db.exists, proc):
+            time.sleep(rng.uniform(0.0, 1.5))
+        proc.kill()
+        proc.wait(30)
+        found = mlflow_store.problem(db) if db.exists() else None
+    print(f"MLflow's in-place build left a damaged store on try {tries}: {found}")
+    assert found is not None
+
+    suite = write_suite(tmp_path)
+    out = tmp_path / "out"
+    done = subprocess.run([exe, "sweep", "--suite", str(suite), "--out", str(out), "--no-progress"],
+                          env=_env(MLFLOW_TRACKING_URI=f"sqlite:///{db}"), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Cut inside a migration, it is rebuilt; cut between two (a consistent older revision), it is upgraded.
+    rebuilt = f"MLflow store {db} is damaged ({found})" in done.stderr
+    assert rebuilt or f"MLflow store {db}: {found}; upgraded it" in done.stderr, done.stderr[-2000:]
+    assert len(list(db.parent.glob("store.db.broken-*"))) == (1 if rebuilt else 0)
+    assert mlflow_store.problem(db) is None
+    assert_one_run_per_trial(f"sqlite:///{db}", "shiftbench-storetest", [out], parents=1)
+
+
+@pytest.mark.slow
+def test_four_sweeps_at_once_on_one_fresh_shared_store(tmp_path: Path, exe: str) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    uri = f"sqlite:///{shared}/store.db"
+    plan = [("alpha", 4), ("alpha", 6), ("beta", 4), ("beta", 6)]  # two sweeps per experiment
+    procs = [_sweep(exe, write_suite(tmp_path, name, steps=steps), tmp_path / f"out{i}", tmp_path / f"out{i}.log",
+                    MLFLOW_TRACKING_URI=uri) for i, (name, steps) in enumerate(plan)]  # fmt: skip
+    codes = [p.wait(300) for p in procs]
+    assert codes == [0, 0, 0, 0], "\n".join((tmp_path / f"out{i}.log").read_text()[-4000:]
+                                           for i, c in enumerate(codes) if c)  # fmt: skip
+    alpha = assert_one_run_per_trial(uri, "shiftbench-alpha", [tmp_path / "out0", tmp_path / "out1"], parents=2)
+    beta = assert_one_run_per_trial(uri, "shiftbench-beta", [tmp_path / "out2", tmp_path / "out3"], parents=2)
+    print(f"shared store: {len(alpha)} runs in shiftbench-alpha, {len(beta)} in shiftbench-beta")
+    assert len(alpha) == len(beta) == 2 * 3 + 2
+    # nothing half-built is left; a shared store keeps its runs' artifacts beside itself (not in the first sweep's folder)
+    assert sorted(p.name for p in shared.iterdir()) == [".locks", "mlartifacts", "store.db"]
+
+
+@pytest.mark.slow
+def test_two_drivers_on_one_out(tmp_path: Path, exe: str) -> None:
+    suite = write_suite(tmp_path, seeds=2)  # 6 trials
+    out = tmp_path / "out"
+    procs = [_sweep(exe, suite, out, tmp_path / f"driver{i}.log") for i in range(2)]
+    codes = [p.wait(300) for p in procs]
+    logs = [(tmp_path / f"driver{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], [log[-2000:] for log in logs]
+    finished = [int(re.search(r"(\d+) finished now", log).group(1)) for log in logs]  # type: ignore[union-attr]
+    waited = ["running in another driver" in log for log in logs]
+    print(f"two drivers on one --out: trained {finished} of 6 trials, waited for the other: {waited}")
+    assert sum(finished) == 6  # every trial trained once, by one driver or the other
+    steps = [[json.loads(line)["step"] for line in p.read_text().splitlines()] for p in out.glob("trials/*/results.jsonl")]
+    assert len(steps) == 6 and all(s == steps[0] for s in steps) and steps[0] == sorted(set(steps[0]))
+    runs = assert_one_run_per_trial(f"sqlite:///{out}/mlflow.db", "shiftbench-storetest", [out], parents=1)
+    assert len(runs) == 7
