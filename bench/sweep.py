@@ -2,8 +2,8 @@
 
 A launcher (``shiftbench.launchers``: a local pool of worker processes by default, a Ray cluster, Slurm job arrays)
 runs the pending trials; the driver alone decides what is pending, books each answer, prints progress and writes
-the MLflow mirror, after each trial ends. Rerunning a sweep skips done trials, resumes partial ones from their checkpoints, and creates no
-new MLflow runs.
+the MLflow mirror, after each trial ends. Rerunning a sweep skips done trials, resumes partial ones from their
+checkpoints, and creates no new MLflow runs.
 
 Several drivers may run one sweep on one ``--out`` at once (e.g. a relaunch while the first launch still runs, or
 two launches to use two machines' worth of workers on a shared disk): a trial runs only while its worker holds the

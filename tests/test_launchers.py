@@ -154,7 +154,7 @@ def steps_of(out: Path, t) -> list[int]:
 def test_launchers_are_registered_and_the_package_imports_nothing_heavy():
     assert LAUNCHERS.names() == ["local", "ray", "slurm"]
     code = ("import sys, shiftbench.launchers as L, argparse; L.add_arguments(argparse.ArgumentParser()); "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'submitit', 'mlflow'}))")  # fmt: skip
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'submitit', 'mlflow'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONSAFEPATH="1"))  # fmt: skip
     assert out.stdout.strip() == "[]"
@@ -313,14 +313,14 @@ def test_ray_ctrl_c_cancels_and_leaves_every_trial_done_or_resumable(ray_cluster
         from shiftbench.sweep import run_sweep
         from shiftbench.trainer import RunOptions
         try:
-            run_sweep(tiny_sweep(steps=300, n_hparams=3), {str(tmp_path)!r}, progress=False, track=False,
+            run_sweep(tiny_sweep(steps=150, n_hparams=3), {str(tmp_path)!r}, progress=False, track=False,
                       options=RunOptions(device="cpu", checkpoint_interval=0),
                       launcher=LAUNCHERS.get("ray")(ray_address={ray_cluster!r}, cpus_per_trial=1))
         except KeyboardInterrupt:
             sys.exit(130)
     """)
     driver = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, PYTHONSAFEPATH="1"))
-    sweep = tiny_sweep(steps=300, n_hparams=3)
+    sweep = tiny_sweep(steps=150, n_hparams=3)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not any((trial_dir(tmp_path, t) / "checkpoint.pt").exists()
                                                   for t in sweep.trials()):  # fmt: skip

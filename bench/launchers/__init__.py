@@ -133,8 +133,12 @@ def _pos_int(text: str) -> int:
 
 TRACKING_URI = Option("--tracking-uri", "MLflow tracking URI shared by many drivers, e.g. http://host:5000 (default: "
                       "$MLFLOW_TRACKING_URI, else OUT/mlflow.db)")  # fmt: skip
-GPUS_PER_TRIAL = Option("--gpus-per-trial", "GPUs per trial (local, ray); a fraction packs several trials on one "
-                        "GPU, e.g. 0.25 runs four per GPU (default: 1 where CUDA is seen, else 0)", _nonneg_float)  # fmt: skip
+GPUS_PER_TRIAL = Option(
+    "--gpus-per-trial",
+    "GPUs per trial (local, ray); a fraction packs several trials on one GPU, e.g. 0.25 runs four per GPU "
+    "(default: 1 where CUDA is seen, else 0)",
+    _nonneg_float,
+)
 
 
 def _options() -> dict[str, Option]:

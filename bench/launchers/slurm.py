@@ -129,9 +129,11 @@ class SlurmLauncher(Launcher):
                                       "signal_delay_s": min(self.signal_delay_s, minutes * 30)}  # fmt: skip
         else:
             executor = submitit.SlurmExecutor(folder=folder)
-            params = {"job_name": f"shiftbench-{self.sweep_hash[:8]}", "time": minutes, "nodes": 1,
-                      "ntasks_per_node": 1, "cpus_per_task": max(1, math.ceil(self.cpus_per_trial or 1)),
-                      "array_parallelism": self.slurm_array_parallelism, "signal_delay_s": self.signal_delay_s}  # fmt: skip
+            params = {
+                "job_name": f"shiftbench-{self.sweep_hash[:8]}", "time": minutes, "nodes": 1, "ntasks_per_node": 1,
+                "cpus_per_task": max(1, math.ceil(self.cpus_per_trial or 1)),
+                "array_parallelism": self.slurm_array_parallelism, "signal_delay_s": self.signal_delay_s,
+            }  # fmt: skip
             if self.slurm_gpus_per_task:
                 params["gpus_per_node"] = self.slurm_gpus_per_task
             if self.slurm_partition:
