@@ -31,7 +31,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def _run_options(a: argparse.Namespace):
     from .trainer import RunOptions, resolve_device
 
-    resolve_device(a.device)
+    if getattr(a, "launcher", "local") == "local":  # ray and slurm workers resolve --device where they run
+        resolve_device(a.device)
     if a.checkpoint_interval < 0:
         raise UserError(f"--checkpoint-interval must be >= 0 (got {a.checkpoint_interval})")
     return RunOptions(device=a.device, amp=a.amp, data_root=a.data_root, download=a.download,
@@ -100,12 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: none; see docs/data.md)")
     sw.add_argument("--out", required=True, type=Path,
                     help="sweep folder (new, or one holding this same sweep to resume it)")
-    sw.add_argument("--workers", type=int, default=1, help="trials run at once, one process each")
+    sw.add_argument("--workers", type=int, default=1,
+                    help="trials run at once, one process each, with the local launcher (ray and slurm ignore it: "
+                         "see --cpus-per-trial, --slurm-array-parallelism)")
     sw.add_argument("--retry-failed", action="store_true", help="run failed trials again")
     sw.add_argument("--no-mlflow", action="store_true",
                     help="do not mirror trials to MLflow (by default: OUT/mlflow.db, or $MLFLOW_TRACKING_URI)")
     sw.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _add_run_options(sw)
+    from .launchers import add_arguments as add_launcher_arguments  # light: no torch, ray, submitit or mlflow
+
+    add_launcher_arguments(sw)
 
     rp = sub.add_parser("report", help="write leaderboards, metrics.json and plots from a runs folder")
     rp.add_argument("runs", type=Path, nargs="+", metavar="RUNS",
@@ -233,17 +239,21 @@ def cmd_sweep(a) -> int:
         sweep = SweepSpec.from_mapping(d, where="--option")
     if a.workers <= 0:
         raise UserError(f"--workers must be positive (got {a.workers})")
-    return _sweep_and_print(sweep, a.out, a.workers, _run_options(a), not a.no_mlflow, not a.no_progress)
+    from .launchers import from_args
+
+    launcher = from_args(a)  # also exports --tracking-uri as MLFLOW_TRACKING_URI
+    return _sweep_and_print(sweep, a.out, a.workers, _run_options(a), not a.no_mlflow, not a.no_progress, launcher)
 
 
-def _sweep_and_print(sweep, out: Path, workers: int, options, track: bool, progress: bool) -> int:
+def _sweep_and_print(sweep, out: Path, workers: int, options, track: bool, progress: bool, launcher=None) -> int:
     from .sweep import check_data, prepare_out, run_sweep
 
     check_data(sweep, options)
     prepare_out(out, sweep)
     n = len(sweep.trials())
     print(f"sweep {sweep.name}: {n} trials -> {out}  (hash {sweep.hash[:12]})", file=sys.stderr)
-    counts = run_sweep(sweep, out, workers=workers, options=options, progress=progress, track=track)
+    counts = run_sweep(sweep, out, workers=workers, options=options, progress=progress, track=track,
+                       launcher=launcher)
     print(
         f"trials: {counts['total']} total, {counts['skipped_done']} already done, {counts['done']} finished now, "
         f"{counts['resumed']} resumed, {counts['failed_total']} failed",

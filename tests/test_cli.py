@@ -46,6 +46,9 @@ def one_line_error(err: str) -> str:
          "unknown threat 'l3'"),
         (["train", "--dataset", "colored_digits", "--method", "erm", "--callbacks", "robust_eval:bounds=1:0"],
          "must be (lo, hi) with lo < hi"),
+        (["sweep", "--datasets", "colored_digits", "--methods", "erm", "--launcher", "rey"], "did you mean 'ray'"),
+        (["sweep", "--datasets", "colored_digits", "--methods", "erm", "--launcher", "ray", "--slurm-partition", "x"],
+         "--slurm-partition is not an option of --launcher ray"),
     ],
 )
 def test_bad_input_one_line_nonzero(argv, expected, tmp_path, capsys):
