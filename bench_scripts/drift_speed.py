@@ -71,7 +71,7 @@ def main() -> None:
     x, y = rng.normal(size=(1000, a.dim)), rng.normal(size=(1000, a.dim))
     others = {
         "KS per feature (Bonferroni), 1000 vs 1000": lambda: drift.ks_test(x, y),
-        "classifier test (logistic, default), 1000 vs 1000": lambda: drift.classifier_test(x, y),
+        "classifier test (logistic), 1000 vs 1000": lambda: drift.classifier_test(x, y),
         "classifier test (mlp), 1000 vs 1000": lambda: drift.classifier_test(x, y, classifier="mlp"),
         "MMD, 1000 permutations, 1000 vs 1000": lambda: drift.mmd_test(x, y, n_permutations=1000),
     }
