@@ -16,7 +16,7 @@ Detectors (the names of :data:`DETECTORS`):
   at 5000 per side would take 400 MB in float32). Beyond ``max_quadratic`` pooled examples the same permutation
   test runs on disjoint blocks (:func:`mmd_blocks`), sized so that power never drops as n grows; the linear-time
   MMD²_l with its normal approximation (Gretton et al. 2012, section 6) is there by name only: when it took over
-  above 10,000 pooled examples, power on a small shift fell from 0.95 at 5000 vs 5000 to 0.05 at 5000 vs 5001
+  above 10,000 pooled examples, power on a small shift fell from 0.82 at 5000 vs 5000 to 0.17 at 5000 vs 5001
   (``bench_scripts/drift_power.py --tables mmd-n``).
 - ``ks``: a Kolmogorov–Smirnov test per feature, combined by Bonferroni (p = d · min p_j) or, with
   ``correction="fdr"``, by Simes' global test (p = min_k d · p_(k) / k), which rejects exactly when the
