@@ -17,10 +17,14 @@ from shiftbench.trainer import CHECKPOINT, FAILED, FINAL, Interrupted, RunOption
 SMALL_DATASETS = ["colored_digits", "rotated_digits"]
 """Neither has per-example groups: the group methods (``NeedsGroups``) refuse them (tests/test_zoo_subpop.py checks
 the refusal) and train on subpop_digits in tests/test_method_contract.py."""
-UNANNEALED = {"iga": {"iga_penalty": 10.0}}
+UNANNEALED = {"iga": {"iga_penalty": 10.0}, "ermplusplus": {"erm_linear_steps": 5, "erm_sma_start": 10}}
 """Methods whose default penalty weight applies from step 0 and dominates the risk for far longer than 25 steps
 (IGA: DomainBed's 1000, never annealed), run here with a weight at the low end of their range; their own tests
-check the penalty itself."""
+check the penalty itself. ERM++ trains only its head for its first 500 steps at 5e-5 (a linear probe): here for 5.
+"""
+UNFIT_BY_DESIGN = {("lff", "colored_digits"): "LfF up-weights what its biased model gets wrong, so on colored_digits "
+                                              "its training accuracy falls as it lets go of the colour cue "
+                                              "(tests/test_zoo_subpop.py checks its weights and loss)"}
 
 
 def spec_for(small, dataset="colored_digits", method="erm", steps=30, eval_every=10, **kw):
@@ -32,6 +36,8 @@ def spec_for(small, dataset="colored_digits", method="erm", steps=30, eval_every
                                     and not issubclass(METHODS.get(m), NeedsGroups)])  # fmt: skip
 def test_every_method_trains_on_every_small_dataset(method, dataset, small, tmp_path):
     # Default hyperparameters: penalties stay at weight 1 this early, so every method must fit its training data.
+    if (method, dataset) in UNFIT_BY_DESIGN:
+        pytest.skip(UNFIT_BY_DESIGN[method, dataset])
     spec = spec_for(small, dataset, method, steps=25, eval_every=8, hparams=UNANNEALED.get(method, {}))
     final = run_trial(spec, tmp_path / "t")
     assert final["status"] == "done", final
