@@ -1,5 +1,6 @@
 """File helpers: atomic writes (a temporary file in the same folder, fsync'd, then renamed over the target),
-JSON reading and writing, and file digests."""
+JSON reading and writing, and file digests. JSON-lines files are read by ``records.read_jsonl`` (one torn-line
+policy)."""
 
 from __future__ import annotations
 
@@ -36,13 +37,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _jsonable(o: Any) -> Any:

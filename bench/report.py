@@ -53,6 +53,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .records import FAILED, FINAL, RESULTS, SPEC, read_jsonl
 from .selection import RULES, Record, held_out_envs, rule_title
 
 Trial = dict[str, Any]
@@ -174,29 +175,15 @@ class Scan:
 
 
 def _trial_dirs(runs_dir: Path) -> list[Path]:
-    if (runs_dir / "spec.json").is_file():
+    if (runs_dir / SPEC).is_file():
         return [runs_dir]
     base = runs_dir / "trials" if (runs_dir / "trials").is_dir() else runs_dir
-    return sorted(p for p in base.iterdir() if p.is_dir() and (p / "spec.json").is_file())
+    return sorted(p for p in base.iterdir() if p.is_dir() and (p / SPEC).is_file())
 
 
 def _read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path.name} line {n}: {e.msg}") from None
-    return out
 
 
 def scan_runs(runs_dir: str | os.PathLike) -> Scan:
@@ -215,15 +202,15 @@ def scan_runs(runs_dir: str | os.PathLike) -> Scan:
     seen: set[str] = set()
     for d in _trial_dirs(root):
         try:
-            meta = _read_json(d / "spec.json")
+            meta = _read_json(d / SPEC)
         except (OSError, ValueError) as e:
-            scan.unreadable.append({"dir": str(d), "reason": f"spec.json: {e}"})
+            scan.unreadable.append({"dir": str(d), "reason": f"{SPEC}: {e}"})
             continue
         trial_hash = str(meta.get("hash") or d.name)
-        if (d / "final.json").is_file():
+        if (d / FINAL).is_file():
             try:
-                final = _read_json(d / "final.json")
-                records = _read_jsonl(d / "results.jsonl")
+                final = _read_json(d / FINAL)
+                records = read_jsonl(d / RESULTS)
             except (OSError, ValueError) as e:
                 scan.unreadable.append({"dir": str(d), "reason": str(e)})
                 continue
@@ -237,11 +224,11 @@ def scan_runs(runs_dir: str | os.PathLike) -> Scan:
             trial.update({"hash": trial_hash, "spec": meta.get("spec") or {}, "records": records, "final": final,
                           "dir": str(d)})
             scan.done.append(trial)
-        elif (d / "failed.json").is_file():
+        elif (d / FAILED).is_file():
             try:
-                info = _read_json(d / "failed.json")
+                info = _read_json(d / FAILED)
             except (OSError, ValueError) as e:
-                info = {"reason": f"failed.json unreadable: {e}"}
+                info = {"reason": f"{FAILED} unreadable: {e}"}
             scan.failed.append({"hash": trial_hash, "dir": str(d), "reason": str(info.get("reason", "unknown")),
                                 "step": info.get("step"), "spec": meta.get("spec", {})})
         else:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from .locks import FileLock
 from .mlflow_store import LOCK_DIR, StoreState, ensure_store, sqlite_file
+from .records import CHECKPOINT, FAILED, FINAL, RESULTS, SPEC, read_jsonl
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -57,7 +58,7 @@ EXPERIMENT_KIND = "custom_model_development"
 LOCKED_PATIENCE_S = 300.0
 """How long a call refused with "database is locked" is retried before the error is let through."""
 
-_SKIPPED_FILES = {"checkpoint.pt"}
+_SKIPPED_FILES = {CHECKPOINT}
 """Trial files that are never mirrored: the checkpoint is working state, not a result."""
 _METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call
 _PARAMS_TAGS_PER_BATCH = 100  # likewise for params and tags together
@@ -195,23 +196,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     """The JSON object in ``path``."""
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of ``results.jsonl``; a torn last line (a crash mid-write) is ignored."""
-    if not path.exists():
-        return []
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
 
 
 def _is_locked(error: BaseException) -> bool:
@@ -464,13 +448,13 @@ class Tracker:
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         trial = Path(trial_dir)
-        if (trial / "final.json").exists():
-            end_file, status = trial / "final.json", "done"
-        elif (trial / "failed.json").exists():
-            end_file, status = trial / "failed.json", "failed"
+        if (trial / FINAL).exists():
+            end_file, status = trial / FINAL, "done"
+        elif (trial / FAILED).exists():
+            end_file, status = trial / FAILED, "failed"
         else:
-            raise ValueError(f"trial {trial} has not ended: no final.json or failed.json")
-        meta = _read_json(trial / "spec.json")
+            raise ValueError(f"trial {trial} has not ended: no {FINAL} or {FAILED}")
+        meta = _read_json(trial / SPEC)
         trial_hash = str(meta["hash"])
 
         with self._run_lock(trial_hash):
@@ -498,10 +482,10 @@ class Tracker:
 
         spec: Mapping[str, Any] = meta.get("spec", {})
         end = _read_json(end_file)
-        records = _read_records(trial / "results.jsonl")
+        records = read_jsonl(trial / RESULTS)
         end_ms = _mtime_ms(end_file)
         elapsed = [e for e in (_numeric(r.get("elapsed")) for r in records) if e is not None and math.isfinite(e)]
-        start_ms = end_ms - int(max(elapsed) * 1000) if elapsed else _mtime_ms(trial / "spec.json")
+        start_ms = end_ms - int(max(elapsed) * 1000) if elapsed else _mtime_ms(trial / SPEC)
 
         name = run_name(spec)
         tags = {

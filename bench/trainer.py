@@ -25,11 +25,10 @@ from .hparams import seed_hash
 from .io import CreatedDirs, atomic_write, read_json, write_json, write_jsonl
 from .models import build_model
 from .provenance import code_version
+from .records import (  # noqa: F401 (the file names and trial_status stay importable from here)
+    CHECKPOINT, FAILED, FINAL, PREDICTIONS, RESULTS, SPEC, WEIGHTS, trial_status,
+)
 from .registry import CALLBACKS, DATASETS, METHODS, TASKS
-
-FINAL, FAILED, SPEC, CHECKPOINT, RESULTS, PREDICTIONS, WEIGHTS = (
-    "final.json", "failed.json", "spec.json", "checkpoint.pt", "results.jsonl", "predictions.npz", "model.pt",
-)  # fmt: skip
 
 
 @dataclass
@@ -111,16 +110,6 @@ def _load_dataset(name: str, options_json: str, root: str | None, download: bool
 def load_dataset(name: str, options: dict, root: str | None = None, download: bool = False) -> ShiftDataset:
     """Builds (or reuses, within a process) a dataset."""
     return _load_dataset(name, canonical_json(options), root, download)
-
-
-def trial_status(trial_dir: Path) -> str:
-    """'done', 'failed', 'partial' (has a checkpoint) or 'new'."""
-    trial_dir = Path(trial_dir)
-    if (trial_dir / FINAL).exists():
-        return "done"
-    if (trial_dir / FAILED).exists():
-        return "failed"
-    return "partial" if (trial_dir / CHECKPOINT).exists() else "new"
 
 
 @dataclass

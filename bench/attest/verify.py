@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..io import read_json, sha256_file
+from ..records import FINAL, PREDICTIONS, RESULTS, SPEC, WEIGHTS, read_jsonl
 from . import checkpoint as ckpt
 from .dsse import PublicKey, b64decode_strict, read_public_keys, verify_envelope
 from .log import COSIGNED, LOG_DIRNAME, TransparencyLog, check_receipt, log_dir_for, verify_log
@@ -31,8 +32,7 @@ from .merkle import MerkleTree, leaf_hash, merkle_root, verify_consistency, veri
 from .policy import Policy
 from .predictions import encode_leaf, leaf_hashes, load_predictions
 from .record import ENVELOPE, RECEIPT
-from .statement import (MANIFEST, METRICS, PAYLOAD_TYPE, PREDICATE_TYPE, PREDICTIONS, RESULTS, SPEC, STATEMENT_TYPE,
-                        SUBJECTS, WEIGHTS)
+from .statement import MANIFEST, METRICS, PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE, SUBJECTS
 from .witness import WitnessState
 
 METRIC_ATOL = 1e-6
@@ -105,11 +105,6 @@ class Trust:
         from . import keys as identities
 
         return cls(identities.public_keys(keys_dir), "your own keys folder (not a policy)")
-
-
-def _last_record(path: Path) -> Any:
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return json.loads(lines[-1]) if lines else None
 
 
 def _same_number(a: Any, b: Any, atol: float) -> bool:
@@ -234,15 +229,15 @@ def _check_metrics(res: Result, predicate: Mapping[str, Any], arrays: Mapping[st
     except (OSError, ValueError):
         res.failures.append(f"{METRICS}: unreadable")
     try:
-        final = read_json(t / "final.json")
+        final = read_json(t / FINAL)
         if not _same_json(final.get("record"), metrics):
-            res.failures.append("final.json: its record differs from the attested metrics")
+            res.failures.append(f"{FINAL}: its record differs from the attested metrics")
         if final.get("attestation") != res.envelope_sha256:
-            res.failures.append("final.json: its attestation digest is not the envelope's sha256")
+            res.failures.append(f"{FINAL}: its attestation digest is not the envelope's sha256")
     except (OSError, ValueError, AttributeError):
-        res.failures.append("final.json: missing or unreadable")
+        res.failures.append(f"{FINAL}: missing or unreadable")
     try:
-        if not _same_json(_last_record(t / RESULTS), metrics):
+        if not _same_json((read_jsonl(t / RESULTS, missing_ok=False) or [None])[-1], metrics):
             res.failures.append(f"{RESULTS}: its last record differs from the attested metrics")
     except (OSError, ValueError):
         res.failures.append(f"{RESULTS}: unreadable")
@@ -280,18 +275,18 @@ def _check_spec(res: Result, predicate: Mapping[str, Any]) -> None:
         meta = read_json(res.trial / SPEC)
         manifest = read_json(res.trial / MANIFEST)
     except (OSError, ValueError):
-        res.failures.append("spec.json or data_manifest.json: missing or unreadable")
+        res.failures.append(f"{SPEC} or {MANIFEST}: missing or unreadable")
         return
     spec = predicate.get("spec")
     if meta.get("spec") != spec or meta.get("hash") != predicate.get("trial_hash"):
-        res.failures.append("spec.json: differs from the attested spec")
+        res.failures.append(f"{SPEC}: differs from the attested spec")
     if sha256_json(spec) != predicate.get("trial_hash"):
         res.failures.append("statement: the trial hash is not the hash of the attested spec")
     if not (meta.get("data_version") == manifest.get("data_version") == predicate.get("data_version")):
-        res.failures.append("data version: spec.json, data_manifest.json and the statement disagree")
+        res.failures.append(f"data version: {SPEC}, {MANIFEST} and the statement disagree")
     if isinstance(spec, Mapping) and (manifest.get("dataset"), manifest.get("options")) != (
             spec.get("dataset"), spec.get("dataset_options")):
-        res.failures.append("data_manifest.json: dataset or options differ from the attested spec")
+        res.failures.append(f"{MANIFEST}: dataset or options differ from the attested spec")
 
 
 @dataclass
@@ -694,10 +689,10 @@ def _gather(split, ids: Sequence[int]) -> dict | None:
 
 def trial_folders(path: Path) -> list[Path]:
     """One trial folder, or every done trial folder of a sweep output folder."""
-    if (path / "spec.json").is_file():
+    if (path / SPEC).is_file():
         return [path]
     base = path / "trials" if (path / "trials").is_dir() else path
-    return sorted(p for p in base.iterdir() if (p / "final.json").is_file()) if base.is_dir() else []
+    return sorted(p for p in base.iterdir() if (p / FINAL).is_file()) if base.is_dir() else []
 
 
 def verify_path(path: str | os.PathLike, trust: Trust | None = None, log_dir: str | os.PathLike | None = None,

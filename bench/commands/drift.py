@@ -31,6 +31,7 @@ import numpy as np
 
 from shiftbench.cliargs import parse_kv
 from shiftbench.errors import UserError
+from shiftbench.records import SPEC, WEIGHTS
 
 FILE_SUFFIXES = (".csv", ".parquet", ".pq", ".npy")
 SPLITS = ("in", "out", "all")
@@ -230,13 +231,13 @@ class TrialModel:
         from shiftbench.models import build_model
         from shiftbench.registry import TASKS
 
-        meta_path, weights = trial_dir / "spec.json", trial_dir / "model.pt"
+        meta_path, weights = trial_dir / SPEC, trial_dir / WEIGHTS
         if not meta_path.is_file() or not weights.is_file():
-            raise UserError(f"--trial {trial_dir} is not a finished trial folder (needs spec.json and model.pt)")
+            raise UserError(f"--trial {trial_dir} is not a finished trial folder (needs {SPEC} and {WEIGHTS})")
         meta = json.loads(meta_path.read_text())
         spec, described = meta.get("spec", {}), meta.get("dataset") or {}
         if "input_shape" not in described or "num_classes" not in described:
-            raise UserError(f"--trial {trial_dir}: spec.json does not describe the dataset's input shape")
+            raise UserError(f"--trial {trial_dir}: {SPEC} does not describe the dataset's input shape")
         self.task_name = meta.get("task", "classification")
         self.task = TASKS.get(self.task_name)()
         self.input_shape = tuple(described["input_shape"])

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from shiftbench.records import WEIGHTS
 from shiftbench.report import Section, _cell, _new_figure, _safe, html_table, md_table, report_section
 
 MAX_SEEDS = 5
@@ -85,7 +86,7 @@ def learner_crossplay(agents: Sequence[dict]) -> np.ndarray | None:
         for t in agents:
             s, meta = t["spec"], t.get("dataset") or {}
             model = build_model(s["model"], meta["input_shape"], meta["num_classes"], s["hparams"])
-            model.load_state_dict(torch.load(Path(t["dir"]) / "model.pt", map_location="cpu", weights_only=True))
+            model.load_state_dict(torch.load(Path(t["dir"]) / WEIGHTS, map_location="cpu", weights_only=True))
             loaded.append((model.eval(), s["hparams"]["learner"]))
     except (OSError, KeyError, RuntimeError, ValueError, NotImplementedError):
         return None

@@ -1,0 +1,51 @@
+"""bench/records.py: the trial folder's one JSONL reader and its torn-line policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shiftbench import records, trainer
+from shiftbench.records import read_jsonl
+
+
+def test_a_torn_last_line_is_skipped(tmp_path: Path):
+    path = tmp_path / records.RESULTS
+    path.write_text('{"step": 10}\n\n{"step": 20}\n{"step": 3')  # a write cut short: no newline, no closing brace
+    assert read_jsonl(path) == [{"step": 10}, {"step": 20}]
+
+
+def test_a_malformed_middle_line_raises_with_its_number(tmp_path: Path):
+    path = tmp_path / records.RESULTS
+    path.write_text('{"step": 10}\n\n{"step": 2\n{"step": 30}\n')  # line 3 is broken; the blank line 2 counts
+    with pytest.raises(ValueError, match=r"^results\.jsonl line 3: "):
+        read_jsonl(path)
+
+
+def test_a_complete_but_malformed_last_line_raises(tmp_path: Path):
+    # it ends in a newline, so the write finished: damage, not a torn append (the report lists the trial unreadable)
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2\n')
+    with pytest.raises(ValueError, match=r"^r\.jsonl line 2: "):
+        read_jsonl(path)
+
+
+def test_a_missing_file_is_no_records_unless_required(tmp_path: Path):
+    assert read_jsonl(tmp_path / "none.jsonl") == []
+    with pytest.raises(OSError):
+        read_jsonl(tmp_path / "none.jsonl", missing_ok=False)
+
+
+def test_the_trainer_reexports_the_file_names_and_status(tmp_path: Path):
+    assert (trainer.FINAL, trainer.FAILED, trainer.SPEC, trainer.CHECKPOINT, trainer.RESULTS, trainer.PREDICTIONS,
+            trainer.WEIGHTS) == ("final.json", "failed.json", "spec.json", "checkpoint.pt", "results.jsonl",
+                                 "predictions.npz", "model.pt")
+    assert trainer.trial_status is records.trial_status
+    assert records.trial_status(tmp_path) == "new"
+    (tmp_path / "checkpoint.pt").write_bytes(b"x")
+    assert records.trial_status(tmp_path) == "partial"
+    (tmp_path / "failed.json").write_text("{}")
+    assert records.trial_status(tmp_path) == "failed"
+    (tmp_path / "final.json").write_text("{}")
+    assert records.trial_status(tmp_path) == "done"
