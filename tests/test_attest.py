@@ -488,3 +488,44 @@ def test_report_prints_tree_head_and_each_trials_digest(pristine, tmp_path):
     assert section["notes"] == []
     assert section["trust"] == [{"dataset": "colored_digits", "method": "erm", "self-attested": 2, "host-verified": 0,
                                  "failed": 0}]
+
+
+def test_report_counts_proof_verified_rows_and_verify_checks_the_proof_statement(pristine, home, tmp_path, capsys):
+    # issue 19: the host proves one trial's env2_in accuracy against committed labels; the report marks that row
+    from shiftbench.attest import proofs
+    from shiftbench.report import build_report
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(pristine, sweep)
+    trials = sorted((sweep / "trials").iterdir())
+    com = tmp_path / "labels.json"
+    assert main(["labels", "commit", "--from-trial", str(trials[0]), "--split", "env2_in", "--queries", "8",
+                 "--grinding", "4", "--max-proofs", "2", "-o", str(com)]) == 0
+    assert main(["prove", str(trials[0]), "--labels", str(com), "--no-mlflow"]) == 0
+    z = np.load(trials[0] / "predictions.npz")
+    rows = z["split"] == "env2_in"
+    correct = int(np.sum(z["pred"][rows] == z["label"][rows]))
+    statement = json.loads(base64.b64decode(json.loads((trials[0] / "proof_env2_in.dsse.json").read_text())["payload"]))
+    assert {s["name"] for s in statement["subject"]} == {"proof_env2_in.stark", "predictions.npz", ENVELOPE}
+    assert statement["predicate"]["statement"]["correct"] == correct and statement["predicate"]["statement"]["n"] == 240
+    assert statement["predicate"]["prover"]["keys"][0]["keyid"] == dsse.local_public_keys()[0].keyid
+    capsys.readouterr()
+    assert main(["verify", "--proof", str(trials[0]), "--labels", str(com), "--public-key",
+                 str(home / "keys" / "ed25519.pub")]) == 0
+    assert f"{correct}/240" in capsys.readouterr().out
+    metrics, text = build_report(sweep, tmp_path / "rep", plots=False)
+    section = metrics["sections"]["attestation"]
+    assert section["trust"] == [{"dataset": "colored_digits", "method": "erm", "self-attested": 2, "host-verified": 0,
+                                 "failed": 0, "proof-verified": 1}]
+    numbers = json.loads((tmp_path / "rep" / "metrics.json").read_text())["sections"]["attestation"]
+    assert (numbers["proof_verified"], numbers["proof_failed"], numbers["signed"]) == (1, 0, 2)
+    assert "proof-verified" in text and f"{correct} / 240" in text and section["notes"] == []
+    # the proof statement names the trial's envelope: re-signing the trial leaves the proof about an old result
+    final = json.loads((trials[0] / "final.json").read_text())
+    final["attestation"] = attest_trial(trials[0], final["record"])
+    (trials[0] / "final.json").write_text(json.dumps(final))
+    assert proofs.check(trials[0] / "proof_env2_in.stark")["status"] == proofs.FAILED
+    metrics, _ = build_report(sweep, tmp_path / "rep2", plots=False)
+    section = metrics["sections"]["attestation"]
+    assert section["trust"][0]["proof-verified"] == 0
+    assert any("attestation.dsse.json is missing or differs" in n for n in section["notes"])

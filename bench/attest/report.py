@@ -1,6 +1,8 @@
 """The report's attestation section: each log's checkpoint, each row's attestation digest, and per leaderboard row
 (dataset, method) how many trials are self-attested, host-verified (a countersigned SLSA verification summary that
-verifies and names the trial's envelope, see :mod:`.vsa`) or failed by a host.
+verifies and names the trial's envelope, see :mod:`.vsa`) or failed by a host, and, once some trial carries an
+accuracy proof, how many are proof-verified: every ``proof_*.stark`` of the trial verifies and so does the host's
+signed Statement about it (:func:`.proofs.check`, which verifies the zk-STARK itself, in milliseconds).
 
 It reads the trial folders and the logs only (no signature checks: that is ``shiftbench verify``), and says which
 trials carry no attestation, which are not in their log, and which logged runs the report does not show.
@@ -15,7 +17,7 @@ from typing import Any, Sequence
 
 from ..report import Section, html_table, md_table, report_section
 from .log import TransparencyLog, log_dir_for
-from . import vsa
+from . import proofs, vsa
 from .record import ENVELOPE, RECEIPT
 
 
@@ -50,9 +52,10 @@ def attestation_section(trials: Sequence[dict]) -> Section | None:
         rows.append({"trial": t["hash"][:16], "method": spec.get("method"), "dataset": spec.get("dataset"),
                      "test_envs": spec.get("test_envs"), "seed": spec.get("seed"),
                      "hparams_seed": spec.get("hparams_seed"), "attestation_sha256": digest, "log_index": index,
-                     "status": summary["status"], "host": summary["host"]})
+                     "status": summary["status"], "host": summary["host"], "proofs": proofs.check_trial(d)})
     if not rows:
         return None
+    proven = any(r["proofs"] for r in rows)
     shown = {t["hash"] for t in trials}
     heads, notes = {}, []
     for ld, log in logs.items():
@@ -69,13 +72,19 @@ def attestation_section(trials: Sequence[dict]) -> Section | None:
     if unattested:
         notes.append(f"{unattested} trial(s) in this report carry no attestation")
     notes += [f"trial {r['trial']} is not in its log" for r in rows if r["log_index"] is None]
+    notes += [f"trial {r['trial']}: {line}" for r in rows for p in r["proofs"] for line in p["failures"]]
+    notes += [f"trial {r['trial']}: proof_{p['split']}.stark carries no signed Statement" for r in rows
+              for p in r["proofs"] if p["status"] == proofs.UNSIGNED]
 
     trust: dict[tuple, dict[str, int]] = {}
     for r in rows:
-        c = trust.setdefault((r["dataset"], r["method"]), {vsa.SELF: 0, vsa.HOST: 0, vsa.FAILED_ROW: 0})
+        c = trust.setdefault((r["dataset"], r["method"]), {vsa.SELF: 0, vsa.HOST: 0, vsa.FAILED_ROW: 0,
+                                                           proofs.VERIFIED: 0})
         c[r["status"]] += 1
-    trust_rows = [[ds, m, c[vsa.SELF], c[vsa.HOST], c[vsa.FAILED_ROW]] for (ds, m), c in sorted(trust.items(),
-                                                                                               key=str)]
+        c[proofs.VERIFIED] += _proof_verified(r)
+    # the proof column appears only once a trial carries a proof, so reports of sweeps without proofs are unchanged
+    header = ["dataset", "method", vsa.SELF, vsa.HOST, vsa.FAILED_ROW] + ([proofs.VERIFIED] if proven else [])
+    trust_rows = [[ds, m] + [c[k] for k in header[2:]] for (ds, m), c in sorted(trust.items(), key=str)]
     md = ["Checkpoints (`shiftbench verify RUNS` checks signatures, digests, the data, metrics and log proofs):", ""]
     for ld, h in heads.items():
         if h is None:
@@ -83,10 +92,13 @@ def attestation_section(trials: Sequence[dict]) -> Section | None:
         else:
             md.append(f"- `{ld}`: {h['origin']}, size {h['tree_size']}, root `{h['root_hash']}`, "
                       f"signed by {', '.join(h['signers'])}")
-    md += ["", "Trust per leaderboard row (host-verified: countersigned by a host that re-ran examples; whether to "
-           "trust that host is yours to decide):", "",
-           md_table(["dataset", "method", "self-attested", "host-verified", "failed"],
-                    [[str(x) for x in row] for row in trust_rows])]
+    md += ["", "Trust per leaderboard row (host-verified: countersigned by a host that re-ran examples; "
+           + ("proof-verified: every accuracy proof and its signed Statement verify (`shiftbench verify --proof`); "
+              if proven else "") + "whether to trust that host is yours to decide):", "",
+           md_table(header, [[str(x) for x in row] for row in trust_rows])]
+    if proven:
+        md += ["", md_table(["trial", "split", "proof", "correct / n", "label root", "prover"],
+                            _proof_rows(rows))]
     md += [""] + [f"- **{n}**" for n in notes] + ([""] if notes else [])
     cols = ("trial", "method", "dataset", "test_envs", "hparams_seed", "seed", "log_index", "status",
             "attestation_sha256")
@@ -97,13 +109,43 @@ def attestation_section(trials: Sequence[dict]) -> Section | None:
     body = "".join(f"<li><code>{e(ld)}</code>: size {e(str(h and h['tree_size']))}, root <code>"
                    f"{e(str(h and h['root_hash']))}</code></li>" for ld, h in heads.items())
     body = f"<ul>{body}</ul>" + "".join(f"<p class=\"note\"><b>{e(n)}</b></p>" for n in notes)
-    body += html_table(["dataset", "method", "self-attested", "host-verified", "failed"], trust_rows)
+    body += html_table(header, trust_rows)
+    if proven:
+        body += html_table(["trial", "split", "proof", "correct / n", "label root", "prover"], _proof_rows(rows))
     body += html_table(cols, [[r[c] for c in cols] for r in rows])
-    return Section("attestation", "Attestations", "\n".join(md), body, terminal=_terminal_line(rows, heads, notes),
-                   numbers=_numbers(rows, heads, notes),
-                   metrics={"tree_heads": heads, "trials": rows, "notes": notes,
-                            "trust": [dict(zip(("dataset", "method", vsa.SELF, vsa.HOST, vsa.FAILED_ROW), row))
-                                      for row in trust_rows]})
+    numbers = _numbers(rows, heads, notes)
+    if proven:
+        numbers["proof_verified"] = sum(_proof_verified(r) for r in rows)
+        numbers["proof_failed"] = sum(any(p["status"] == proofs.FAILED for p in r["proofs"]) for r in rows)
+    table = [dict(r, proofs=[_proof_json(p) for p in r["proofs"]]) if proven else
+             {k: v for k, v in r.items() if k != "proofs"} for r in rows]
+    terminal = _terminal_line(rows, heads, notes)
+    if proven:
+        terminal += f" | {numbers['proof_verified']} of {len(rows)} proof-verified"
+    return Section("attestation", "Attestations", "\n".join(md), body, terminal=terminal, numbers=numbers,
+                   metrics={"tree_heads": heads, "trials": table, "notes": notes,
+                            "trust": [dict(zip(header, row)) for row in trust_rows]})
+
+
+def _proof_verified(row: dict) -> int:
+    """1 when the trial carries proofs and every one, with its signed Statement, verifies."""
+    return int(bool(row["proofs"]) and all(p["status"] == proofs.VERIFIED for p in row["proofs"]))
+
+
+def _proof_rows(rows: Sequence[dict]) -> list[list[str]]:
+    out = []
+    for r in rows:
+        for p in r["proofs"]:
+            st = p["statement"]
+            out.append([r["trial"], p["split"], p["status"], f"{st.correct} / {st.n}" if st else "-",
+                        st.label_root.hex()[:16] if st else "-", str(p["host"])])
+    return out
+
+
+def _proof_json(p: dict) -> dict:
+    st = p["statement"]
+    return {"split": p["split"], "status": p["status"], "host": p["host"], "correct": st and st.correct,
+            "n": st and st.n, "label_root": st and st.label_root.hex(), "pred_root": st and st.pred_root.hex()}
 
 
 def _terminal_line(rows: Sequence[dict], heads: dict[str, Any], notes: Sequence[str]) -> str:

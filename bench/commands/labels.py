@@ -27,7 +27,8 @@ def register(subparsers) -> None:
     c.add_argument("--context", default="", help="what the labels are (dataset, version); bound into every proof")
     c.add_argument("--queries", type=int, default=None, help="FRI queries (default: the 100-bit default)")
     c.add_argument("--max-proofs", type=int, default=None,
-                   help="zero-knowledge budget: proofs this may serve (default: no limit)")
+                   help="zero-knowledge budget: proofs this commitment may serve (default 8; more random "
+                        "rows, so a larger trace)")
     c.add_argument("--grinding", type=int, default=None, help="proof-of-work bits (default 20)")
     c.add_argument("-o", "--out", type=Path, required=True, help="commitment file to write (JSON)")
     c.set_defaults(func=run)

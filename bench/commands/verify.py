@@ -49,10 +49,9 @@ def register(subparsers) -> None:
     p.add_argument("--data-root", default=os.environ.get("SHIFTBENCH_DATA"),
                    help="folder with real datasets (default: $SHIFTBENCH_DATA; unset: embedded datasets only)")
     p.add_argument("--proof", action="store_true",
-
-                                                            help="PATH is a zk-STARK accuracy proof (shiftbench "
-                                                                 "prove), or a trial folder holding proof_*.stark: "
-                        "check it without labels or predictions (exit 0 verified, 1 invalid)")
+                   help="PATH is a zk-STARK accuracy proof (shiftbench prove) or a trial folder holding "
+                        "proof_*.stark: check it, and the host's signed Statement beside it, without labels or "
+                        "predictions (exit 0 verified, 1 invalid, 3 valid but not signed by a --public-key)")
     p.add_argument("--labels", type=Path, default=None, metavar="COMMITMENT",
                    help="with --proof: the published label commitment the proof must be about (default: none: checked "
                         "against the label root the proof names, which is printed)")
@@ -99,7 +98,7 @@ def run(a) -> int:
     if a.proof:
         from ..stark.files import verify_paths
 
-        return verify_paths(Path(a.target), a.labels)
+        return verify_paths(Path(a.target), a.labels, trusted_from_files(a.public_key) if a.public_key else None)
     if a.reexecute < 0:
         raise UserError(f"--reexecute must be >= 0 (got {a.reexecute})")
     if a.countersign is not None and a.reexecute < 1:

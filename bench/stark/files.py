@@ -9,6 +9,10 @@ Proof summary ``shiftbench.stark-proof/1`` (next to ``proof_<split>.stark``)::
 
     {"format", "split", "trial", "n", "correct", "accuracy", "label_root", "pred_root", "params_digest",
      "proof_sha256", "proof_bytes", "soundness" {...}}
+
+The host's signed in-toto Statement about the proof (``proof_<split>.dsse.json``) is :mod:`shiftbench.attest.proofs`.
+A label commitment serves at most ``max_proofs`` proofs (its zero-knowledge budget, docs/proofs.md): every proof made
+is counted in ``<opening>.served.jsonl`` beside the private opening, and ``prove`` refuses the proof past the budget.
 """
 
 from __future__ import annotations
@@ -87,12 +91,30 @@ def label_context(doc: dict) -> bytes:
     return json.dumps({"context": doc["context"], "split": doc["split"], "n": doc["n"]}, sort_keys=True).encode()
 
 
-def prove_trial(trial: Path, commitment: Path, opening: Path | None = None) -> dict:
+def served_path(opening: Path) -> Path:
+    return opening.with_name(opening.name + ".served.jsonl")
+
+
+def proofs_left(commitment: Path, opening: Path | None = None) -> tuple[int, int]:
+    """(proofs the label commitment may still serve before its openings could leak labels, its max_proofs)."""
+    doc = read_commitment(commitment)
+    served = served_path(opening or opening_path(commitment))
+    used = len(served.read_text().splitlines()) if served.is_file() else 0
+    budget = Params(**doc["params"]).max_proofs
+    return budget - used, budget
+
+
+def prove_trial(trial: Path, commitment: Path, opening: Path | None = None, host=None) -> dict:
     """Prove the accuracy of one trial's predictions on the committed split; write proof_<split>.stark and
-    proof_<split>.json into the trial folder (and the predictions' opening seed, private); return the summary."""
+    proof_<split>.json into the trial folder (and the predictions' opening seed, private), and with ``host`` (a
+    :class:`shiftbench.attest.keys.Identity`) the signed Statement proof_<split>.dsse.json; return the summary."""
     doc = read_commitment(commitment)
     params = Params(**doc["params"])
     opening = opening or opening_path(commitment)
+    if proofs_left(commitment, opening)[0] < 1:
+        raise UserError(f"label commitment {commitment} has served its {params.max_proofs} proofs (max_proofs): "
+                        "another would open its masked labels at more points than its random rows hide; commit the "
+                        "labels again (shiftbench labels commit --max-proofs K)")
     try:
         with np.load(opening, allow_pickle=False) as z:
             seed, labels, root = z["seed"].tobytes(), z["labels"], z["root"].tobytes()
@@ -126,7 +148,23 @@ def prove_trial(trial: Path, commitment: Path, opening: Path | None = None) -> d
               "wb") as f:
         f.write(pred_seed)
     base.with_suffix(".json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    with open(served_path(opening), "a") as f:
+        f.write(json.dumps({"trial": summary["trial"], "split": split, "proof_sha256": summary["proof_sha256"]},
+                           sort_keys=True) + "\n")
+    stale = proof_statement(base.with_suffix(".stark"))
+    if host is not None:
+        from ..attest.proofs import write
+
+        write(trial, summary, commitment, host)
+    elif stale.is_file():
+        stale.unlink()  # a Statement about the previous proof would fail against this one
     return summary
+
+
+def proof_statement(proof: Path) -> Path:
+    from ..attest.proofs import statement_file
+
+    return statement_file(proof)
 
 
 def verify_file(proof_path: Path, commitment: Path | None = None) -> Statement:
@@ -145,9 +183,12 @@ def verify_file(proof_path: Path, commitment: Path | None = None) -> Statement:
     return st
 
 
-def verify_paths(target: Path, commitment: Path | None = None) -> int:
-    """``shiftbench verify --proof``: verify a proof file or every proof_*.stark of a trial folder; print one line
-    each; 0 if all verify, 1 otherwise."""
+def verify_paths(target: Path, commitment: Path | None = None, trusted=None) -> int:
+    """``shiftbench verify --proof``: verify a proof file or every proof_*.stark of a trial folder, with the host's
+    signed Statement beside it; print one line each. Exit status: 0 all verify, 1 some do not, 3 all verify but
+    ``trusted`` keys (``--public-key``) are given and a proof is not signed by one of them."""
+    from ..attest.proofs import UNSIGNED, check
+
     if target.is_dir():
         files = sorted(target.glob("proof_*.stark"))
         if not files:
@@ -156,27 +197,37 @@ def verify_paths(target: Path, commitment: Path | None = None) -> int:
         files = [target]
     else:
         raise UserError(f"{target} is neither a proof file nor a folder")
-    status = 0
+    root = ctx = None
+    if commitment is not None:
+        doc = read_commitment(commitment)
+        root, ctx = bytes.fromhex(doc["root"]), label_context(doc)
+    failed = untrusted = False
     for f in files:
-        try:
-            st = verify_file(f, commitment)
-        except InvalidProof as e:
-            print(f"FAILED  {f}: {e}")
-            status = 1
-            continue
+        r = check(f, root, trusted)
+        st = r["statement"]
+        if st is not None and ctx is not None and st.label_context != ctx:
+            r["failures"].append(f"{f.name}: the proof's label context differs from the commitment's")
         summary = f.with_suffix(".json")
-        note = ""
-        if summary.is_file():
-            doc = json.loads(summary.read_text())
-            if doc.get("proof_sha256") != hashlib.sha256(f.read_bytes()).hexdigest():
-                print(f"FAILED  {f}: {summary.name} names another proof digest")
-                status = 1
-                continue
+        if summary.is_file() and json.loads(summary.read_text()).get("proof_sha256") != \
+                hashlib.sha256(f.read_bytes()).hexdigest():
+            r["failures"].append(f"{summary.name} names another proof digest")
+        if r["failures"]:
+            for line in r["failures"]:
+                print(f"FAILED  {f}: {line}")
+            failed = True
+            continue
+        if r["status"] == UNSIGNED:
+            who = f"unsigned: no {proof_statement(f).name}"
+        else:
+            who = f"signed by {r['host']} (" + ", ".join(k[:16] for k in r["keyids"]) + ")"
+        if trusted is not None and not r["trusted"]:
+            who += "; UNTRUSTED: not by a key given with --public-key"
+            untrusted = True
         bits = soundness(st.params, st.n)
         print(f"OK      {f}: {st.correct}/{st.n} = {st.accuracy:.4f} correct against labels {st.label_root.hex()[:16]}"
               f" (predictions {st.pred_root.hex()[:16]}; {bits['conjectured_bits']} conjectured / "
-              f"{bits['proven_bits']} proven bits){note}")
-    return status
+              f"{bits['proven_bits']} proven bits); {who}")
+    return 1 if failed else 3 if untrusted else 0
 
 
 def log_to_mlflow(trial: Path, summary: dict, sweep: Path | None = None) -> str | None:
@@ -198,8 +249,13 @@ def log_to_mlflow(trial: Path, summary: dict, sweep: Path | None = None) -> str 
         return None
     run_id = runs[0].info.run_id
     split = summary["split"]
-    for suffix in (".stark", ".json"):
-        client.log_artifact(run_id, str(trial / f"proof_{split}{suffix}"), artifact_path="proofs")
+    for suffix in (".stark", ".json", ".dsse.json"):
+        if (trial / f"proof_{split}{suffix}").is_file():
+            client.log_artifact(run_id, str(trial / f"proof_{split}{suffix}"), artifact_path="proofs")
     client.set_tag(run_id, f"shiftbench.proof.{split}.sha256", summary["proof_sha256"])
+    statement = trial / f"proof_{split}.dsse.json"
+    if statement.is_file():
+        client.set_tag(run_id, f"shiftbench.proof.{split}.statement_sha256",
+                       hashlib.sha256(statement.read_bytes()).hexdigest())
     client.set_tag(run_id, f"shiftbench.proof.{split}.accuracy", repr(summary["accuracy"]))
     return run_id
