@@ -53,8 +53,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .records import FAILED, FINAL, RESULTS, SPEC, read_jsonl
-from .selection import RULES, Record, held_out_envs, rule_title
+from .records import FAILED, FINAL, RESULTS, SPEC, env_key, held_out_envs, parse_env_key, read_jsonl
+from .selection import RULES, Record, rule_title
 
 Trial = dict[str, Any]
 AVG = "avg"
@@ -512,18 +512,15 @@ def _metric_value(records: Mapping[tuple[str, Any], Record], sel: Any, env: int,
     """``env{env}_in_<metric>`` of the record the selection points at (trial hash and step), in percent."""
     if metric == "acc":
         return 100.0 * sel.test_acc
-    v = records.get((sel.hash, sel.step), {}).get(f"env{env}_in_{metric}")
+    v = records.get((sel.hash, sel.step), {}).get(env_key(env, "in", metric))
     return 100.0 * float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
-
-
-_EXTRA_METRIC = re.compile(r"^env\d+_in_(\w+_acc)$")
 
 
 def extra_metrics(trials: Sequence[Trial]) -> list[str]:
     """Accuracy-like metrics besides ``acc`` in the trials' records (``robust_acc``, ``worst_group_acc``, ...):
     every ``<m>`` of a key ``env{i}_in_<m>`` ending in ``_acc``, sorted."""
-    return sorted({m.group(1) for t in trials for r in t.get("records", []) for k in r
-                   if (m := _EXTRA_METRIC.match(k))})
+    return sorted({m[2] for t in trials for r in t.get("records", []) for k in r
+                   if (m := parse_env_key(k)) and m[1] == "in" and m[2].endswith("_acc") and m[2] != "_acc"})
 
 
 def compute_tables(trials: Sequence[Trial], rules: Sequence[str] | None = None, metric: str = "acc",
@@ -1063,7 +1060,7 @@ def plot_over_steps(trials: Sequence[Trial], path: Path, se_ddof: int = SE_DDOF)
         envs = held_out_envs(t)
         if len(envs) != 1:
             continue
-        key = f"env{envs[0]}_in_acc"
+        key = env_key(envs[0], "in", "acc")
         for r in t.get("records", []):
             v = r.get(key)
             if isinstance(v, (int, float)) and math.isfinite(v):

@@ -28,17 +28,15 @@ Adding a rule is one decorated function::
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+from .records import env_key, held_out_envs, metric_key, parse_env_key
 
 Record = Mapping[str, Any]
 Trial = Mapping[str, Any]
 RuleFn = Callable[[Sequence[Trial], int], Optional["Selection"]]
 PoolFn = Callable[[Sequence[Trial], int], list]
-
-_OUT_ACC = re.compile(r"^env(\d+)_out_acc$")
-
 
 @dataclass(frozen=True)
 class Selection:
@@ -107,11 +105,6 @@ def rule_title(name: str) -> str:
 # ----------------------------------------------------------------------------------------------------------- helpers
 
 
-def held_out_envs(trial: Trial) -> list[int]:
-    """The trial's held-out environments, as ints, in spec order."""
-    return [int(e) for e in trial["spec"].get("test_envs", [])]
-
-
 def hparams_seed(trial: Trial) -> int:
     """The trial's hyperparameter draw (0 = defaults when the spec does not say)."""
     return int(trial["spec"].get("hparams_seed", 0))
@@ -140,7 +133,7 @@ def _best(candidates: Iterable[Selection]) -> Selection | None:
 
 
 def _out_envs(record: Record) -> list[int]:
-    return sorted(int(m.group(1)) for k in record if (m := _OUT_ACC.match(k)))
+    return sorted(m[0] for k in record if (m := parse_env_key(k)) and m[1:] == ("out", "acc"))
 
 
 # ------------------------------------------------------------------------------------------------------------- rules
@@ -158,8 +151,8 @@ def training_domain(trials: Sequence[Trial], test_env: int) -> Selection | None:
         The selection, or None when no trial holds out exactly ``test_env`` with usable records.
     """
     def score(trial: Trial, r: Record) -> tuple[float | None, Any]:
-        vals = [r[f"env{i}_out_acc"] for i in _out_envs(r) if i != test_env]
-        test = r.get(f"env{test_env}_in_acc")
+        vals = [r[env_key(i, "out", "acc")] for i in _out_envs(r) if i != test_env]
+        test = r.get(env_key(test_env, "in", "acc"))
         return (sum(vals) / len(vals), test) if vals and _finite(*vals, test) else (None, None)
 
     return _best_checkpoint_then_draw(trials, test_env, score)
@@ -196,12 +189,12 @@ def oracle(trials: Sequence[Trial], test_env: int) -> Selection | None:
         The selection, or None when no trial holds out exactly ``test_env`` with usable records.
     """
     per_trial = []
+    val_key, test_key = env_key(test_env, "out", "acc"), env_key(test_env, "in", "acc")
     for trial in sorted(single_test_env_pool(trials, test_env), key=_order):
-        usable = [r for r in _records(trial)
-                  if _finite(r.get(f"env{test_env}_out_acc"), r.get(f"env{test_env}_in_acc"))]
+        usable = [r for r in _records(trial) if _finite(r.get(val_key), r.get(test_key))]
         if usable:
             last = usable[-1]
-            per_trial.append(Selection(float(last[f"env{test_env}_out_acc"]), float(last[f"env{test_env}_in_acc"]),
+            per_trial.append(Selection(float(last[val_key]), float(last[test_key]),
                                        str(trial["hash"]), hparams_seed(trial), int(last.get("step", 0))))
     return _best(per_trial)
 
@@ -251,13 +244,13 @@ def leave_one_domain_out(trials: Sequence[Trial], test_env: int) -> Selection | 
         others = [i for i in _out_envs(recs[0]) if i != test_env]  # the dataset's envs, as DomainBed counts them
         if not others or any((hp, j) not in pairs for j in others):
             continue
-        pair_acc = {j: {int(r.get("step", 0)): r.get(f"env{j}_in_acc") for r in _records(pairs[(hp, j)])}
+        pair_acc = {j: {int(r.get("step", 0)): r.get(env_key(j, "in", "acc")) for r in _records(pairs[(hp, j)])}
                     for j in others}
         steps = []
         for r in recs:
             step = int(r.get("step", 0))
             vals = [pair_acc[j].get(step) for j in others]
-            test = r.get(f"env{test_env}_in_acc")
+            test = r.get(env_key(test_env, "in", "acc"))
             if not _finite(*vals, test):
                 continue
             steps.append(Selection(sum(vals) / len(vals), float(test), str(trial["hash"]), hp, step))
@@ -272,9 +265,9 @@ def _worst_group_val(trial: Trial, record: Record, test_env: int) -> float | Non
     group where it records one)."""
     named = (trial.get("dataset") or {}).get("validation_split") if isinstance(trial.get("dataset"), Mapping) else None
     if named:
-        v = record.get(f"{named}_worst_group_acc")
+        v = record.get(metric_key(named, "worst_group_acc"))
         return float(v) if _finite(v) else None
-    vals = [record.get(f"env{i}_out_worst_group_acc", record.get(f"env{i}_out_acc"))
+    vals = [record.get(env_key(i, "out", "worst_group_acc"), record.get(env_key(i, "out", "acc")))
             for i in _out_envs(record) if i != test_env]
     return float(min(vals)) if vals and _finite(*vals) else None
 
@@ -297,6 +290,6 @@ def worst_group(trials: Sequence[Trial], test_env: int) -> Selection | None:
     """
     def score(trial: Trial, r: Record) -> tuple[float | None, Any]:
         return (_worst_group_val(trial, r, test_env),
-                r.get(f"env{test_env}_in_worst_group_acc", r.get(f"env{test_env}_in_acc")))
+                r.get(env_key(test_env, "in", "worst_group_acc"), r.get(env_key(test_env, "in", "acc"))))
 
     return _best_checkpoint_then_draw(trials, test_env, score)

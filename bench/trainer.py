@@ -26,7 +26,7 @@ from .io import CreatedDirs, atomic_write, read_json, write_json, write_jsonl
 from .models import build_model
 from .provenance import code_version
 from .records import (  # noqa: F401 (the file names and trial_status stay importable from here)
-    CHECKPOINT, FAILED, FINAL, PREDICTIONS, RESULTS, SPEC, WEIGHTS, trial_status,
+    CHECKPOINT, FAILED, FINAL, PREDICTIONS, RESULTS, SPEC, WEIGHTS, env_split, metric_key, trial_status,
 )
 from .registry import CALLBACKS, DATASETS, METHODS, TASKS
 
@@ -168,7 +168,7 @@ class Trainer:
         context = MethodContext(
             train_env_names=self.train_names,
             # training ``in`` splits too: a dataset may not evaluate them (WILDS), but methods count and resample them
-            splits={**{f"env{i}_in": self._on_device(dataset.environments[i].splits["in"], device)
+            splits={**{env_split(i, "in"): self._on_device(dataset.environments[i].splits["in"], device)
                        for i in self.train_envs}, **self.eval_splits},
             train_envs=self.train_envs,
             stream=self._stream_fn,
@@ -249,7 +249,7 @@ class Trainer:
                 outputs = {k: torch.cat(v).float().cpu().numpy() if k in ("loss", "correct", "score")
                            else torch.cat(v).cpu().numpy() for k, v in parts.items()}  # fmt: skip
                 for metric, value in run.dataset.evaluate(name, outputs).items():
-                    record[f"{name}_{metric}"] = value
+                    record[metric_key(name, metric)] = value
                 if keep_outputs:
                     run.final_outputs[name] = outputs
         alg.train()

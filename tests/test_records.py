@@ -49,3 +49,31 @@ def test_the_trainer_reexports_the_file_names_and_status(tmp_path: Path):
     assert records.trial_status(tmp_path) == "failed"
     (tmp_path / "final.json").write_text("{}")
     assert records.trial_status(tmp_path) == "done"
+
+
+@pytest.mark.parametrize("key,parsed", [
+    ("env0_in_acc", (0, "in", "acc")),
+    ("env12_out_worst_group_acc", (12, "out", "worst_group_acc")),
+    ("env3_in_return", (3, "in", "return")),
+])
+def test_env_keys_round_trip(key, parsed):
+    assert records.parse_env_key(key) == parsed
+    assert records.env_key(*parsed) == key
+    assert records.env_split(parsed[0], parsed[1]) + "_" + parsed[2] == key
+
+
+@pytest.mark.parametrize("key", ["step", "loss", "val_acc", "env0_acc", "env0_test_acc", "drift_env0_inputs_pvalue",
+                                 "envx_in_acc", "env0_in_"])
+def test_keys_of_no_environment_split_parse_to_none(key):
+    assert records.parse_env_key(key) is None
+
+
+def test_metric_key_joins_any_split_name():
+    assert records.metric_key("val", "worst_group_acc") == "val_worst_group_acc"
+    assert records.metric_key(records.env_split(1, "out"), "loss") == "env1_out_loss"
+
+
+def test_held_out_envs_reads_the_spec_as_ints_in_order():
+    assert records.held_out_envs({"spec": {"test_envs": ["2", 0]}}) == [2, 0]
+    assert records.held_out_envs({"spec": {"test_envs": None}}) == []
+    assert records.held_out_envs({"spec": {}}) == records.held_out_envs({}) == []

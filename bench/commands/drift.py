@@ -31,7 +31,7 @@ import numpy as np
 
 from shiftbench.cliargs import parse_kv
 from shiftbench.errors import UserError
-from shiftbench.records import SPEC, WEIGHTS
+from shiftbench.records import SPEC, WEIGHTS, env_split
 
 FILE_SUFFIXES = (".csv", ".parquet", ".pq", ".npy")
 SPLITS = ("in", "out", "all")
@@ -143,7 +143,7 @@ def load_dataset_source(text: str, options: dict[str, str], data_root: str | Non
     parts = []
     for i in envs_idx:
         for s in ("in", "out") if split == "all" else (split,):
-            key = f"env{i}_{s}"
+            key = env_split(i, s)
             if key not in splits:
                 raise UserError(f"{name} environment {i} has no {s!r} split (it has: "
                                 f"{', '.join(k for k in splits if k.startswith(f'env{i}_'))})")  # fmt: skip
@@ -169,7 +169,7 @@ def _materialise(src: Source) -> None:
     rows = []
     for i, s, idx in src.parts:
         if len(idx):
-            rows.append(_inputs(gather(src.splits[f"env{i}_{s}"], np.sort(idx)), src.keys))
+            rows.append(_inputs(gather(src.splits[env_split(i, s)], np.sort(idx)), src.keys))
     src.x = np.concatenate(rows) if rows else np.empty((0, 0))
 
 

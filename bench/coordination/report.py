@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from shiftbench.records import WEIGHTS
+from shiftbench.records import WEIGHTS, env_key, held_out_envs
 from shiftbench.report import Section, _cell, _new_figure, _safe, html_table, md_table, report_section
 
 MAX_SEEDS = 5
@@ -59,13 +59,13 @@ def _agents(trials: Sequence[dict]) -> list[dict]:
 
 def _returns(trial: dict) -> dict[str, float | None]:
     rec = (trial.get("records") or [trial["final"].get("record", {})])[-1]
-    test = [int(e) for e in trial["spec"].get("test_envs", [])]
+    test = held_out_envs(trial)
     n_envs = len(trial.get("env_names") or [])
     train = [i for i in range(n_envs) if i not in test]
     mean = lambda keys: (float(np.mean([rec[k] for k in keys])) if keys and all(k in rec for k in keys)  # noqa: E731
                          else None)
-    return {"self": rec.get("self_return"), "heldout": mean([f"env{i}_in_return" for i in test]),
-            "train": mean([f"env{i}_in_return" for i in train])}  # fmt: skip
+    return {"self": rec.get("self_return"), "heldout": mean([env_key(i, "in", "return") for i in test]),
+            "train": mean([env_key(i, "in", "return") for i in train])}  # fmt: skip
 
 
 def learner_crossplay(agents: Sequence[dict]) -> np.ndarray | None:

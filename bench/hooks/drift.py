@@ -28,7 +28,6 @@ Where the numbers go: flat keys ``drift_env{i}_{view}_{statistic,pvalue,drift}``
 from __future__ import annotations
 
 import html
-import re
 import sys
 from collections import defaultdict
 from statistics import median
@@ -41,6 +40,7 @@ from shiftbench import drift
 from shiftbench.data import Split, TensorSplit
 from shiftbench.hparams import seed_hash
 from shiftbench.io import write_json
+from shiftbench.records import env_key, env_split, held_out_envs, parse_env_key
 from shiftbench.registry import CALLBACKS
 from shiftbench.report import DASH, Section, _cell, _csv, html_table, md_table, report_section
 from shiftbench.trainer import Callback
@@ -58,7 +58,6 @@ VIEWS = ("inputs", "features", "outputs")
 MODEL_VIEWS = ("features", "outputs")
 """The views computed by the model: biased when the reference is data it was trained on."""
 FILE = "drift.json"
-_IN_ACC = re.compile(r"^env(\d+)_in_acc$")
 
 
 def gather(split: Split, idx: np.ndarray, batch_size: int = 2048) -> dict[str, torch.Tensor]:
@@ -145,12 +144,12 @@ class DriftCallback(Callback):
         splits = ds.eval_splits()
         n_envs = len(ds.environments)
         train = [j for j in range(n_envs) if j not in spec.test_envs]
-        ref_names = [f"env{j}_out" if f"env{j}_out" in splits else f"env{j}_in" for j in train]
+        ref_names = [env_split(j, "out") if env_split(j, "out") in splits else env_split(j, "in") for j in train]
         seen = any(name.endswith("_in") for name in ref_names)
         keys = task.input_keys
         rng = np.random.default_rng(seed_hash(spec.seed, "drift"))
         if not seen:
-            fit_names = [f"env{j}_in" for j in train]
+            fit_names = [env_split(j, "in") for j in train]
             ref = sample([splits[n] for n in ref_names], MAX_SAMPLES, rng)
             fit = sample([splits[n] for n in fit_names], FIT_SAMPLES, rng)
         else:  # the PCA rows and the reference are disjoint parts of the same splits, so the test stays exact
@@ -166,7 +165,7 @@ class DriftCallback(Callback):
             "max_samples": MAX_SAMPLES, "n_permutations": N_PERMUTATIONS, "envs": {},
         }  # fmt: skip
         for i in spec.test_envs:
-            test_name = f"env{i}_in"
+            test_name = env_split(i, "in")
             test = sample([splits[test_name]], MAX_SAMPLES, np.random.default_rng(seed_hash(spec.seed, "drift", i)))
             test_views = self._views(run, test, pca, keys)
             env: dict[str, Any] = {"test": test_name}
@@ -220,13 +219,9 @@ class DriftCallback(Callback):
 # ------------------------------------------------------------------------------------------------ report section
 
 
-def _held_out(trial: dict) -> list[int]:
-    return [int(e) for e in trial.get("spec", {}).get("test_envs") or []]
-
-
 def _n_envs(trial: dict, record: dict) -> int:
     names = trial.get("env_names") or []
-    found = [int(m.group(1)) for m in (_IN_ACC.match(k) for k in record) if m]
+    found = [m[0] for m in map(parse_env_key, record) if m and m[1:] == ("in", "acc")]
     return max(len(names), 1 + max(found, default=-1))
 
 
@@ -237,8 +232,8 @@ def _env_name(trial: dict, i: int) -> str:
 
 def acc_drop(record: dict, test_env: int, n_envs: int) -> float | None:
     """Mean training-environment ``in`` accuracy minus the test environment's ``in`` accuracy (fractions)."""
-    train = [record.get(f"env{j}_in_acc") for j in range(n_envs) if j != test_env]
-    test = record.get(f"env{test_env}_in_acc")
+    train = [record.get(env_key(j, "in", "acc")) for j in range(n_envs) if j != test_env]
+    test = record.get(env_key(test_env, "in", "acc"))
     if test is None or not train or any(not isinstance(a, (int, float)) for a in train):
         return None
     return float(np.mean(train)) - float(test)
@@ -260,7 +255,7 @@ def drift_section(trials: Sequence[dict]) -> Section | None:
     groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     alpha = None
     for t in trials:
-        envs = _held_out(t)
+        envs = held_out_envs(t)
         rec = (t.get("final") or {}).get("record") or {}
         if len(envs) != 1 or f"drift_env{envs[0]}_inputs_pvalue" not in rec:
             continue
