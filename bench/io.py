@@ -27,6 +27,11 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> N
         raise
 
 
+def write_file(path: Path, data: str | bytes) -> None:
+    """Writes ``data`` (str as UTF-8) atomically."""
+    atomic_write(path, lambda f: f.write(data.encode("utf-8") if isinstance(data, str) else data), mode="wb")
+
+
 def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda f: json.dump(obj, f, indent=1, sort_keys=True, default=_jsonable))
 

@@ -43,7 +43,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import textwrap
 import urllib.parse
 from collections import defaultdict
@@ -53,6 +52,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .io import write_file
 from .records import FAILED, FINAL, RESULTS, SPEC, env_key, held_out_envs, parse_env_key, read_jsonl
 from .selection import RULES, Record, rule_title
 
@@ -1093,22 +1093,10 @@ def plot_over_steps(trials: Sequence[Trial], path: Path, se_ddof: int = SE_DDOF)
 # ------------------------------------------------------------------------------------------------------------ public
 
 
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _plot_atomic(plot: Any, target: Path, *args: Any) -> None:
     buf = io.BytesIO()
     plot(*args, buf)
-    _atomic_write(target, buf.getvalue())
+    write_file(target, buf.getvalue())
 
 
 def _links(trials: Sequence[Trial], out: Path) -> dict[str, str]:
@@ -1169,20 +1157,20 @@ def write_files(trials: Sequence[Trial], out_dir: str | os.PathLike, failed: Seq
     for sec in sections:
         for rel, data in sec.files.items():
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(out / rel, data)
+            write_file(out / rel, data)
     kw = {"sweeps": sweeps, "duplicates": duplicates, "ci": ci}
     markdown = format_markdown(tables, counts, failed, sections, **kw)
     terminal = format_markdown(tables, counts, failed, sections, terminal=True, details=str(out / "leaderboard.md"),
                                **kw)
-    _atomic_write(out / "leaderboard.md", markdown)
-    _atomic_write(out / "leaderboard.html", format_html(tables, counts, failed, sections, _links(trials, out), **kw))
-    _atomic_write(out / "leaderboard.tex", format_tex(tables, ci))
-    _atomic_write(out / "leaderboard.csv", _leaderboard_csv(tables))
-    _atomic_write(out / "leaderboard_extra.csv", _leaderboard_csv(tables, extra=True))
-    _atomic_write(out / "plot_methods.csv", _plot_methods_csv(tables))
-    _atomic_write(out / "selections.csv", _selections_csv(tables))
-    _atomic_write(out / "report.json", json.dumps(report, indent=2, sort_keys=False) + "\n")
-    _atomic_write(out / "metrics.json", json.dumps(_metrics(report, sections), indent=2, sort_keys=False) + "\n")
+    write_file(out / "leaderboard.md", markdown)
+    write_file(out / "leaderboard.html", format_html(tables, counts, failed, sections, _links(trials, out), **kw))
+    write_file(out / "leaderboard.tex", format_tex(tables, ci))
+    write_file(out / "leaderboard.csv", _leaderboard_csv(tables))
+    write_file(out / "leaderboard_extra.csv", _leaderboard_csv(tables, extra=True))
+    write_file(out / "plot_methods.csv", _plot_methods_csv(tables))
+    write_file(out / "selections.csv", _selections_csv(tables))
+    write_file(out / "report.json", json.dumps(report, indent=2, sort_keys=False) + "\n")
+    write_file(out / "metrics.json", json.dumps(_metrics(report, sections), indent=2, sort_keys=False) + "\n")
     if plots:
         for t in tables:
             if t.rule == PLOT_RULE and t.metric == "acc":

@@ -77,3 +77,13 @@ def test_held_out_envs_reads_the_spec_as_ints_in_order():
     assert records.held_out_envs({"spec": {"test_envs": ["2", 0]}}) == [2, 0]
     assert records.held_out_envs({"spec": {"test_envs": None}}) == []
     assert records.held_out_envs({"spec": {}}) == records.held_out_envs({}) == []
+
+
+def test_write_file_writes_text_as_utf8_and_bytes_as_given_and_leaves_no_temp_file(tmp_path: Path):
+    from shiftbench.io import write_file
+
+    write_file(tmp_path / "sub" / "a.md", "± 0.5\n")
+    write_file(tmp_path / "sub" / "b.png", b"\x89PNG")
+    assert (tmp_path / "sub" / "a.md").read_bytes() == b"\xc2\xb1 0.5\n"
+    assert (tmp_path / "sub" / "b.png").read_bytes() == b"\x89PNG"
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["a.md", "b.png"]
