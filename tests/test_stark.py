@@ -236,8 +236,26 @@ def test_frozen_known_answer_proof():
     assert len(proof) == KAT_SIZE
 
 
-KAT_DIGEST = "f31df198e9858e457912c406eaaf257055001b8b157e6fa90c2f037408534fcc"
-KAT_SIZE = 2816
+KAT_DIGEST = "db2e4bd5604cc0bd629faf02547dc64e80975f0ffdcb9e19ac9d4724c07d8066"
+KAT_SIZE = 3040
+
+
+def test_frozen_known_answer_proof_blake2s_fold_2_blowup_8():
+    # the other hash, the smallest fold and another blowup and salt size: their byte layout is pinned too
+    params = Params(queries=3, fold=2, final_degree=4, grinding=3, max_proofs=1, hash="blake2s", blowup=8,
+                    salt_bytes=8)
+    pred = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2])
+    label = pred.copy()
+    label[[2, 7, 11]] = 0
+    lc = commit_column(label, params, b"kat2-l")
+    assert (lc[0].N, lc[0].D) == (64, 2)  # 64 rows, 32 random; one proof's view: 3 (2 * 3 + 4) = 30 conditions
+    assert lc[1].root.hex() == "0c29c6bcd46dc88e1149a41185e09a30c1da0ce3df9495132f74a6925bddb31e"
+    proof = prove(commit_column(pred, params, b"kat2-p"), lc, params, context=b"kat2", label_context=b"digits",
+                  seed=b"kat2")
+    st = verify(proof, label_root=lc[1].root)
+    assert (st.n, st.correct, st.label_context) == (17, 14, b"digits")
+    assert (len(proof), hashlib.sha256(proof).hexdigest()) == (
+        4911, "87de4f94a632bbfb0dc9be4ea7ad5d49e1acf9db83caa512b978e576afd56d2c")
 
 
 @pytest.mark.slow
@@ -276,3 +294,81 @@ def test_soundness_figures_match_the_formulas():
     assert s["per_query_proven_bits"] == round(-math.log2(math.sqrt(0.25) * (1 + 1 / 6)), 3)
     assert 45 < s["proven_bits"] < s["conjectured_bits"]
     assert soundness(Params(queries=20), 10 ** 6)["conjectured_bits"] == round(20 * 2 + 20 - 1, 1)
+
+
+def _rank_mod_p(rows):
+    """Rank over F_p of a list of integer rows (Gaussian elimination on Python ints)."""
+    rows = [list(r) for r in rows]
+    rank, cols = 0, len(rows[0]) if rows else 0
+    for c in range(cols):
+        pivot = next((i for i in range(rank, len(rows)) if rows[i][c] % P), None)
+        if pivot is None:
+            continue
+        rows[rank], rows[pivot] = rows[pivot], rows[rank]
+        inv = pow(rows[rank][c], P - 2, P)
+        rows[rank] = [x * inv % P for x in rows[rank]]
+        for i in range(len(rows)):
+            if i != rank and rows[i][c] % P:
+                f = rows[i][c]
+                rows[i] = [(a - f * b) % P for a, b in zip(rows[i], rows[rank])]
+        rank += 1
+    return rank
+
+
+def _masking_map(lay, base_points, ext_points):
+    """The linear map from a column's K random rows to what a view sees of it: one row per base point y
+    (L_r(y), r the random rows) and four per extension point (the limbs of L_r(z)), L_r the Lagrange basis of the
+    trace domain. The random rows hide the view exactly when this map has full row rank (it is then onto)."""
+    N = lay.N
+    w = F.root_of_unity(N)
+    random_rows = [k * lay.D + lay.D - 1 for k in range(lay.K)]
+    inv_n = pow(N, P - 2, P)
+    out = []
+    for y in sorted(set(base_points)):
+        yn = (pow(y, N, P) - 1) % P
+        out.append([pow(w, i, P) * yn * inv_n * pow((y - pow(w, i, P)) % P, P - 2, P) % P for i in random_rows])
+    for z in ext_points:
+        zn = F.ext_sub(F.ext_pow(z, N), F.ext(np.uint64(1)))
+        wi = np.array([pow(w, i, P) for i in random_rows], dtype=np.uint64)
+        lag = F.ext_scale(F.ext_mul(zn, F.ext_inv(F.ext_sub(np.broadcast_to(z, (lay.K, 4)), F.ext(wi)))),
+                          F.mul(wi, np.uint64(inv_n)))
+        out += [[int(v) for v in lag[:, limb]] for limb in range(4)]
+    return out
+
+
+def test_random_rows_hide_every_column_view_of_max_proofs_proofs():
+    # the zero-knowledge argument's core claim, checked exactly: the points a view depends on impose linearly
+    # independent conditions on a column's random rows, so the view is uniform whatever the labels
+    params = Params(queries=3, fold=4, final_degree=8, grinding=2, max_proofs=2)
+    label = np.arange(20) % 3
+    lc = commit_column(label, params, b"hide-l")
+    lay = lc[0]
+    assert lay.K >= params.max_proofs * params.points_per_proof() == 2 * 3 * (4 * 3 + 4)
+    # the map is right: applied to random rows c it gives the interpolated column's values (an NTT, Horner)
+    c = np.random.default_rng(1).integers(0, P, lay.K)
+    col = np.zeros(lay.N, dtype=np.uint64)
+    col.reshape(lay.K, lay.D)[:, -1] = c
+    z0 = np.array([5, 7, 11, 13], dtype=np.uint64)
+    m = _masking_map(lay, [123456789], [z0])
+    want = [int(F.poly_eval_ext(ntt.intt(col), F.ext(np.uint64(123456789)))[0])] + \
+        [int(v) for v in F.poly_eval_ext(ntt.intt(col), z0)]
+    assert [sum(a * int(b) for a, b in zip(row, c)) % P for row in m] == want
+    M = lay.N * params.blowup
+    w = F.root_of_unity(lay.N)
+    label_base, label_ext = [], []
+    for t in range(params.max_proofs):
+        rec = {}
+        verify(prove(commit_column((label + t) % 3, params, b"hide-p%d" % t), lc, params, seed=b"hide%d" % t),
+               record=rec)
+        xs = [F.GENERATOR * pow(F.root_of_unity(M), j + s * (M // params.fold), P) % P
+              for j in rec["queries"] for s in range(params.fold)]
+        shifted = [x * pow(w, k, P) % P for x in xs for k in range(3)]
+        zs = [F.ext_mul(rec["z"], F.ext(np.uint64(pow(w, k, P)))) for k in range(3)]
+        # a trace column of this proof (e, v, S): opened cosets and their two shifts, and z, wz, w^2 z
+        m = _masking_map(lay, shifted, zs)
+        assert _rank_mod_p(m) == len(m) == len(set(shifted)) + 12 <= params.points_per_proof()
+        label_base += xs
+        label_ext.append(rec["z"])
+    # the label column is shared by both proofs: their openings and out-of-domain points together
+    m = _masking_map(lay, label_base, label_ext)
+    assert _rank_mod_p(m) == len(m) == len(set(label_base)) + 8

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 from ..errors import UserError
 
-EXT_BITS = 4 * math.log2(2013265921)  # |F_p^4| ~ 2^123.9
+EXT_BITS = 4 * math.log2(2013265921)  # |F_p^4| ~ 2^123.6
 N_CONSTRAINTS = 6
 N_DEEP_TERMS = 11  # p, l, v at z; e, S at z, wz, w^2 z; the two composition chunks at z
 SHIFTS = 3
@@ -77,12 +77,15 @@ class Params:
         return hashlib.sha256(self.encode()).hexdigest()
 
     def points_per_proof(self) -> int:
-        """Distinct evaluation points of a trace column that one proof's view depends on: z, wz, w^2 z and, for
-        every queried coset of ``fold`` points x, the values at x, wx, w^2 x (the composition at x reads them)."""
-        return SHIFTS * (self.fold * self.queries + 1)
+        """Base-field conditions on a trace column that one proof's view depends on: for every queried coset of
+        ``fold`` points x, the values at x, wx, w^2 x (the composition at x reads them), one each; and the values at
+        z, wz, w^2 z, four each, since a point of F_p^4 fixes a base-field column's residue modulo its degree-4
+        minimal polynomial. The column's random rows hide the view as long as they outnumber these conditions."""
+        return SHIFTS * (self.fold * self.queries + 4)
 
     def blinding(self) -> int:
-        """Random coefficients moved between the two composition chunks: one per point a chunk is opened at."""
+        """Random coefficients (in F_p^4) moved between the two composition chunks: one per point a chunk is
+        opened at (an extension coefficient per base point, and a spare one for z, are enough: docs/proofs.md)."""
         return self.fold * self.queries + 1
 
 

@@ -110,7 +110,7 @@ def verify(proof: bytes, label_root: bytes | None = None, record: dict | None = 
         opened.append(np.stack(vals))
     p_v, l_v, t_v, q_v = opened
     if record is not None:
-        record.update(ood=ood_arr, pred=p_v, label=l_v, trace=t_v, comp=q_v, queries=idx)
+        record.update(ood=ood_arr, pred=p_v, label=l_v, trace=t_v, comp=q_v, queries=idx, z=z, layout=lay)
 
     # DEEP values on the queried cosets
     j = np.array(idx, dtype=np.int64)
