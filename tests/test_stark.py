@@ -372,3 +372,13 @@ def test_random_rows_hide_every_column_view_of_max_proofs_proofs():
     # the label column is shared by both proofs: their openings and out-of-domain points together
     m = _masking_map(lay, label_base, label_ext)
     assert _rank_mod_p(m) == len(m) == len(set(label_base)) + 8
+
+
+def test_a_proof_claiming_an_impossible_n_is_invalid_not_bad_input():
+    # n = 2^26 fits the format's bound but needs an LDE beyond BabyBear's 2^27 points at blowup 4
+    _, _, pc, lc = _case(5, seed=3)
+    proof = prove(pc, lc, SMALL, seed=b"s")
+    raw = Params.encode(SMALL)
+    at = proof.index(raw) + len(raw)
+    with pytest.raises(InvalidProof, match="bad n"):
+        verify(proof[:at] + (1 << 26).to_bytes(8, "little") + proof[at + 8:])

@@ -208,9 +208,13 @@ def verify_paths(target: Path, commitment: Path | None = None, trusted=None) -> 
         if st is not None and ctx is not None and st.label_context != ctx:
             r["failures"].append(f"{f.name}: the proof's label context differs from the commitment's")
         summary = f.with_suffix(".json")
-        if summary.is_file() and json.loads(summary.read_text()).get("proof_sha256") != \
-                hashlib.sha256(f.read_bytes()).hexdigest():
-            r["failures"].append(f"{summary.name} names another proof digest")
+        if summary.is_file():
+            try:
+                named = json.loads(summary.read_text()).get("proof_sha256")
+            except (ValueError, AttributeError):
+                named = None
+            if named != hashlib.sha256(f.read_bytes()).hexdigest():
+                r["failures"].append(f"{summary.name} is unreadable or names another proof digest")
         if r["failures"]:
             for line in r["failures"]:
                 print(f"FAILED  {f}: {line}")

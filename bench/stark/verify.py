@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UserError
 from . import air, fri
 from . import field as F
 from . import merkle
@@ -54,7 +55,10 @@ def verify(proof: bytes, label_root: bytes | None = None, record: dict | None = 
     n, N, D = struct.unpack("<QQQ", r.raw(24))
     if n < 1 or n > 1 << 27:
         raise InvalidProof("bad n")
-    lay = layout(n, params)
+    try:
+        lay = layout(n, params)
+    except UserError as e:  # n too large for these parameters: a proof cannot exist
+        raise InvalidProof(f"bad n: {e}") from None
     if (lay.N, lay.D) != (N, D):
         raise InvalidProof("trace layout does not match n and the parameters")
     C = r.u64()
