@@ -119,6 +119,7 @@ def test_the_signed_statement_binds_the_proof_to_the_trial(tmp_path, home, capsy
     com = _commit(tmp_path, label)
     assert main(["prove", str(trial), "--labels", str(com)]) == 0
     path = trial / "proof_env1_in.dsse.json"
+    assert path.stat().st_mode & 0o777 == 0o644  # public
     st = _payload(path)
     assert st["predicateType"] == "urn:shiftbench:accuracy-proof:v1"
     proof_digest = hashlib.sha256((trial / "proof_env1_in.stark").read_bytes()).hexdigest()

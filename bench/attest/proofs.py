@@ -72,6 +72,7 @@ def write(trial: Path, summary: Mapping[str, Any], commitment: Path, host: Ident
                                         list(host.keys)))
     path = statement_file(proof_file(trial, summary["split"]))
     atomic_write(path, lambda f: f.write(data), mode="wb")
+    path.chmod(0o644)  # public, like the proof (atomic_write's temporary file is private)
     return path
 
 
