@@ -513,6 +513,17 @@ def test_report_counts_proof_verified_rows_and_verify_checks_the_proof_statement
     assert main(["verify", "--proof", str(trials[0]), "--labels", str(com), "--public-key",
                  str(home / "keys" / "ed25519.pub")]) == 0
     assert f"{correct}/240" in capsys.readouterr().out
+    # plain `shiftbench verify TRIAL` checks the proofs it finds too: a flipped byte fails the trial
+    from shiftbench.attest.verify import verify_trial
+
+    clean = verify_trial(trials[0], state=None)
+    assert not clean.failures and "1 accuracy proof(s)" in clean.checks
+    good = (trials[0] / "proof_env2_in.stark").read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 1
+    (trials[0] / "proof_env2_in.stark").write_bytes(bytes(bad))
+    assert any(f.startswith("proof env2_in: ") for f in verify_trial(trials[0]).failures)
+    (trials[0] / "proof_env2_in.stark").write_bytes(good)
     metrics, text = build_report(sweep, tmp_path / "rep", plots=False)
     section = metrics["sections"]["attestation"]
     assert section["trust"] == [{"dataset": "colored_digits", "method": "erm", "self-attested": 2, "host-verified": 0,

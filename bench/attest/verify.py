@@ -564,6 +564,7 @@ def verify_trial(trial_dir: str | os.PathLike, trust: Trust | None = None, log_d
         cache[ld] = open_log(ld, trust, state or WitnessState())
     _check_log(res, cache[ld])
     res.checks[:0] = ["signatures", "digests", "Merkle root", "metrics", "log"]
+    _check_proofs(res)
     rebuilt = check_against_data(res, predicate, arrays, data_root) if arrays is not None else None
     if reexecute > 0 and hashes is not None:
         if rebuilt is None:
@@ -571,6 +572,21 @@ def verify_trial(trial_dir: str | os.PathLike, trust: Trust | None = None, log_d
         else:
             reexecute_sample(res, predicate, arrays, hashes, reexecute, seed, rebuilt)
     return res
+
+
+def _check_proofs(res: Result) -> None:
+    """A host's accuracy proofs in the folder (``shiftbench prove``): each proof and its signed Statement must
+    verify (shiftbench.attest.proofs.check); a folder without proofs adds nothing."""
+    from .proofs import FAILED as PROOF_FAILED
+    from .proofs import check_trial
+
+    results = check_trial(res.trial)
+    if not results:
+        return
+    res.checks.append(f"{len(results)} accuracy proof(s)")
+    for r in results:
+        if r["status"] == PROOF_FAILED:
+            res.failures += [f"proof {r['split']}: {f}" for f in r["failures"]] or [f"proof {r['split']}: invalid"]
 
 
 def reexecute_sample(res: Result, predicate: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
