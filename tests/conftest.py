@@ -31,6 +31,20 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_cluster_env():
+    """A test that points the process at a server or cluster (``--tracking-uri`` exports MLFLOW_TRACKING_URI) must
+    not leave it pointing there for the tests after it, whose server is long gone."""
+    keys = ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")
+    before = {k: os.environ.get(k) for k in keys}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

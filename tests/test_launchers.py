@@ -190,7 +190,9 @@ def test_every_launcher_option_states_its_default_and_builds_its_launcher(monkey
         from_args(p.parse_args(["--launcher", "rey"]))
     with pytest.raises(SystemExit):
         p.parse_args(["--gpus-per-trial", "-1"])
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # setenv first, so that the variable from_args exports is undone after the test even where it was unset
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset-after-the-test")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     from_args(p.parse_args(["--tracking-uri", "http://127.0.0.1:5999"]))
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
 
