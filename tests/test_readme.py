@@ -104,6 +104,9 @@ def test_lowering_touches_only_steps_intervals_and_sizes(tmp_path):
 def test_every_readme_command_runs_as_written(repo, exe, cli_env, tmp_path):
     scratch = tmp_path / "work"
     scratch.mkdir()
+    # a new user: their own keys and witness state (a verifier remembers each log's last checkpoint by its name, so
+    # runs/qs of an earlier test run on this machine would look like this log, recreated)
+    cli_env = dict(cli_env, SHIFTBENCH_HOME=str(tmp_path / "home"))
     shutil.copy(repo / "params.yaml", scratch / "params.yaml")
     commands = readme_commands(repo / "README.md")
     times = []

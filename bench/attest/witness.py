@@ -65,7 +65,9 @@ class WitnessState:
             return [f"{where}: no entries to prove consistency with the checkpoint seen before (size {size})"]
         if not verify_consistency(size, cp.size, root, cp.root, tree.consistency_proof(size, cp.size)):
             return [f"{where}: is not an extension of the checkpoint seen before (size {size}): an entry was "
-                    "rewritten, or the log was forked or recreated"]
+                    "rewritten, or the log was forked or recreated (if you deleted this sweep and ran it again "
+                    f"yourself, that is the recreation: forget the old log with --state NEW_FILE, or remove "
+                    f"{cp.origin!r} from {self.path})"]
         return []
 
     def update(self, cp: Checkpoint, operator_keyid: str) -> None:
