@@ -67,6 +67,19 @@ def _run_one(spec_dict: dict, directory: str, options: dict, lock_path: str, wai
         lock.release()
 
 
+def _during_interrupt(e: BaseException) -> bool:
+    """Whether ``e`` was raised while a KeyboardInterrupt (Ctrl-C, or a launcher cancelling the task) was being
+    handled: the trial was stopped, not broken, and must stay resumable rather than be marked failed."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 def _train(spec_dict: dict, directory: str, options: dict) -> dict[str, Any]:
     spec = TrialSpec.from_dict(spec_dict)
     try:
@@ -74,6 +87,8 @@ def _train(spec_dict: dict, directory: str, options: dict) -> dict[str, Any]:
     except UserError as e:
         return {"status": "error", "reason": str(e)}
     except Exception as e:  # a crash in one trial must not take the sweep down; it is recorded, not hidden
+        if _during_interrupt(e):  # e.g. torch.save's writer failing as a Ctrl-C or a cancel lands inside it
+            raise KeyboardInterrupt(f"interrupted ({type(e).__name__} while stopping)") from e
         reason = f"{type(e).__name__}: {e}"
         write_json(Path(directory) / FAILED, {"status": "failed", "hash": spec.hash, "reason": reason,
                                               "traceback": traceback.format_exc()})  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from shiftbench.config import SweepSpec, load_suite
@@ -116,3 +118,30 @@ def test_suite_overrides_and_validation(tmp_path):
     assert s.n_seeds == 1 and s.steps == 10
     with pytest.raises(UserError, match="unknown method 'ermm'"):
         SweepSpec.from_mapping({"datasets": ["colored_digits"], "methods": ["ermm"]})
+
+
+def test_an_error_raised_while_an_interrupt_is_handled_leaves_the_trial_resumable(small, tmp_path, monkeypatch):
+    # torch.save's zip writer raises RuntimeError when a Ctrl-C (or a Ray cancel) lands inside it: the trial was
+    # stopped, not broken, so no failed.json may be written (a rerun must resume it)
+    from shiftbench import sweep as sweep_mod
+
+    spec = tiny_sweep(small).trials()[0]
+
+    def interrupted(*a, **k):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos") from None
+
+    monkeypatch.setattr(sweep_mod, "run_trial", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep_mod._train(spec.to_dict(), str(tmp_path / "t"), {})
+    assert not (tmp_path / "t" / "failed.json").exists()
+
+    def broken(*a, **k):
+        raise RuntimeError("a real crash")
+
+    monkeypatch.setattr(sweep_mod, "run_trial", broken)
+    (tmp_path / "t").mkdir(exist_ok=True)
+    assert sweep_mod._train(spec.to_dict(), str(tmp_path / "t"), {})["status"] == "failed"
+    assert json.loads((tmp_path / "t" / "failed.json").read_text())["reason"] == "RuntimeError: a real crash"
