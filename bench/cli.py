@@ -14,8 +14,6 @@ from .errors import UserError
 __all__ = ["build_parser", "main", "parse_kv"]
 
 
-# Argument types live in cliargs, which subcommand modules import while the parser is built (no import cycle).
-_csv_ints, _csv, _callbacks = csv_ints, csv, callbacks
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -55,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="run one trial")
     tr.add_argument("--dataset", required=True, help="registered dataset (shiftbench list datasets)")
     tr.add_argument("--method", required=True, help="registered method (shiftbench list methods)")
-    tr.add_argument("--test-envs", type=_csv_ints, default=None,
+    tr.add_argument("--test-envs", type=csv_ints, default=None,
                     help="held-out environments, e.g. 2 or 0,1 (default: the dataset's default test environments)")
     tr.add_argument("--seed", type=int, default=0, help="trial seed")
     tr.add_argument("--hparams-seed", type=int, default=0, help="random-search draw (0: the declared defaults)")
@@ -67,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--option", nargs="*", metavar="K=V",
                     help="dataset options, e.g. env_size=2000 (default: none; see docs/data.md)")
     tr.add_argument("--model", default=None, help="registered model (default: the dataset's default model)")
-    tr.add_argument("--callbacks", type=_callbacks, default=(), metavar="NAME[,NAME]",
+    tr.add_argument("--callbacks", type=callbacks, default=(), metavar="NAME[,NAME]",
                     help="trial callbacks, e.g. drift,attest or robust_eval:steps=20 (see shiftbench list callbacks; "
                          "default: none)")
     tr.add_argument("--out", required=True, type=Path,
@@ -83,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--suite",
                      help="suite name (shiftbench list suites) or YAML file (one of --suite and --datasets is "
                           "required)")
-    src.add_argument("--datasets", type=_csv,
+    src.add_argument("--datasets", type=csv,
                      help="comma-separated datasets, instead of --suite (needs --methods; default: none, use --suite)")
-    sw.add_argument("--methods", type=_csv, help="comma-separated methods (default: the suite's)")
+    sw.add_argument("--methods", type=csv, help="comma-separated methods (default: the suite's)")
     sw.add_argument("--test-envs", help="default | each | each+pairs | 0;1,2 (sets separated by ';'; default: the "
                                         "suite's, else each dataset's default test environments)")
     sw.add_argument("--n-hparams", type=int,
@@ -94,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--steps", type=int, help="training steps per trial (default: the suite's, else 5001)")
     sw.add_argument("--eval-every", type=int, help="evaluation interval in steps (default: the suite's, else 100)")
     sw.add_argument("--name", help="sweep name, used for the MLflow experiment (default: the suite's, else 'sweep')")
-    sw.add_argument("--callbacks", type=_callbacks, metavar="NAME[,NAME]",
+    sw.add_argument("--callbacks", type=callbacks, metavar="NAME[,NAME]",
                     help="trial callbacks, replacing the suite's (default: the suite's, else none)")
     sw.add_argument("--option", nargs="*", metavar="K=V",
                     help="dataset options for every dataset of the sweep, over the suite's, e.g. env_size=2000 "
@@ -151,7 +149,7 @@ def _add_command_modules(sub) -> None:
 def _parse_test_envs(s: str | None):
     if s is None or s in ("default", "each", "each+pairs"):
         return s
-    return [list(_csv_ints(part)) for part in s.split(";")]
+    return [list(csv_ints(part)) for part in s.split(";")]
 
 
 def cmd_list(a) -> int:
