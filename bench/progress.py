@@ -10,19 +10,17 @@ It only reads the record; nothing it does enters the trial's files or hash.
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from typing import IO, Any
 
+from .records import env_key, parse_env_key
 from .trainer import Callback, TrialRun
-
-_KEY = re.compile(r"^env(\d+)_(in|out)_(\w+)$")
 
 
 def headline_metric(record: dict[str, Any]) -> str | None:
     """``acc`` when the record has it, else the first per-environment metric that is not a loss."""
-    names = [m.group(3) for k in record if (m := _KEY.match(k))]
+    names = [p[2] for k in record if (p := parse_env_key(k))]
     if "acc" in names:
         return "acc"
     return next((n for n in names if "loss" not in n), None)
@@ -54,10 +52,9 @@ class ProgressLine(Callback):
         metric = headline_metric(record)
         if metric is not None:
             test = set(spec.test_envs)
-            envs = sorted({int(m.group(1)) for k in record if (m := _KEY.match(k))})
-            val = _mean([record[f"env{i}_out_{metric}"] for i in envs
-                         if i not in test and f"env{i}_out_{metric}" in record])  # fmt: skip
-            held = _mean([record[f"env{i}_in_{metric}"] for i in envs if i in test and f"env{i}_in_{metric}" in record])
+            envs = sorted({p[0] for k in record if (p := parse_env_key(k))})
+            val = _mean([record[k] for i in envs if i not in test and (k := env_key(i, "out", metric)) in record])
+            held = _mean([record[k] for i in envs if i in test and (k := env_key(i, "in", metric)) in record])
             said = [f"train-env val {val:.3f}"] if val is not None else []
             said += [f"test env{'s' if len(test) > 1 else ''} {held:.3f}"] if held is not None else []
             if said:
