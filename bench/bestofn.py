@@ -36,7 +36,7 @@ from .io import write_json
 from .registry import CALLBACKS
 from .report import (DASH, Section, _new_figure, _safe, compute_tables, html_table, md_table, report_section,
                      standard_error)
-from .trainer import Callback
+from .callbacks import Callback
 
 NS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 """The n of best-of-n."""

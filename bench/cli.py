@@ -27,7 +27,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _run_options(a: argparse.Namespace):
-    from .trainer import RunOptions, resolve_device
+    from .callbacks import RunOptions, resolve_device
 
     if getattr(a, "launcher", "local") == "local":  # ray and slurm workers resolve --device where they run
         resolve_device(a.device)

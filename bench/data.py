@@ -6,7 +6,9 @@ A batch is a dict of tensors. Every task needs ``idx`` (a stable example id); cl
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Mapping
 
@@ -189,3 +191,25 @@ class ShiftDataset:
 
 
 DATASETS.base = ShiftDataset
+
+
+@functools.lru_cache(maxsize=4)
+def _load_dataset(name: str, options_json: str, root: str | None, download: bool) -> ShiftDataset:
+    return DATASETS.get(name)(root=root, options=json.loads(options_json), download=download)
+
+
+def load_dataset(name: str, options: dict, root: str | None = None, download: bool = False) -> ShiftDataset:
+    """Builds (or reuses, within a process) a dataset."""
+    from .config import canonical_json
+
+    return _load_dataset(name, canonical_json(options), root, download)
+
+
+def input_range(dataset: ShiftDataset, splits: list[Split], keys) -> tuple[float, float] | None:
+    """The dataset's declared ``INPUT_RANGE``, else the range of ``splits``' in-memory inputs (None: unknown)."""
+    declared = getattr(dataset, "INPUT_RANGE", None)
+    if declared is not None:
+        return (float(declared[0]), float(declared[1]))
+    from .attacks import data_bounds
+
+    return data_bounds([s.tensors[k] for s in splits if hasattr(s, "tensors") for k in keys if k in s.tensors])

@@ -15,7 +15,7 @@ import time
 from typing import IO, Any
 
 from .records import env_key, parse_env_key
-from .trainer import Callback, TrialRun
+from .callbacks import Callback, TrialRun
 
 
 def headline_metric(record: dict[str, Any]) -> str | None:

@@ -27,7 +27,9 @@ from .io import check_out_dir, read_json, write_json
 from .launchers import Job, Launcher
 from .locks import FileLock
 from .mlflow_store import LOCK_DIR
-from .trainer import FAILED, RunOptions, run_trial, trial_status
+from .callbacks import RunOptions
+from .records import FAILED, trial_status
+from .trainer import run_trial
 
 
 def trial_dir(out: Path, spec: TrialSpec) -> Path:

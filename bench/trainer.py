@@ -10,16 +10,16 @@ import contextlib
 import functools
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from .algorithm import Algorithm, MethodContext
 from .config import TrialSpec, canonical_json
-from .data import ShiftDataset, Split
+from .callbacks import Callback, Interrupted, RunOptions, TrialRun, resolve_device  # noqa: F401 (importable from here)
+from .data import ShiftDataset, Split, input_range, load_dataset  # noqa: F401
 from .errors import TrialFailed, UserError
 from .hparams import seed_hash
 from .io import CreatedDirs, atomic_write, read_json, write_json, write_jsonl
@@ -28,112 +28,7 @@ from .provenance import code_version
 from .records import (  # noqa: F401 (the file names and trial_status stay importable from here)
     CHECKPOINT, FAILED, FINAL, PREDICTIONS, RESULTS, SPEC, WEIGHTS, env_split, metric_key, trial_status,
 )
-from .registry import CALLBACKS, DATASETS, METHODS, TASKS
-
-
-@dataclass
-class RunOptions:
-    """Where and how a trial runs; none of it enters the trial's hash."""
-
-    device: str = "auto"
-    """'auto' (CUDA when available), 'cpu' or 'cuda[:i]'."""
-    amp: bool = False
-    """bfloat16 autocast on CUDA."""
-    data_root: str | None = None
-    """Folder with real datasets."""
-    download: bool = False
-    """Allow loaders to download missing files."""
-    eval_batch_size: int = 2048
-    """Batch size of evaluation passes."""
-    retry_failed: bool = False
-    """Run a trial again even if it failed before."""
-    checkpoint_interval: float = 30.0
-    """Seconds of training between checkpoints (taken at evaluation steps); 0 checkpoints at every evaluation."""
-    stop_after: int | None = None
-    """Stop (as if killed) right after the checkpoint at this step; for resume tests."""
-
-
-class Interrupted(Exception):
-    """Raised by ``stop_after``: the trial stopped after a checkpoint, as if its process had been killed."""
-
-
-class Callback:
-    """Trial hooks. Register with ``@CALLBACKS.register(name)`` and name it in the spec's ``callbacks``.
-
-    Args:
-        name: the spec's name of this callback, settings included (``robust_eval:eps=0.3``); the trainer passes it.
-    """
-
-    def __init__(self, name: str | None = None):
-        self.name = name
-
-    ORDER: ClassVar[int] = 0
-    """Callbacks run in ascending ``ORDER``, then in the spec's order. Ones that seal the result (attestation) run
-    last, so that what every other callback adds to the final record is inside what they sign."""
-
-    @classmethod
-    def validate(cls, name: str, dataset_cls: type | None = None) -> None:
-        """Checks a spec's callback name (with any ``:settings``) and that it fits the dataset class, before
-        anything of a trial is written; raises UserError."""
-
-    def on_start(self, run: "TrialRun") -> None:
-        pass
-
-    def on_eval(self, run: "TrialRun", record: dict[str, Any]) -> None:
-        """May add keys to ``record`` (e.g. robust accuracies)."""
-
-    def on_end(self, run: "TrialRun", final: dict[str, Any]) -> None:
-        """After predictions and weights are written, before the done marker; may add keys to ``final``."""
-
-
-CALLBACKS.base = Callback
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA, but torch sees no CUDA device; use --device cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}: use auto, cpu or cuda[:index]") from None
-
-
-@functools.lru_cache(maxsize=4)
-def _load_dataset(name: str, options_json: str, root: str | None, download: bool) -> ShiftDataset:
-    import json
-
-    return DATASETS.get(name)(root=root, options=json.loads(options_json), download=download)
-
-
-def load_dataset(name: str, options: dict, root: str | None = None, download: bool = False) -> ShiftDataset:
-    """Builds (or reuses, within a process) a dataset."""
-    return _load_dataset(name, canonical_json(options), root, download)
-
-
-@dataclass
-class TrialRun:
-    """A trial while it runs: what callbacks see."""
-
-    spec: TrialSpec
-    dir: Path
-    dataset: ShiftDataset
-    algorithm: Algorithm
-    device: torch.device
-    options: RunOptions
-    records: list[dict] = field(default_factory=list)
-    final_outputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-    step: int | None = None
-    """The training step in progress (None before the first)."""
-
-    @property
-    def task(self):
-        return self.algorithm.task
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.algorithm.model
+from .registry import CALLBACKS, METHODS, TASKS
 
 
 class Trainer:
@@ -409,16 +304,6 @@ class Trainer:
         write_json(self.dir / FINAL, final)
         (self.dir / CHECKPOINT).unlink(missing_ok=True)
         return final
-
-
-def input_range(dataset: ShiftDataset, splits: list[Split], keys) -> tuple[float, float] | None:
-    """The dataset's declared ``INPUT_RANGE``, else the range of ``splits``' in-memory inputs (None: unknown)."""
-    declared = getattr(dataset, "INPUT_RANGE", None)
-    if declared is not None:
-        return (float(declared[0]), float(declared[1]))
-    from .attacks import data_bounds
-
-    return data_bounds([s.tensors[k] for s in splits if hasattr(s, "tensors") for k in keys if k in s.tensors])
 
 
 def run_trial(spec: TrialSpec, trial_dir: Path, options: RunOptions | None = None, callbacks=()) -> dict[str, Any]:

@@ -411,7 +411,7 @@ def check_against_data(res: Result, predicate: Mapping[str, Any], arrays: Mappin
     """
     from ..config import TrialSpec
     from ..errors import UserError
-    from ..trainer import load_dataset
+    from ..data import load_dataset
 
     try:
         spec = TrialSpec.from_dict(predicate["spec"])

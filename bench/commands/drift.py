@@ -133,7 +133,7 @@ def _env_index(token: str, names: list[str], dataset: str) -> int:
 def load_dataset_source(text: str, options: dict[str, str], data_root: str | None) -> Source:
     """The inputs of the named environments' splits, flattened, with the parts they came from."""
     from shiftbench.registry import TASKS
-    from shiftbench.trainer import load_dataset
+    from shiftbench.data import load_dataset
 
     name, envs, split = parse_dataset_source(text)
     ds = load_dataset(name, options, data_root, False)

@@ -81,7 +81,7 @@ def prepare(params: Path, out: Path, root: str | None, download: bool = False) -
     from ..datasets.image_folder import MANIFEST, MANIFEST_SCHEMA, digest_pairs
     from ..io import sha256_file
     from ..registry import DATASETS
-    from ..trainer import load_dataset
+    from ..data import load_dataset
 
     sweep = load_suite(str(params))
     out = Path(out)

@@ -81,7 +81,7 @@ def expected_trials(runs: Path) -> tuple[str, list]:
 def run(a) -> int:
     from ..config import TrialSpec
     from ..sweep import trial_dir
-    from ..trainer import trial_status
+    from ..records import trial_status
 
     runs: Path = a.runs
     if not runs.is_dir():

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from shiftbench.attest.dsse import ED25519, SLH_DSA  # light: cryptography loads on first signature
 from shiftbench.registry import CALLBACKS
-from shiftbench.trainer import Callback, TrialRun
+from shiftbench.callbacks import Callback, TrialRun
 
 
 @CALLBACKS.register("attest")

@@ -43,7 +43,7 @@ from shiftbench.io import write_json
 from shiftbench.records import env_key, env_split, held_out_envs, parse_env_key
 from shiftbench.registry import CALLBACKS
 from shiftbench.report import DASH, Section, _cell, _csv, html_table, md_table, report_section
-from shiftbench.trainer import Callback
+from shiftbench.callbacks import Callback
 
 MAX_SAMPLES = 1000
 """Examples per side (reference and test)."""

@@ -33,7 +33,8 @@ from shiftbench.attacks import Threat, parse_bounds, perturb
 from shiftbench.errors import UserError
 from shiftbench.hparams import seed_hash
 from shiftbench.registry import CALLBACKS
-from shiftbench.trainer import Callback, TrialRun, input_range
+from shiftbench.callbacks import Callback, TrialRun
+from shiftbench.data import input_range
 
 NAME = "robust_eval"
 DEFAULT = {"threat": "linf", "eps": 0.1, "steps": 20, "restarts": 2, "examples": 500, "key": "robust",
