@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from shiftbench import records, trainer
+import numpy as np
+
+from shiftbench import io, records, trainer
 from shiftbench.records import read_jsonl
 
 
@@ -87,3 +89,117 @@ def test_write_file_writes_text_as_utf8_and_bytes_as_given_and_leaves_no_temp_fi
     assert (tmp_path / "sub" / "a.md").read_bytes() == b"\xc2\xb1 0.5\n"
     assert (tmp_path / "sub" / "b.png").read_bytes() == b"\x89PNG"
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["a.md", "b.png"]
+
+
+# ---------------------------------------------------------------------------------------------------------- writers
+# Each writer must write the bytes the trainer wrote before the writers existed (io.write_json, io.write_jsonl,
+# io.atomic_write + np.savez / torch.save): records on disk and the hashes signed over them must not change.
+
+_META = {"hash": "ab" * 32, "spec": {"dataset": "colored_digits", "test_envs": [2]}, "task": "classification",
+         "env_names": ["+90%", "+80%", "-90%"], "data_version": np.str_("v1"), "size": np.int64(7)}
+
+
+def _bytes(tmp_path: Path, name: str, write) -> bytes:
+    d = tmp_path / name
+    d.mkdir()
+    write(d)
+    (f,) = [p for p in d.iterdir()]
+    return f.read_bytes()
+
+
+@pytest.mark.parametrize("writer,io_writer,fname", [
+    (records.write_spec, io.write_json, "spec.json"),
+    (records.write_final, io.write_json, "final.json"),
+    (records.write_failed, io.write_json, "failed.json"),
+])
+def test_json_writers_write_what_io_write_json_writes(tmp_path: Path, writer, io_writer, fname):
+    ours = _bytes(tmp_path, "ours", lambda d: writer(d, _META))
+    assert ours == _bytes(tmp_path, "io", lambda d: io_writer(d / fname, _META))
+    assert (tmp_path / "ours" / fname).exists()
+    # indent 1, sorted keys, numpy scalars as numbers/strings: worked out by hand for a small record
+    assert _bytes(tmp_path, "small", lambda d: writer(d, {"b": np.int64(2), "a": [1.5]})) == \
+        b'{\n "a": [\n  1.5\n ],\n "b": 2\n}'
+
+
+def test_write_results_writes_sorted_json_lines(tmp_path: Path):
+    rows = [{"step": 0, "loss": np.float32(0.5)}, {"step": 5, "env0_in_acc": 1.0}]
+    ours = _bytes(tmp_path, "ours", lambda d: records.write_results(d, rows))
+    assert ours == _bytes(tmp_path, "io", lambda d: io.write_jsonl(d / "results.jsonl", rows))
+    assert ours == b'{"loss": 0.5, "step": 0}\n{"env0_in_acc": 1.0, "step": 5}\n'
+    assert records.read_results(tmp_path / "ours") == [{"loss": 0.5, "step": 0}, {"env0_in_acc": 1.0, "step": 5}]
+
+
+def _final_outputs():
+    return {  # two splits, keys in another order in the second: the file follows PREDICTION_KEYS
+        "env0_in": {"idx": np.array([3, 1]), "label": np.array([0, 1]), "pred": np.array([0, 0]),
+                    "score": np.array([[0.1, -0.1], [0.2, 0.3]], dtype=np.float32),
+                    "correct": np.array([1.0, 0.0], dtype=np.float32), "loss": np.array([0.6, 0.9], np.float32)},
+        "env2_out": {"loss": np.array([0.4], np.float32), "idx": np.array([7]), "label": np.array([1]),
+                     "pred": np.array([1]), "score": np.array([[0.0, 1.0]], dtype=np.float32),
+                     "correct": np.array([1.0], dtype=np.float32)},
+    }
+
+
+def _old_predictions(d: Path, final_outputs) -> None:
+    """Trainer._finish's assembly as it was before records.write_predictions, kept here as the reference."""
+    arrays: dict[str, list[np.ndarray]] = {}
+    for name, out in final_outputs.items():
+        n = len(out["idx"])
+        arrays.setdefault("split", []).append(np.array([name] * n))
+        for k in ("idx", "label", "pred", "score", "correct", "loss"):
+            if k in out:
+                arrays.setdefault(k, []).append(out[k])
+    io.atomic_write(d / "predictions.npz", lambda f: np.savez(f, **{k: np.concatenate(v) for k, v in arrays.items()}),
+                    mode="wb")
+
+
+def test_write_predictions_matches_the_trainers_assembly(tmp_path: Path):
+    outs = _final_outputs()
+    ours = _bytes(tmp_path, "ours", lambda d: records.write_predictions(d, outs))
+    assert ours == _bytes(tmp_path, "old", lambda d: _old_predictions(d, outs))
+    z = records.read_predictions(tmp_path / "ours")
+    assert list(z) == ["split", "idx", "label", "pred", "score", "correct", "loss"]
+    assert z["split"].tolist() == ["env0_in", "env0_in", "env2_out"]
+    assert z["idx"].tolist() == [3, 1, 7]
+    assert z["loss"].tolist() == pytest.approx([0.6, 0.9, 0.4])
+    assert z["score"].shape == (3, 2)
+
+
+def test_read_predictions_refuses_pickled_arrays(tmp_path: Path):
+    np.savez(tmp_path / "predictions.npz", split=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(ValueError):
+        records.read_predictions(tmp_path)
+
+
+def test_weights_and_checkpoint_writers_write_what_torch_save_writes(tmp_path: Path):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    old_w = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ours = _bytes(tmp_path, "ours", lambda d: records.write_weights(d, model.state_dict()))
+    assert ours == _bytes(tmp_path, "old", lambda d: io.atomic_write(d / "model.pt", lambda f: torch.save(old_w, f),
+                                                                       mode="wb"))
+    back = records.read_weights(tmp_path / "ours")
+    assert torch.equal(back["weight"], model.weight.detach())
+    assert records.read_weights(tmp_path / "old", name=records.reference_weights("reference_erm_5")) is None
+
+    state = {"step": 4, "records": [{"step": 0}], "rng": torch.get_rng_state(), "cuda_rng": None, "elapsed": 1.5,
+             "algorithm": {"model": old_w}}
+    ours = _bytes(tmp_path, "ck", lambda d: records.save_checkpoint(d, state))
+    assert ours == _bytes(tmp_path, "ck_old", lambda d: io.atomic_write(d / "checkpoint.pt",
+                                                                        lambda f: torch.save(state, f), mode="wb"))
+    loaded = records.load_checkpoint(tmp_path / "ck")
+    assert loaded["step"] == 4 and loaded["records"] == [{"step": 0}] and torch.equal(loaded["rng"], state["rng"])
+    assert records.load_checkpoint(tmp_path / "none") is None
+    assert records.trial_status(tmp_path / "ck") == "partial"
+
+
+def test_json_readers_read_what_the_writers_wrote(tmp_path: Path):
+    records.write_spec(tmp_path, {"hash": "h", "spec": {}})
+    records.write_final(tmp_path, {"status": "done", "hash": "h"})
+    records.write_failed(tmp_path, {"status": "failed", "reason": "r"})
+    assert records.read_spec(tmp_path) == {"hash": "h", "spec": {}}
+    assert records.read_final(tmp_path) == {"status": "done", "hash": "h"}
+    assert records.read_failed(tmp_path)["reason"] == "r"
+    with pytest.raises(OSError):
+        records.read_final(tmp_path / "nothing")
