@@ -1,7 +1,7 @@
 """One decorator registry per plug-in kind; it is the only list of names.
 
-Built-in plug-ins are the modules of a package (imported on first lookup); external ones come through the
-entry-point group ``shiftbench.<kind>s``.
+Built-in plug-ins are the modules of a package, or of several packages and modules (imported on first lookup);
+external ones come through the entry-point group ``shiftbench.<kind>s``.
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ class Registry(Generic[T]):
 
     Args:
         kind: what the plug-ins are ("method", "dataset", ...), used in messages and the entry-point group.
-        package: the package whose modules hold the built-in plug-ins.
+        package: the package whose modules hold the built-in plug-ins, or a tuple of packages and modules (a module
+            is imported itself; a package, every module in it whose name does not start with ``_``).
     """
 
-    def __init__(self, kind: str, package: str):
+    def __init__(self, kind: str, package: str | tuple[str, ...]):
         self.kind = kind
         self.package = package
+        self.packages: tuple[str, ...] = (package,) if isinstance(package, str) else tuple(package)
         self._items: dict[str, type[T]] = {}
         self._loaded = False
         self.base: type | None = None
@@ -52,12 +54,22 @@ class Registry(Generic[T]):
         if self._loaded:
             return
         self._loaded = True
-        pkg = importlib.import_module(self.package)
-        for mod in pkgutil.iter_modules(getattr(pkg, "__path__", [])):
-            if not mod.name.startswith("_"):
-                importlib.import_module(f"{self.package}.{mod.name}")
+        for package in self.packages:
+            pkg = importlib.import_module(package)
+            for mod in pkgutil.iter_modules(getattr(pkg, "__path__", [])):  # a plain module has no __path__
+                if not mod.name.startswith("_"):
+                    importlib.import_module(f"{package}.{mod.name}")
         for ep in entry_points(group=f"shiftbench.{self.kind}s"):
             ep.load()
+
+    def pop(self, name: str) -> type[T] | None:
+        """Unregisters ``name`` (a plug-in registered for a while, as tests do) and returns it; None if unknown."""
+        return self._items.pop(name, None)
+
+    def items(self) -> list[tuple[str, type[T]]]:
+        """(name, plug-in) of every registered plug-in, in registration order (built-ins loaded first)."""
+        self._load()
+        return list(self._items.items())
 
     def names(self) -> list[str]:
         self._load()
@@ -84,3 +96,7 @@ DATASETS: Registry = Registry("dataset", "shiftbench.datasets")
 CALLBACKS: Registry = Registry("callback", "shiftbench.hooks")
 TASKS: Registry = Registry("task", "shiftbench.tasks")
 MODELS: Registry = Registry("model", "shiftbench.models")
+SECTIONS: Registry = Registry("section", ("shiftbench.hooks", "shiftbench.coordination.report",
+                                          "shiftbench.attest.report"))
+"""Report sections (:class:`shiftbench.report.ReportSection`): a callback's section lives in its own file in
+shiftbench.hooks; the coordination and attestation sections in those packages' ``report`` modules."""
