@@ -12,18 +12,21 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from .io import atomic_write, read_json, write_json, write_jsonl
+from .io import atomic_write, write_json, write_jsonl
 
 FINAL, FAILED, SPEC, CHECKPOINT, RESULTS, PREDICTIONS, WEIGHTS = (
     "final.json", "failed.json", "spec.json", "checkpoint.pt", "results.jsonl", "predictions.npz", "model.pt",
 )  # fmt: skip
 """The trainer's files in a trial folder: done marker, failure marker, spec, working checkpoint, one record per
 evaluation, final per-example outputs, final weights."""
+TRIALS = "trials"
+"""The folder of a sweep's output folder that holds its trial folders (``<out>/trials/<hash16>/``)."""
 
 
 def trial_status(trial_dir: str | os.PathLike) -> str:
@@ -148,19 +151,23 @@ def reference_weights(name: str) -> str:
 # ---------------------------------------------------------------------------------------------------------- readers
 
 
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def read_spec(trial_dir: str | os.PathLike) -> dict[str, Any]:
     """spec.json (OSError when missing, ValueError when not JSON)."""
-    return read_json(Path(trial_dir) / SPEC)
+    return _read_json(Path(trial_dir) / SPEC)
 
 
 def read_final(trial_dir: str | os.PathLike) -> dict[str, Any]:
     """final.json (OSError when missing, ValueError when not JSON)."""
-    return read_json(Path(trial_dir) / FINAL)
+    return _read_json(Path(trial_dir) / FINAL)
 
 
 def read_failed(trial_dir: str | os.PathLike) -> dict[str, Any]:
     """failed.json (OSError when missing, ValueError when not JSON)."""
-    return read_json(Path(trial_dir) / FAILED)
+    return _read_json(Path(trial_dir) / FAILED)
 
 
 def read_results(trial_dir: str | os.PathLike, missing_ok: bool = True) -> list[dict[str, Any]]:
@@ -169,8 +176,14 @@ def read_results(trial_dir: str | os.PathLike, missing_ok: bool = True) -> list[
 
 
 def read_predictions(trial_dir: str | os.PathLike) -> dict[str, np.ndarray]:
-    """predictions.npz as ``{key: array}``, read with ``allow_pickle=False`` (an object array raises ValueError)."""
-    with np.load(Path(trial_dir) / PREDICTIONS, allow_pickle=False) as z:
+    """predictions.npz as ``{key: array}`` (:func:`read_npz`: never unpickling)."""
+    return read_npz(Path(trial_dir) / PREDICTIONS)
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file, read with ``allow_pickle=False``: an object array raises ValueError, so a
+    forged file cannot run code."""
+    with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
 
@@ -182,6 +195,187 @@ def read_weights(trial_dir: str | os.PathLike, device: Any = "cpu", name: str = 
     if not path.exists():
         return None
     return torch.load(path, map_location=device, weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------------- scanning folders
+
+
+def trial_path(out: str | os.PathLike, trial_hash: str) -> Path:
+    """The folder of a trial in a sweep output folder: ``<out>/trials/<first 16 hex digits of its hash>``."""
+    return Path(out) / TRIALS / str(trial_hash)[:16]
+
+
+def trial_dirs(root: str | os.PathLike, marker: str = SPEC) -> list[Path]:
+    """The trial folders under ``root``, in name order: ``root`` itself when it holds a spec.json (one trial folder),
+    else the folders of ``root/trials/`` (a sweep output folder) or of ``root`` (a folder of trial folders) that
+    hold ``marker`` (spec.json: every started trial; final.json: the done ones). [] when ``root`` is no folder."""
+    root = Path(root)
+    if (root / SPEC).is_file():
+        return [root]
+    base = root / TRIALS if (root / TRIALS).is_dir() else root
+    return sorted(p for p in base.iterdir() if p.is_dir() and (p / marker).is_file()) if base.is_dir() else []
+
+
+@dataclass
+class Scan:
+    """The trial folders of a runs folder, sorted by status (:func:`scan_runs`).
+
+    Attributes:
+        done: trials with final.json, as dicts: spec.json in full (``hash``, ``spec``, and ``env_names``,
+            ``data_version``, ``code_version``, ``task``, None where absent) plus ``records``
+            (results.jsonl), ``final`` (final.json) and ``dir`` (the folder).
+        failed: trials with failed.json and no final.json: ``{"hash", "dir", "reason", "step", "spec"}``.
+        incomplete: folders of trials with neither marker (running or interrupted); ignored by the report.
+        unreadable: ``{"dir", "reason"}`` for done trials whose files could not be parsed; ignored by the report.
+        sweeps: with several folders (the report's ``scan_sweeps``), ``{"label", "dir", "done"}`` per folder.
+        duplicates: done trials left out because an earlier folder holds the same trial (same hash).
+    """
+
+    done: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)
+    unreadable: list[dict] = field(default_factory=list)
+    sweeps: list[dict] = field(default_factory=list)
+    duplicates: int = 0
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """How many trials of each kind: ``{"done", "failed", "incomplete", "unreadable"}``."""
+        return {"done": len(self.done), "failed": len(self.failed), "incomplete": len(self.incomplete),
+                "unreadable": len(self.unreadable)}
+
+
+def scan_runs(runs_dir: str | os.PathLike) -> Scan:
+    """Sorts the trial folders of a runs folder into done, failed, incomplete and unreadable.
+
+    Args:
+        runs_dir: a sweep output folder (with ``trials/``), a folder of trial folders, or one trial folder
+            (:func:`trial_dirs`); a missing folder scans as empty.
+
+    Returns:
+        The scan; done trials are deduplicated by hash (first folder in name order wins). A done trial whose
+        results.jsonl is missing or empty gets final.json's record as its one record.
+    """
+    scan = Scan()
+    seen: set[str] = set()
+    for d in trial_dirs(runs_dir):
+        try:
+            meta = read_spec(d)
+        except (OSError, ValueError) as e:
+            scan.unreadable.append({"dir": str(d), "reason": f"{SPEC}: {e}"})
+            continue
+        trial_hash = str(meta.get("hash") or d.name)
+        if (d / FINAL).is_file():
+            try:
+                final = read_final(d)
+                results = read_results(d)
+            except (OSError, ValueError) as e:
+                scan.unreadable.append({"dir": str(d), "reason": str(e)})
+                continue
+            if not results and isinstance(final.get("record"), dict):
+                results = [final["record"]]
+            if trial_hash in seen:
+                continue
+            seen.add(trial_hash)
+            trial: dict[str, Any] = {k: meta.get(k) for k in ("env_names", "data_version", "code_version", "task")}
+            trial.update(meta)  # spec.json in full, whatever else the trainer adds
+            trial.update({"hash": trial_hash, "spec": meta.get("spec") or {}, "records": results, "final": final,
+                          "dir": str(d)})  # fmt: skip
+            scan.done.append(trial)
+        elif (d / FAILED).is_file():
+            try:
+                info = read_failed(d)
+            except (OSError, ValueError) as e:
+                info = {"reason": f"{FAILED} unreadable: {e}"}
+            scan.failed.append({"hash": trial_hash, "dir": str(d), "reason": str(info.get("reason", "unknown")),
+                                "step": info.get("step"), "spec": meta.get("spec", {})})  # fmt: skip
+        else:
+            scan.incomplete.append(str(d))
+    return scan
+
+
+# ------------------------------------------------------------------------------------------------- a trial's model
+
+
+def build_trial_model(spec: Any, input_shape, num_classes: int, task: str) -> Any:
+    """The trial's model as the trainer builds it, before training: the global torch seed set to
+    ``seed_hash(seed, "init")``, then ``build_model(model, input_shape, n_outputs, hparams)`` with the task's
+    ``n_outputs(num_classes)``.
+
+    Args:
+        spec: a ``TrialSpec`` or spec.json's ``"spec"`` dict (``seed``, ``model``, ``hparams``).
+        input_shape: the dataset's input shape.
+        num_classes: the dataset's number of classes.
+        task: the dataset's task name (``classification``, ``preference``, ``coordination``).
+    """
+    import torch
+
+    from .hparams import seed_hash
+    from .models import build_model
+    from .registry import TASKS
+
+    s = spec.to_dict() if hasattr(spec, "to_dict") else spec
+    torch.manual_seed(seed_hash(s["seed"], "init"))
+    return build_model(s["model"], tuple(input_shape), TASKS.get(task)().n_outputs(num_classes), s["hparams"])
+
+
+def load_trial_model(trial_dir: str | os.PathLike, data_root: str | None = None, device: Any = "cpu"):
+    """A finished trial's model: its dataset rebuilt from spec.json, the model built as the trainer builds it
+    (:func:`build_trial_model`), then model.pt loaded (tensors only), in eval mode on ``device``.
+
+    The caller's torch RNG state is left as it was. The model scores a batch as ``task.scores(model, batch)``;
+    a method that scores otherwise (its own ``scores``) needs its algorithm around the model.
+
+    Returns:
+        ``(model, spec, dataset)``: the model, the ``TrialSpec`` and the rebuilt ``ShiftDataset``.
+
+    Raises:
+        OSError: spec.json or model.pt is missing.
+        UserError: the spec does not resolve or its dataset cannot be built here (e.g. real data missing).
+    """
+    import torch
+
+    from .config import TrialSpec
+    from .data import load_dataset
+
+    trial_dir = Path(trial_dir)
+    spec = TrialSpec.from_dict(read_spec(trial_dir)["spec"])
+    state = read_weights(trial_dir)
+    if state is None:
+        raise FileNotFoundError(f"{trial_dir / WEIGHTS}: missing (the trial has not finished)")
+    dataset = load_dataset(spec.dataset, spec.dataset_options, data_root, False)
+    with torch.random.fork_rng(devices=[]):
+        model = build_trial_model(spec, dataset.input_shape, dataset.num_classes, dataset.TASK)
+    model.load_state_dict(state)
+    return model.to(device).eval(), spec, dataset
+
+
+def load_described_model(trial_dir: str | os.PathLike, device: Any = "cpu"):
+    """A finished trial's model built from spec.json's description of its dataset (``input_shape``,
+    ``num_classes``, ``task``) without rebuilding the dataset, then model.pt loaded, in eval mode.
+
+    Returns:
+        ``(model, meta)``: the model and spec.json.
+
+    Raises:
+        OSError: spec.json or model.pt is missing.
+        ValueError: spec.json does not describe the dataset's input shape and classes, or is not JSON.
+    """
+    import torch
+
+    trial_dir = Path(trial_dir)
+    meta = read_spec(trial_dir)
+    described = meta.get("dataset") or {}
+    if "input_shape" not in described or "num_classes" not in described:
+        raise ValueError(f"{trial_dir / SPEC} does not describe the dataset's input shape and classes")
+    state = read_weights(trial_dir)
+    if state is None:
+        raise FileNotFoundError(f"{trial_dir / WEIGHTS}: missing (the trial has not finished)")
+    with torch.random.fork_rng(devices=[]):
+        model = build_trial_model(meta["spec"], described["input_shape"], described["num_classes"],
+                                  meta.get("task") or described.get("task") or "classification")
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta
 
 
 # ------------------------------------------------------------------------------------------------------ record keys

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from .locks import FileLock
 from .mlflow_store import LOCK_DIR, StoreState, ensure_store, sqlite_file
-from .records import CHECKPOINT, FAILED, FINAL, RESULTS, SPEC, read_jsonl
+from .records import CHECKPOINT, FAILED, FINAL, SPEC, read_failed, read_final, read_results, read_spec
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -190,12 +190,6 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     """Consecutive slices of ``items`` of at most ``size`` entries."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``."""
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _is_locked(error: BaseException) -> bool:
@@ -454,7 +448,7 @@ class Tracker:
             end_file, status = trial / FAILED, "failed"
         else:
             raise ValueError(f"trial {trial} has not ended: no {FINAL} or {FAILED}")
-        meta = _read_json(trial / SPEC)
+        meta = read_spec(trial)
         trial_hash = str(meta["hash"])
 
         with self._run_lock(trial_hash):
@@ -481,8 +475,8 @@ class Tracker:
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
         spec: Mapping[str, Any] = meta.get("spec", {})
-        end = _read_json(end_file)
-        records = read_jsonl(trial / RESULTS)
+        end = read_final(trial) if status == "done" else read_failed(trial)
+        records = read_results(trial)
         end_ms = _mtime_ms(end_file)
         elapsed = [e for e in (_numeric(r.get("elapsed")) for r in records) if e is not None and math.isfinite(e)]
         start_ms = end_ms - int(max(elapsed) * 1000) if elapsed else _mtime_ms(trial / SPEC)

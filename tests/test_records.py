@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import numpy as np
-
+import pytest
 from shiftbench import io, records, trainer
 from shiftbench.records import read_jsonl
 

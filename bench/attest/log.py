@@ -30,6 +30,7 @@ from typing import Any, Mapping
 from ..config import canonical_json
 from ..errors import UserError
 from ..io import atomic_write
+from ..records import TRIALS
 from . import checkpoint as ckpt
 from .dsse import PublicKey, SigningKey, read_public_keys
 from .locking import file_lock
@@ -46,7 +47,7 @@ def log_dir_for(trial_dir: str | os.PathLike) -> Path:
     from .dsse import config_home
 
     trial_dir = Path(trial_dir).resolve()
-    if trial_dir.parent.name == "trials":
+    if trial_dir.parent.name == TRIALS:
         return trial_dir.parent.parent / LOG_DIRNAME
     return config_home() / "log"
 

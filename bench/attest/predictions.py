@@ -77,9 +77,11 @@ def leaf_hashes(arrays: Mapping[str, np.ndarray]) -> list[bytes]:
 
 
 def load_predictions(path: str | Path) -> dict[str, np.ndarray]:
-    """The arrays of a ``predictions.npz`` (never unpickling: object arrays are refused)."""
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    """The arrays of a ``predictions.npz`` at ``path`` (never unpickling: object arrays are refused); a trial
+    folder's own is ``records.read_predictions(trial_dir)``."""
+    from ..records import read_npz
+
+    return read_npz(path)
 
 
 def commit(arrays: Mapping[str, np.ndarray]) -> MerkleTree:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ..io import atomic_write, sha256_file
+from ..records import SPEC, read_spec
 from .dsse import PublicKey, b64decode_strict, envelope_bytes, sign_envelope, verify_envelope
 from .keys import Identity
 from .record import ENVELOPE, canonical_bytes
@@ -158,9 +159,8 @@ def _same_as_proof(pred: Mapping[str, Any], st, proof: Path, fail) -> None:
         fail(f"{proof.name}: the Statement names other proof parameters than the proof's")
     if (pred.get("label_commitment") or {}).get("root") != st.label_root.hex():
         fail(f"{proof.name}: the Statement's label commitment is not the one the proof is about")
-    spec = proof.parent / "spec.json"
-    if spec.is_file():
-        trial_hash = json.loads(spec.read_text()).get("hash")
+    if (proof.parent / SPEC).is_file():
+        trial_hash = read_spec(proof.parent).get("hash")
         if trial_hash and ctx.get("trial") != trial_hash:
             fail(f"{proof.name}: the proof is about trial {str(ctx.get('trial'))[:16]}, this folder is "
                  f"{trial_hash[:16]}")

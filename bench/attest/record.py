@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..io import atomic_write, write_json
+from ..records import read_predictions, read_spec
 from . import keys as identities
 from .dsse import ED25519, envelope_bytes, sign_envelope
 from .log import TransparencyLog, log_dir_for
-from .predictions import commit, load_predictions
-from .statement import MANIFEST, METRICS, PAYLOAD_TYPE, PREDICTIONS, build_statement, data_manifest
+from .predictions import commit
+from .statement import MANIFEST, METRICS, PAYLOAD_TYPE, build_statement, data_manifest
 
 ENVELOPE = "attestation.dsse.json"
 RECEIPT = "attestation.log.json"
@@ -47,10 +48,10 @@ def attest_trial(trial_dir: str | os.PathLike, record: Mapping[str, Any], scheme
         The sha256 (hex) of the envelope file.
     """
     trial = Path(trial_dir)
-    meta = json.loads((trial / "spec.json").read_text(encoding="utf-8"))
+    meta = read_spec(trial)
     write_json(trial / MANIFEST, data_manifest(meta["spec"], meta))
     write_json(trial / METRICS, dict(record))
-    tree = commit(load_predictions(trial / PREDICTIONS))
+    tree = commit(read_predictions(trial))
     signer = identities.load(schemes, keys_dir)
     keys = list(signer.keys)
     statement = build_statement(trial, meta, record, tree.root, len(tree), [

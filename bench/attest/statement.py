@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..io import sha256_file
+from ..records import PREDICTIONS, RESULTS, SPEC, WEIGHTS
 from .predictions import LEAF_FORMAT
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -36,9 +37,8 @@ PREDICATE_TYPE = "urn:shiftbench:trial-result:v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 MERKLE_HASH = "RFC6962-SHA256"
 
-PREDICTIONS, WEIGHTS, METRICS, MANIFEST, RESULTS, SPEC = (
-    "predictions.npz", "model.pt", "metrics.json", "data_manifest.json", "results.jsonl", "spec.json",
-)  # fmt: skip
+METRICS, MANIFEST = "metrics.json", "data_manifest.json"
+"""The attest callbacks' own files in a trial folder (the trainer's are in :mod:`shiftbench.records`)."""
 SUBJECTS = (PREDICTIONS, WEIGHTS, METRICS, MANIFEST, RESULTS, SPEC)
 PACKAGES = ("shiftbench", "torch", "numpy", "scipy", "scikit-learn", "cryptography", "pqcrypto")
 

@@ -24,13 +24,27 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..io import read_json, sha256_file
-from ..records import FINAL, PREDICTIONS, RESULTS, SPEC, WEIGHTS, read_jsonl
+from ..records import (
+    FINAL,
+    PREDICTIONS,
+    RESULTS,
+    SPEC,
+    TRIALS,
+    WEIGHTS,
+    build_trial_model,
+    read_final,
+    read_predictions,
+    read_results,
+    read_spec,
+    read_weights,
+    trial_dirs,
+)  # fmt: skip
 from . import checkpoint as ckpt
 from .dsse import PublicKey, b64decode_strict, read_public_keys, verify_envelope
 from .log import COSIGNED, LOG_DIRNAME, TransparencyLog, check_receipt, log_dir_for, verify_log
 from .merkle import MerkleTree, leaf_hash, merkle_root, verify_consistency, verify_inclusion
 from .policy import Policy
-from .predictions import encode_leaf, leaf_hashes, load_predictions
+from .predictions import encode_leaf, leaf_hashes
 from .record import ENVELOPE, RECEIPT
 from .statement import MANIFEST, METRICS, PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE, SUBJECTS
 from .witness import WitnessState
@@ -123,7 +137,7 @@ def _same_json(a: Any, b: Any) -> bool:
 def sweep_name(trial: Path) -> str | None:
     """The sweep folder's name of a trial in ``<sweep>/trials/``; None for a lone trial."""
     trial = Path(trial).resolve()
-    return trial.parent.parent.name if trial.parent.name == "trials" else None
+    return trial.parent.parent.name if trial.parent.name == TRIALS else None
 
 
 def _check_signatures(res: Result, envelope: Any, trust: Trust) -> dict | None:
@@ -229,7 +243,7 @@ def _check_metrics(res: Result, predicate: Mapping[str, Any], arrays: Mapping[st
     except (OSError, ValueError):
         res.failures.append(f"{METRICS}: unreadable")
     try:
-        final = read_json(t / FINAL)
+        final = read_final(t)
         if not _same_json(final.get("record"), metrics):
             res.failures.append(f"{FINAL}: its record differs from the attested metrics")
         if final.get("attestation") != res.envelope_sha256:
@@ -237,7 +251,7 @@ def _check_metrics(res: Result, predicate: Mapping[str, Any], arrays: Mapping[st
     except (OSError, ValueError, AttributeError):
         res.failures.append(f"{FINAL}: missing or unreadable")
     try:
-        if not _same_json((read_jsonl(t / RESULTS, missing_ok=False) or [None])[-1], metrics):
+        if not _same_json((read_results(t, missing_ok=False) or [None])[-1], metrics):
             res.failures.append(f"{RESULTS}: its last record differs from the attested metrics")
     except (OSError, ValueError):
         res.failures.append(f"{RESULTS}: unreadable")
@@ -272,7 +286,7 @@ def _check_spec(res: Result, predicate: Mapping[str, Any]) -> None:
     from ..config import sha256_json
 
     try:
-        meta = read_json(res.trial / SPEC)
+        meta = read_spec(res.trial)
         manifest = read_json(res.trial / MANIFEST)
     except (OSError, ValueError):
         res.failures.append(f"{SPEC} or {MANIFEST}: missing or unreadable")
@@ -410,8 +424,8 @@ def check_against_data(res: Result, predicate: Mapping[str, Any], arrays: Mappin
     A dataset that cannot be rebuilt here (real data missing) sets ``res.not_checked``; that is never OK.
     """
     from ..config import TrialSpec
-    from ..errors import UserError
     from ..data import load_dataset
+    from ..errors import UserError
 
     try:
         spec = TrialSpec.from_dict(predicate["spec"])
@@ -547,7 +561,7 @@ def verify_trial(trial_dir: str | os.PathLike, trust: Trust | None = None, log_d
     _check_subjects(res, statement)
     arrays = hashes = None
     try:
-        arrays = load_predictions(res.trial / PREDICTIONS)
+        arrays = read_predictions(res.trial)
         if len({len(v) for v in arrays.values()}) != 1 or "split" not in arrays or "idx" not in arrays:
             res.failures.append(f"{PREDICTIONS}: columns missing or of unequal length")
             arrays = None
@@ -596,16 +610,18 @@ def reexecute_sample(res: Result, predicate: Mapping[str, Any], arrays: Mapping[
     (inclusion proof) and be what the weights predict, with the dataset's label."""
     import torch
 
-    from ..models import build_model
     from ..registry import METHODS, TASKS
 
     spec, dataset = rebuilt.spec, rebuilt.dataset
     task = TASKS.get(dataset.TASK)()
-    model = build_model(spec.model, dataset.input_shape, task.n_outputs(dataset.num_classes), spec.hparams)
-    algorithm = METHODS.get(spec.method)(model, task, len(dataset.train_splits(spec.test_envs)), spec.hparams)
+    with torch.random.fork_rng(devices=[]):  # the trainer's initialisation, leaving the caller's RNG as it was
+        model = build_trial_model(spec, dataset.input_shape, dataset.num_classes, dataset.TASK)
+        algorithm = METHODS.get(spec.method)(model, task, len(dataset.train_splits(spec.test_envs)), spec.hparams)
     _setup_for_scoring(algorithm, dataset, spec)  # before the weights load: a setup may set the model's weights
     try:
-        state = torch.load(res.trial / WEIGHTS, map_location="cpu", weights_only=True)
+        state = read_weights(res.trial)
+        if state is None:
+            raise FileNotFoundError(res.trial / WEIGHTS)
         model.load_state_dict(state)
     except Exception as e:  # any unpickling refusal or shape mismatch means the weights are not this spec's model
         res.failures.append(f"re-execution: {WEIGHTS} does not load into the spec's model ({type(e).__name__})")
@@ -705,10 +721,7 @@ def _gather(split, ids: Sequence[int]) -> dict | None:
 
 def trial_folders(path: Path) -> list[Path]:
     """One trial folder, or every done trial folder of a sweep output folder."""
-    if (path / SPEC).is_file():
-        return [path]
-    base = path / "trials" if (path / "trials").is_dir() else path
-    return sorted(p for p in base.iterdir() if (p / FINAL).is_file()) if base.is_dir() else []
+    return trial_dirs(path, marker=FINAL)
 
 
 def verify_path(path: str | os.PathLike, trust: Trust | None = None, log_dir: str | os.PathLike | None = None,
@@ -725,7 +738,7 @@ def verify_path(path: str | os.PathLike, trust: Trust | None = None, log_dir: st
     cache: dict = {}
     results = [verify_trial(t, trust, log_dir, reexecute, seed, data_root, cache, state) for t in trial_folders(path)]
     sweep_failures = []
-    if (path / "trials").is_dir():
+    if (path / TRIALS).is_dir():
         logs = {Path(log_dir) if log_dir else log_dir_for(r.trial) for r in results} or {path / LOG_DIRNAME}
         present = {r.statement["predicate"]["trial_hash"]: r for r in results if r.statement}
         for ld in logs:

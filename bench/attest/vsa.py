@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..io import atomic_write, sha256_file
+from ..records import PREDICTIONS, WEIGHTS, read_spec
 from .dsse import PublicKey, b64decode_strict, envelope_bytes, sign_envelope, verify_envelope
 from .keys import Identity
 from .record import ENVELOPE, canonical_bytes
@@ -66,7 +67,7 @@ def build(res, host: Identity, policy_uri: str, policy_digest: str, seed: int | 
         },
     }
     subject = [{"name": ENVELOPE, "digest": digest}]
-    for name in ("predictions.npz", "model.pt"):
+    for name in (PREDICTIONS, WEIGHTS):
         if (res.trial / name).is_file():
             subject.append({"name": name, "digest": {"sha256": sha256_file(res.trial / name)}})
     return {"_type": STATEMENT_TYPE, "subject": subject, "predicateType": VSA_TYPE, "predicate": predicate}
@@ -151,7 +152,7 @@ def mirror_to_mlflow(trial_dir: Path, uri: str) -> str | None:
     from ..tracking import quiet_mlflow
 
     quiet_mlflow()
-    meta = json.loads((trial_dir / "spec.json").read_text())
+    meta = read_spec(trial_dir)
     client = MlflowClient(tracking_uri=uri)
     runs = [r for e in client.search_experiments() for r in client.search_runs(
         [e.experiment_id], f"tags.`shiftbench.trial_hash` = '{meta['hash']}'")]

@@ -37,6 +37,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import numpy as np
 
+    from ..records import PREDICTIONS
     from ..stark.files import canonical_split, commit_labels
     from ..stark.params import Params
 
@@ -48,7 +49,7 @@ def run(args) -> int:
         if labels.ndim != 1 or labels.dtype.kind not in "iu" or (labels < 0).any():
             raise UserError(f"{args.npy} must hold a 1-d vector of non-negative integer labels")
     else:
-        labels = canonical_split(args.from_trial / "predictions.npz", args.split, "label")
+        labels = canonical_split(args.from_trial / PREDICTIONS, args.split, "label")
     given = {"queries": args.queries, "max_proofs": args.max_proofs, "grinding": args.grinding}
     kw = {k: v for k, v in given.items() if v is not None}
     doc = commit_labels(labels.astype(np.int64), args.split, args.context, args.out, Params(**kw))

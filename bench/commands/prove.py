@@ -35,15 +35,16 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ..records import FINAL, PREDICTIONS, TRIALS, trial_dirs
     from ..stark.files import log_to_mlflow, proofs_left, prove_trial
 
     runs = args.runs
-    if (runs / "predictions.npz").is_file():
+    if (runs / PREDICTIONS).is_file():
         trials = [runs]
-    elif (runs / "trials").is_dir():
-        trials = sorted(t for t in (runs / "trials").iterdir() if (t / "final.json").is_file())
+    elif (runs / TRIALS).is_dir():
+        trials = trial_dirs(runs, marker=FINAL)
     else:
-        raise UserError(f"{runs} is neither a trial folder (with predictions.npz) nor a sweep folder (with trials/)")
+        raise UserError(f"{runs} is neither a trial folder (with {PREDICTIONS}) nor a sweep folder (with {TRIALS}/)")
     if not trials:
         raise UserError(f"no finished trials under {runs}")
     left, budget = proofs_left(args.labels, args.opening)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..records import FAILED, SPEC, TRIALS, read_failed, read_results
 
 STATES = ("done", "failed", "partial", "new")
 
@@ -34,25 +35,21 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def _last_step(trial_dir: Path) -> int | None:
-    """The step of the last complete line of results.jsonl (a torn last line is skipped, as the trainer does)."""
+    """The step of results.jsonl's last record (a torn last line is skipped: records.read_jsonl's policy); None
+    when the file is missing, damaged or holds no step."""
     try:
-        lines = (trial_dir / "results.jsonl").read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
+        records = read_results(trial_dir)
+        return int(records[-1]["step"]) if records else None
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    for line in reversed(lines):
-        try:
-            return int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return None
 
 
 def _detail(state: str, trial_dir: Path, steps: int) -> str:
     if state == "failed":
         try:
-            info = json.loads((trial_dir / "failed.json").read_text(encoding="utf-8"))
+            info = read_failed(trial_dir)
         except (OSError, UnicodeDecodeError, ValueError):
-            return "reason: failed.json unreadable"
+            return f"reason: {FAILED} unreadable"
         at = f" (step {info['step']})" if isinstance(info, dict) and info.get("step") is not None else ""
         return f"reason: {info.get('reason', 'unknown') if isinstance(info, dict) else 'unknown'}{at}"
     if state == "partial":
@@ -80,8 +77,8 @@ def expected_trials(runs: Path) -> tuple[str, list]:
 
 def run(a) -> int:
     from ..config import TrialSpec
-    from ..sweep import trial_dir
     from ..records import trial_status
+    from ..sweep import trial_dir
 
     runs: Path = a.runs
     if not runs.is_dir():
@@ -90,15 +87,15 @@ def run(a) -> int:
     if (runs / "sweep.json").is_file():
         name, specs = expected_trials(runs)
         dirs = [trial_dir(runs, s) for s in specs]
-    elif (runs / "spec.json").is_file():  # one trial folder (shiftbench train --out)
-        meta = _read_json(runs / "spec.json", "the trial folder is damaged")
+    elif (runs / SPEC).is_file():  # one trial folder (shiftbench train --out)
+        meta = _read_json(runs / SPEC, "the trial folder is damaged")
         try:
             specs = [TrialSpec.from_dict(meta["spec"])]
         except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{runs / 'spec.json'} holds no trial spec ({e})") from None
+            raise UserError(f"{runs / SPEC} holds no trial spec ({e})") from None
         name, dirs = runs.name, [runs]
     else:
-        raise UserError(f"{runs} is not a sweep folder (no sweep.json) nor a trial folder (no spec.json); give the "
+        raise UserError(f"{runs} is not a sweep folder (no sweep.json) nor a trial folder (no {SPEC}); give the "
                         "--out of shiftbench sweep or shiftbench train")
     counts = dict.fromkeys(STATES, 0)
     lines = []
@@ -110,8 +107,8 @@ def run(a) -> int:
     if not a.summary:
         print("\n".join(lines))
     expected = {d.name for d in dirs}
-    others = sorted(p.name for p in (runs / "trials").glob("*") if p.is_dir() and p.name not in expected) if (
-        runs / "trials").is_dir() else []
+    others = sorted(p.name for p in (runs / TRIALS).glob("*") if p.is_dir() and p.name not in expected) if (
+        runs / TRIALS).is_dir() else []
     extra = f"; {len(others)} other trial folder(s) not in this sweep" if others else ""
     print(f"{name}: {len(specs)} trial{'s' if len(specs) != 1 else ''}: "
           + ", ".join(f"{counts[s]} {s}" for s in STATES) + extra)

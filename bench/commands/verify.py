@@ -78,13 +78,15 @@ def resolve_run(run_id: str, runs: Path | None) -> tuple[Path, str | None]:
     trial_hash = run.data.tags.get("shiftbench.trial_hash")
     if not trial_hash:
         raise UserError(f"MLflow run {run_id} is not a shiftbench trial (no shiftbench.trial_hash tag)")
+    from ..records import SPEC, trial_path
+
     candidates = []
     if runs is not None:
-        candidates.append(runs / "trials" / trial_hash[:16])
+        candidates.append(trial_path(runs, trial_hash))
     if uri.startswith("sqlite:///"):
-        candidates.append(Path(uri[len("sqlite:///"):]).parent / "trials" / trial_hash[:16])
+        candidates.append(trial_path(Path(uri[len("sqlite:///"):]).parent, trial_hash))
     for c in candidates:
-        if (c / "spec.json").is_file():
+        if (c / SPEC).is_file():
             return c, run.data.tags.get("shiftbench.attestation_sha256")
     raise UserError(f"MLflow run {run_id} is trial {trial_hash[:16]}, but its folder is not under "
                     f"{runs or 'the store folder'}; pass the sweep folder with --runs")
@@ -94,6 +96,7 @@ def run(a) -> int:
     from ..attest.verify import EXIT_STATUS, FAILED, NOT_CHECKED, OK, UNTRUSTED, Trust, trusted_from_files, \
         verify_path
     from ..attest.witness import WitnessState
+    from ..records import FINAL
 
     if a.proof:
         from ..stark.files import verify_paths
@@ -127,7 +130,7 @@ def run(a) -> int:
     results, sweep_failures = verify_path(target, trust, a.log, a.reexecute, a.seed, a.data_root,
                                           WitnessState(a.state))
     if not results:
-        raise UserError(f"{target} holds no finished trial (looked for final.json)")
+        raise UserError(f"{target} holds no finished trial (looked for {FINAL})")
     if tagged is not None and results[0].envelope_sha256 != tagged:
         results[0].failures.append("MLflow tag shiftbench.attestation_sha256 is not the sha256 of the trial's envelope")
     counts = {OK: 0, FAILED: 0, UNTRUSTED: 0, NOT_CHECKED: 0}

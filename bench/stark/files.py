@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..records import PREDICTIONS, SPEC, read_spec
 from .params import Params, soundness
 from .proofio import InvalidProof
 from .prove import commit_column, prove
@@ -123,7 +124,7 @@ def prove_trial(trial: Path, commitment: Path, opening: Path | None = None, host
     if root.hex() != doc["root"]:
         raise UserError(f"{opening} opens another commitment than {commitment}")
     split = doc["split"]
-    preds = canonical_split(trial / "predictions.npz", split, "pred")
+    preds = canonical_split(trial / PREDICTIONS, split, "pred")
     if len(preds) != doc["n"]:
         raise UserError(f"{trial}: split {split!r} has {len(preds)} examples, the label commitment {doc['n']}")
     lc = commit_column(labels, params, seed)
@@ -131,7 +132,7 @@ def prove_trial(trial: Path, commitment: Path, opening: Path | None = None, host
         raise UserError(f"{opening} does not rebuild the committed root (labels or seed changed)")
     pred_seed = os.urandom(32)
     pc = commit_column(preds, params, pred_seed)
-    spec = json.loads((trial / "spec.json").read_text()) if (trial / "spec.json").is_file() else {}
+    spec = read_spec(trial) if (trial / SPEC).is_file() else {}
     context = json.dumps({"trial": spec.get("hash", trial.name), "split": split}, sort_keys=True).encode()
     proof = prove(pc, lc, params, context=context, label_context=label_context(doc))
     st = verify(proof, label_root=lc[1].root)
