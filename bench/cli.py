@@ -214,27 +214,22 @@ def cmd_train(a, parser) -> int:
 
 
 def cmd_sweep(a) -> int:
-    from .config import SweepSpec, load_suite
-    from .sweep import run_sweep
+    from .config import SweepSpec, add_dataset_options, load_suite
 
     overrides = {
         "methods": a.methods, "test_envs": _parse_test_envs(a.test_envs), "n_hparams": a.n_hparams,
         "n_seeds": a.n_seeds, "steps": a.steps, "eval_every": a.eval_every, "name": a.name,
         "callbacks": a.callbacks,
     }  # fmt: skip
+    extra = parse_kv(a.option, "--option")  # laid over every dataset's options; the sweep is resolved once
     if a.suite:
-        sweep = load_suite(a.suite, **overrides)
+        sweep = load_suite(a.suite, options=extra, **overrides)
     else:
         if not a.methods:
             raise UserError("--datasets needs --methods (or use --suite)")
         raw = {k: v for k, v in overrides.items() if v is not None}
         raw["datasets"] = a.datasets
-        sweep = SweepSpec.from_mapping(raw, where="command line")
-    extra = parse_kv(a.option, "--option")
-    if extra:
-        d = sweep.to_dict()
-        d["dataset_options"] = {ds: {**d["dataset_options"].get(ds, {}), **extra} for ds in d["datasets"]}
-        sweep = SweepSpec.from_mapping(d, where="--option")
+        sweep = SweepSpec.from_mapping(add_dataset_options(raw, extra, "command line"), where="command line")
     if a.workers <= 0:
         raise UserError(f"--workers must be positive (got {a.workers})")
     from .launchers import from_args
@@ -244,14 +239,13 @@ def cmd_sweep(a) -> int:
 
 
 def _sweep_and_print(sweep, out: Path, workers: int, options, track: bool, progress: bool, launcher=None) -> int:
-    from .sweep import check_data, prepare_out, run_sweep
+    from .sweep import run_sweep
 
-    check_data(sweep, options)
-    prepare_out(out, sweep)
-    n = len(sweep.trials())
-    print(f"sweep {sweep.name}: {n} trials -> {out}  (hash {sweep.hash[:12]})", file=sys.stderr)
+    def announce(n: int) -> None:
+        print(f"sweep {sweep.name}: {n} trials -> {out}  (hash {sweep.hash[:12]})", file=sys.stderr)
+
     counts = run_sweep(sweep, out, workers=workers, options=options, progress=progress, track=track,
-                       launcher=launcher)
+                       launcher=launcher, announce=announce)
     print(
         f"trials: {counts['total']} total, {counts['skipped_done']} already done, {counts['done']} finished now, "
         f"{counts['resumed']} resumed, {counts['failed_total']} failed",

@@ -317,7 +317,17 @@ class SweepSpec:
 
     def trials(self) -> list[TrialSpec]:
         """Every trial, a dataset's seeds outermost: trials sharing a data seed (:data:`PROTOCOL`) come together, so
-        a worker's in-process dataset cache holds one build per seed at a time."""
+        a worker's in-process dataset cache holds one build per seed at a time.
+
+        Resolved once per spec (``from_mapping`` resolves it to validate; the driver, the status command and the
+        launchers then reuse that list): a new list each call, of the same frozen TrialSpecs."""
+        cached = self.__dict__.get("_trials")
+        if cached is None:
+            cached = tuple(self._resolve_trials())
+            object.__setattr__(self, "_trials", cached)  # frozen dataclass: a cache, not a field
+        return list(cached)
+
+    def _resolve_trials(self) -> list[TrialSpec]:
         out = []
         for dataset, s in ((d, s) for d in self.datasets for s in range(self.n_seeds)):
             for method in self.methods:
@@ -385,8 +395,21 @@ def suite_names() -> list[str]:
     return sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
 
 
-def load_suite(name_or_path: str, **overrides: Any) -> SweepSpec:
-    """A named suite (``shiftbench list suites``) or a YAML file; CLI overrides replace its keys."""
+def add_dataset_options(raw: Mapping[str, Any], extra: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
+    """``raw`` with ``extra`` options laid over every one of its datasets' options (``sweep --option``)."""
+    raw = dict(raw)
+    if extra:
+        given = raw.get("dataset_options") or {}
+        if not isinstance(given, Mapping):
+            raise UserError(f"{where}: dataset_options must be a mapping (got {given!r})")
+        raw["dataset_options"] = {**given, **{ds: {**(given.get(ds) or {}), **extra}
+                                              for ds in _names(raw.get("datasets"), "datasets", where)}}
+    return raw
+
+
+def load_suite(name_or_path: str, options: Mapping[str, Any] | None = None, **overrides: Any) -> SweepSpec:
+    """A named suite (``shiftbench list suites``) or a YAML file; CLI overrides replace its keys and ``options``
+    are laid over every dataset's options."""
     path = Path(name_or_path)
     if not path.suffix and not path.exists():
         path = SUITES_DIR / f"{name_or_path}.yaml"
@@ -406,4 +429,5 @@ def load_suite(name_or_path: str, **overrides: Any) -> SweepSpec:
     if isinstance(raw, dict):
         raw.setdefault("name", path.stem)
         raw.update({k: v for k, v in overrides.items() if v is not None})
+        raw = add_dataset_options(raw, options, str(path))
     return SweepSpec.from_mapping(raw, where=str(path))

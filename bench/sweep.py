@@ -131,10 +131,13 @@ def run_sweep(
     track: bool = True,
     on_result: Callable[[TrialSpec, dict], None] | None = None,
     launcher: Launcher | None = None,
+    announce: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Runs every unfinished trial of ``sweep`` under ``out``; returns counts and the MLflow parent run id.
 
     ``launcher`` runs the pending trials (``shiftbench.launchers``); None is the local pool of ``workers`` processes.
+    ``announce(n)`` is called with the number of trials once the data is checked and ``out`` claimed, before any
+    trial runs (the CLI prints its header line there).
 
     The counts: ``total``, ``skipped_done`` (done before this call), ``resumed``, ``done`` and ``failed`` (trials
     this call ran), ``elsewhere`` (trials another driver on ``out`` ended while this one waited), ``failed_total``.
@@ -144,6 +147,8 @@ def run_sweep(
     trials = sweep.trials()
     check_data(sweep, options)
     prepare_out(out, sweep)
+    if announce:
+        announce(len(trials))
     tracker = parent = None
     if track:
         from .tracking import Tracker

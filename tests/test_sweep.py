@@ -145,3 +145,26 @@ def test_an_error_raised_while_an_interrupt_is_handled_leaves_the_trial_resumabl
     (tmp_path / "t").mkdir(exist_ok=True)
     assert sweep_mod._train(spec.to_dict(), str(tmp_path / "t"), {})["status"] == "failed"
     assert json.loads((tmp_path / "t" / "failed.json").read_text())["reason"] == "RuntimeError: a real crash"
+
+
+def test_a_sweep_resolves_each_trial_once_and_checks_data_once(small, tmp_path, monkeypatch, capsys):
+    """Issue 13: ``trials()`` used to resolve every trial three times per sweep and the data check and --out claim
+    ran twice. Through the CLI path (parse the suite, print the header, run), TrialSpec.resolve runs exactly once
+    per trial and the dataset check once per dataset."""
+    from shiftbench import cli, config
+    from shiftbench.registry import DATASETS
+
+    resolves, checks = [], []
+    real_resolve = config.TrialSpec.resolve.__func__
+    monkeypatch.setattr(config.TrialSpec, "resolve",
+                        classmethod(lambda cls, *a, **k: resolves.append(a[:2]) or real_resolve(cls, *a, **k)))
+    ds_cls = DATASETS.get("colored_digits")
+    real_check = ds_cls.check.__func__
+    monkeypatch.setattr(ds_cls, "check", classmethod(lambda cls, *a: checks.append(a) or real_check(cls, *a)))
+    rc = cli.main(["sweep", "--datasets", "colored_digits", "--methods", "erm,irm", "--steps", "2",
+                   "--n-hparams", "1", "--n-seeds", "1", "--test-envs", "default", "--out", str(tmp_path / "o"),
+                   "--no-mlflow", "--no-progress", *sum((["--option", f"{k}={v}"] for k, v in small["colored_digits"].items()), [])])
+    assert rc == 0
+    assert len(resolves) == 2, resolves  # 2 methods x 1 test-env set x 1 draw x 1 seed, each resolved once
+    assert len(checks) == 1
+    assert "sweep " in capsys.readouterr().err
