@@ -15,8 +15,9 @@ from typing import Any, ClassVar, Iterator, Mapping
 import numpy as np
 import torch
 
-from .hparams import HParam, seed_hash
+from .hparams import HParam, Rule, seed_hash
 from .registry import DATASETS
+from .settings import Setting
 
 Batch = dict[str, torch.Tensor]
 
@@ -99,6 +100,14 @@ def holdout_split(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarra
     return np.sort(perm[n_out:]), np.sort(perm[:n_out])
 
 
+SEED = Setting(0, "data seed (every random draw of the data); a trial uses its trial seed unless this is set (pin it, "
+                   "e.g. seed=0, for the same data in every trial)")
+"""The ``seed`` option every generated or split dataset declares (``TrialSpec.resolve`` fills in the trial seed)."""
+HOLDOUT_FRACTION = Setting(0.2, "the 'out' (validation) share of each environment",
+                           Rule("strictly between 0 and 1", lambda v: 0 < v < 1))
+"""DomainBed's ``holdout_fraction`` option (:func:`holdout_split`)."""
+
+
 def tensor_digest(tensors: Mapping[str, Any]) -> str:
     """sha256 over named arrays in a fixed order: the content version of generated data."""
     h = hashlib.sha256()
@@ -129,6 +138,8 @@ class ShiftDataset:
     N_STEPS: ClassVar[int] = 5001
     EVAL_EVERY: ClassVar[int] = 100
     OPTIONS: ClassVar[dict[str, Any]] = {}
+    """The dataset's options: name -> :class:`shiftbench.settings.Setting` (default, help, checks); a plain value
+    stands for a Setting with that default and no help."""
     HPARAMS: ClassVar[dict[str, HParam]] = {}
     """Overrides of method hyperparameters for this dataset (e.g. a learning-rate range)."""
 
@@ -143,16 +154,22 @@ class ShiftDataset:
 
     @classmethod
     def resolve_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
-        from .errors import UserError
-        from .hparams import coerce
+        """Every option's value (plain values, defaults filled in), validated against ``OPTIONS`` by
+        :func:`shiftbench.settings.resolve`, then by :meth:`check_options`.
 
-        unknown = set(options) - set(cls.OPTIONS)
-        if unknown:
-            raise UserError(
-                f"unknown option(s) {sorted(unknown)} for dataset {getattr(cls, 'registry_name', cls.__name__)}; "
-                f"known: {sorted(cls.OPTIONS) or 'none'}"
-            )
-        return {k: coerce(options.get(k, v), v, k) for k, v in cls.OPTIONS.items()}
+        Raises:
+            UserError: an unknown option, a value of the wrong type or one its declaration refuses.
+        """
+        from .settings import resolve
+
+        o = resolve(cls.OPTIONS, options, f"dataset {getattr(cls, 'registry_name', cls.__name__)}")
+        cls.check_options(o)
+        return o
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Checks that involve several options at once (each option alone is checked by its declaration);
+        raises UserError. Nothing by default."""
 
     @classmethod
     def check(cls, root: str | None, options: Mapping[str, Any], download: bool) -> None:

@@ -11,7 +11,7 @@ import hashlib
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -122,23 +122,58 @@ def validate(name: str, value: Any, hp: HParam) -> Any:
     def refuse(what: str) -> UserError:
         return UserError(f"hyperparameter {name}={value!r} must be {what} (default {like!r})")
 
-    if isinstance(like, bool):
+    return conform(value, type(like), () if hp.check is None else (hp.check,), refuse)
+
+
+TYPE_WORDS: dict[type, str] = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+"""How messages name the value types of hyperparameters, dataset options and callback settings."""
+
+
+def conform(value: Any, kind: type, rules: Sequence[Rule], refuse: Callable[[str], UserError]) -> Any:
+    """``value`` if it is of type ``kind`` (an integral float passes for an int and becomes one; a bool is not a
+    number), finite where numeric, and meets every rule: the one validator of hyperparameters, dataset options
+    and callback settings (:mod:`shiftbench.settings`). Other kinds are not type-checked.
+
+    Raises:
+        UserError: ``refuse(what)``, where the value must be ``what``.
+    """
+    if issubclass(kind, bool):
         if not isinstance(value, bool):
-            raise refuse("true or false")
+            raise refuse(TYPE_WORDS[bool])
         return value
-    if isinstance(like, (int, float)):
+    if issubclass(kind, (int, float)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise refuse("a number")
         if not math.isfinite(value):
             raise refuse("a finite number")
-        if isinstance(like, int) and not isinstance(value, numbers.Integral):
+        if issubclass(kind, int) and not isinstance(value, numbers.Integral):
             if not float(value).is_integer():
                 raise refuse("a whole number")
             value = int(value)
-    elif isinstance(like, str) and not isinstance(value, str):
-        raise refuse("text")
-    if hp.check is not None and not hp.check.ok(value):
-        raise refuse(hp.check.text)
+    elif issubclass(kind, str) and not isinstance(value, str):
+        raise refuse(TYPE_WORDS[str])
+    for rule in rules:
+        if not rule.ok(value):
+            raise refuse(rule.text)
+    return value
+
+
+def parse_text(value: str, kind: type) -> Any:
+    """A CLI string as a value of type ``kind`` (bool: 1/true/yes or 0/false/no); other kinds keep the string.
+
+    Raises:
+        ValueError: the text does not read as that type.
+    """
+    if issubclass(kind, bool):
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(value)
+    if issubclass(kind, int):
+        return int(value)
+    if issubclass(kind, float):
+        return float(value)
     return value
 
 
@@ -147,16 +182,6 @@ def coerce(value: Any, like: Any, name: str) -> Any:
     if not isinstance(value, str) or isinstance(like, str):
         return value
     try:
-        if isinstance(like, bool):
-            if value.lower() in ("1", "true", "yes"):
-                return True
-            if value.lower() in ("0", "false", "no"):
-                return False
-            raise ValueError(value)
-        if isinstance(like, int):
-            return int(value)
-        if isinstance(like, float):
-            return float(value)
+        return parse_text(value, type(like))
     except ValueError:
-        raise UserError(f"hyperparameter {name}={value!r} is not a {type(like).__name__}") from None
-    return value
+        raise UserError(f"hyperparameter {name}={value!r} is not {TYPE_WORDS[type(like)]}") from None

@@ -38,10 +38,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shiftbench.data import Environment, ShiftDataset, TensorSplit, holdout_split, tensor_digest
+from shiftbench.data import HOLDOUT_FRACTION, SEED, Environment, ShiftDataset, TensorSplit, holdout_split, tensor_digest
 from shiftbench.errors import UserError
-from shiftbench.hparams import HParam, choice, log_uniform_int, seed_hash
+from shiftbench.hparams import NON_NEGATIVE, POSITIVE, HParam, Rule, between, choice, log_uniform_int, seed_hash
 from shiftbench.registry import DATASETS
+from shiftbench.settings import Setting
 
 Tensors = dict[str, torch.Tensor]
 EnvData = tuple[tuple[str, dict[str, Tensors]], ...]
@@ -251,29 +252,6 @@ def load_base_digits() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.as_tensor(np.asarray(target), dtype=torch.int64)
 
 
-def check_options(options: Mapping[str, Any], name: str) -> None:
-    """Range checks of the options shared by these datasets; raises UserError naming the bad one."""
-
-    def bad(key: str, what: str) -> UserError:
-        return UserError(f"dataset {name}: option {key}={options[key]!r} must be {what}")
-
-    if "holdout_fraction" in options and not 0.0 < float(options["holdout_fraction"]) < 1.0:
-        raise bad("holdout_fraction", "strictly between 0 and 1")
-    if "resolution" in options and not 4 <= int(options["resolution"]) <= 256:
-        raise bad("resolution", "an integer from 4 to 256")
-    if "noise" in options and not float(options["noise"]) >= 0.0:
-        raise bad("noise", ">= 0")
-    if "label_noise" in options and not 0.0 <= float(options["label_noise"]) <= 1.0:
-        raise bad("label_noise", "between 0 and 1")
-    if "env_size" in options:
-        size, frac = int(options["env_size"]), float(options.get("holdout_fraction", 0.2))
-        n_out = round(size * frac)
-        if n_out < 1 or size - n_out < 1:
-            raise bad("env_size", f"large enough for one 'in' and one 'out' example (holdout_fraction {frac})")
-    if "n_examples" in options and int(options["n_examples"]) < 0:
-        raise bad("n_examples", ">= 0 (0 means all)")
-
-
 # --------------------------------------------------------------------------------------------- cached datasets
 
 
@@ -298,9 +276,19 @@ class CachedShiftDataset(ShiftDataset):
 
     def __init__(self, root: str | None = None, options: Mapping[str, Any] | None = None, download: bool = False):
         super().__init__(root, options, download)
-        check_options(self.options, getattr(type(self), "registry_name", type(self).__name__))
         envs, self._version = _build_cached(type(self).build, self.build_args())
         self.environments = [Environment(name, {k: TensorSplit(t) for k, t in parts.items()}) for name, parts in envs]
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """``env_size`` must leave one ``in`` and one ``out`` example at its ``holdout_fraction``."""
+        super().check_options(options)
+        if "env_size" in options:
+            size, frac = options["env_size"], options.get("holdout_fraction", 0.2)
+            n_out = round(size * frac)
+            if n_out < 1 or size - n_out < 1:
+                raise UserError(f"dataset {getattr(cls, 'registry_name', cls.__name__)}: option env_size={size!r} "
+                                f"must be large enough for one 'in' and one 'out' example (holdout_fraction {frac})")
 
     def build_args(self) -> tuple[tuple[str, Any], ...]:
         """The keyword arguments of :meth:`build` (everything its output depends on) as sorted, hashable pairs."""
@@ -360,26 +348,23 @@ def _enlarged_environments(
     return tuple(envs)
 
 
-DIGITS_OPTIONS: dict[str, Any] = {
-    "seed": 0,
-    "holdout_fraction": 0.2,
-    "resolution": 16,
-    "noise": 0.05,
+DIGITS_OPTIONS: dict[str, Setting] = {
+    "seed": SEED,
+    "holdout_fraction": HOLDOUT_FRACTION,
+    "resolution": Setting(16, "image side; the 8x8 digits are upsampled to it",
+                          Rule("an integer from 4 to 256", lambda v: 4 <= v <= 256)),
+    "noise": Setting(0.05, "standard deviation of the Gaussian pixel noise added to every copy", NON_NEGATIVE),
 }
+"""Options of every dataset built from the bundled digits (each adds its ``env_size``)."""
+ENV_SIZE = Setting(4000, "examples per environment, 'in' + 'out' (split in the holdout_fraction proportion)", POSITIVE)
+LABEL_NOISE_OPTION = Setting(LABEL_NOISE, "label-flip probability (DomainBed: 0.25)", between(0, 1))
 
 
 @DATASETS.register("colored_digits")
 class ColoredDigits(CachedShiftDataset):
     """DomainBed's ColoredMNIST on scikit-learn's 8x8 digits, enlarged by random affine copies.
 
-    Options:
-        seed: data seed (environment split, in/out split, copies, label noise, colours); a trial uses its trial seed
-            unless this is set (pin it, e.g. ``seed=0``, for the same data in every trial).
-        env_size: examples per environment, ``in`` + ``out``.
-        holdout_fraction: the ``out`` share of each environment (of its base digits and of ``env_size``).
-        resolution: image side; the 8x8 digits are upsampled to it.
-        noise: standard deviation of the Gaussian pixel noise added to every copy.
-        label_noise: label-flip probability (DomainBed: 0.25).
+    Options: ``OPTIONS`` (``shiftbench list datasets`` prints them with their defaults).
     """
 
     TASK = "classification"
@@ -388,7 +373,7 @@ class ColoredDigits(CachedShiftDataset):
     DEFAULT_MODEL = "mlp"
     N_STEPS = 2001
     EVAL_EVERY = 100
-    OPTIONS: ClassVar[dict[str, Any]] = {**DIGITS_OPTIONS, "env_size": 4000, "label_noise": LABEL_NOISE}
+    OPTIONS: ClassVar[dict[str, Setting]] = {**DIGITS_OPTIONS, "env_size": ENV_SIZE, "label_noise": LABEL_NOISE_OPTION}
     HPARAMS: ClassVar[dict[str, HParam]] = MLP_HPARAMS
     num_classes = 2
 
@@ -419,13 +404,7 @@ class RotatedDigits(CachedShiftDataset):
     RotatedMNIST; the default here holds out ``0°`` (env 0), the extreme of the angle range whose training
     environments then lie all on one side of it.
 
-    Options:
-        seed: data seed (environment split, in/out split, copies); a trial uses its trial seed unless this is set (pin
-            it, e.g. ``seed=0``, for the same data in every trial).
-        env_size: examples per environment, ``in`` + ``out``.
-        holdout_fraction: the ``out`` share of each environment (of its base digits and of ``env_size``).
-        resolution: image side; the 8x8 digits are upsampled to it.
-        noise: standard deviation of the Gaussian pixel noise added to every copy.
+    Options: ``OPTIONS`` (``shiftbench list datasets`` prints them with their defaults).
     """
 
     TASK = "classification"
@@ -434,7 +413,7 @@ class RotatedDigits(CachedShiftDataset):
     DEFAULT_MODEL = "mlp"
     N_STEPS = 2001
     EVAL_EVERY = 100
-    OPTIONS: ClassVar[dict[str, Any]] = {**DIGITS_OPTIONS, "env_size": 2000}
+    OPTIONS: ClassVar[dict[str, Setting]] = {**DIGITS_OPTIONS, "env_size": ENV_SIZE.with_default(2000)}
     HPARAMS: ClassVar[dict[str, HParam]] = MLP_HPARAMS
     num_classes = 10
 
