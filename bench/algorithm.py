@@ -83,6 +83,15 @@ class Algorithm(nn.Module):
     """Batch entries this method needs beyond the task's own (e.g. a group id); metadata not named here is not
     gathered into training batches."""
 
+    PACKABLE: ClassVar[bool] = False
+    """Whether ``shiftbench.pack`` may train several trials of this method as one vectorised program. Read from the
+    class's own body only (``is_packable``), never inherited: a subclass that overrides ``update`` would otherwise be
+    packed with its parent's ``objective``. A packable method's ``update`` is ``objective`` plus one Adam step over
+    ``model.parameters()`` (see docs/packing.md)."""
+
+    PACK_HPARAMS: ClassVar[tuple[str, ...]] = ()
+    """The hyperparameters ``objective`` reads from ``hp``: numbers in one trial, one ``(K,)`` tensor each in a pack."""
+
     def __init__(self, model: nn.Module, task: Task, n_envs: int, hparams: dict):
         super().__init__()
         self.model = model
@@ -117,6 +126,45 @@ class Algorithm(nn.Module):
         """One optimisation step; returns detached scalars (``loss`` at least) for the records."""
         raise NotImplementedError
 
+    # -- the pure step loss that packing vectorises (see docs/packing.md) -----------------------------------------
+    def objective(self, scores_fn: Callable[[Batch], torch.Tensor], minibatches: list[Batch], step: int,
+                  hp: Mapping[str, Any], state: dict[str, torch.Tensor]
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One step's loss as a pure function: ``(loss, stats, new_state)``.
+
+        Args:
+            scores_fn: batch -> scores of the model being trained (``task.scores`` of this trial's model alone, or
+                of one slice of stacked parameters inside ``torch.func.vmap``).
+            minibatches: one batch per training environment.
+            step: the 0-based update index.
+            hp: the hyperparameters named in ``PACK_HPARAMS`` (numbers alone; 0-dim tensors inside a pack).
+            state: the method's evolving tensors (``method_state``), never modified in place.
+
+        Only ``torch.func``-compatible operations: no in-place updates of ``state``, no ``.item()``, no Python
+        branching on tensor values, gradients of inner quantities through ``torch.func.grad``.
+        """
+        raise NotImplementedError
+
+    def method_state(self) -> dict[str, torch.Tensor]:
+        """The tensors ``objective`` carries from step to step (e.g. GroupDRO's weights); none by default."""
+        return {}
+
+    def load_method_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Takes back what ``objective`` returned as its new state."""
+
+    def optimizer_reset(self, step: int, hp: Mapping[str, Any]) -> bool | torch.Tensor:
+        """Whether the optimizer's state is cleared just before this step's update (a bool, or a bool tensor in a
+        pack); never by default."""
+        return False
+
+    def pack_hparams(self) -> dict[str, Any]:
+        """This trial's values of ``PACK_HPARAMS``."""
+        return {k: self.hparams[k] for k in self.PACK_HPARAMS}
+
+    def model_scores(self, batch: Batch) -> torch.Tensor:
+        """The ``scores_fn`` of the single-trial path: the task's scores of this trial's model."""
+        return self.task.scores(self.model, batch)
+
     def scores(self, batch: Batch) -> torch.Tensor:
         """Scores used for evaluation (logits, reward differences)."""
         return self.task.scores(self.model, batch)
@@ -138,6 +186,18 @@ class Algorithm(nn.Module):
         self.load_state_dict(state["module"])
         for k, o in self.optimizers().items():
             o.load_state_dict(state["optimizers"][k])
+
+
+def is_packable(method_cls: type) -> bool:
+    """Whether a method class declares ``PACKABLE = True`` in its own body (see ``Algorithm.PACKABLE``)."""
+    return bool(method_cls.__dict__.get("PACKABLE", False))
+
+
+def split_scores(scores_fn: Callable[[Batch], torch.Tensor], minibatches: list[Batch], task: Task
+                 ) -> list[torch.Tensor]:
+    """Every environment's scores from one forward pass of ``scores_fn`` over the concatenated batches."""
+    sizes = [len(b[task.input_keys[0]]) for b in minibatches]
+    return list(torch.split(scores_fn(concat_batches(minibatches)), sizes))
 
 
 METHODS.base = Algorithm

@@ -12,8 +12,11 @@ from shiftbench.registry import METHODS
 class ERM(Algorithm):
     """Empirical risk minimisation (Vapnik, 1998): the mean loss over the pooled training batches.
 
-    With equal batch sizes per environment this equals the mean of the per-environment risks.
+    With equal batch sizes per environment this equals the mean of the per-environment risks. ``update`` is
+    ``objective`` plus one Adam step, so ``shiftbench.pack`` can vectorise the same loss over many trials.
     """
+
+    PACKABLE = True
 
     def risks(self, minibatches) -> list[torch.Tensor]:
         """Per-environment mean losses from one forward pass."""
@@ -24,8 +27,18 @@ class ERM(Algorithm):
         loss.backward()
         self.optimizer.step()
 
-    def update(self, minibatches, step):
+    def objective(self, scores_fn, minibatches, step, hp, state):
         batch = concat_batches(minibatches)
-        loss = self.task.loss(self.task.scores(self.model, batch), batch)
+        loss = self.task.loss(scores_fn(batch), batch)
+        return loss, {"loss": loss}, state
+
+    def update(self, minibatches, step):
+        """``objective`` on this trial's model, then the optimizer step (and any state and reset it implies)."""
+        hp = self.pack_hparams()
+        loss, stats, state = self.objective(self.model_scores, minibatches, step, hp, self.method_state())
+        if self.optimizer_reset(step, hp):
+            for opt in self.optimizers().values():
+                opt.state.clear()
+        self.load_method_state(state)
         self.step_on(loss)
-        return {"loss": loss.detach()}
+        return {k: v.detach() for k, v in stats.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from shiftbench.algorithm import split_scores
 from shiftbench.hparams import HParam, log_uniform
 from shiftbench.methods.erm import ERM
 from shiftbench.registry import METHODS
@@ -24,7 +25,8 @@ class GroupDRO(ERM):
 
     Weights ``q`` over environments start uniform; every step they move to ``q_e ∝ q_e * exp(eta * risk_e)``
     (``eta`` = ``groupdro_eta``) and the model descends ``sum_e q_e * risk_e`` with ``q`` held fixed. ``q`` is a
-    buffer, so it is saved in checkpoints. Defaults and ranges are DomainBed's.
+    buffer, so it is saved in checkpoints; ``objective`` returns the moved ``q`` as its new state (packable).
+    Defaults and ranges are DomainBed's.
     """
 
     HPARAMS = {"groupdro_eta": HParam(1e-2, log_uniform(-3, -1))}
@@ -34,10 +36,20 @@ class GroupDRO(ERM):
         device = next(model.parameters()).device
         self.register_buffer("q", torch.full((n_envs,), 1.0 / n_envs, device=device))
 
-    def update(self, minibatches, step):
-        risks = torch.stack(self.risks(minibatches))
+    PACKABLE = True
+    PACK_HPARAMS = ("groupdro_eta",)
+
+    def method_state(self):
+        return {"q": self.q}
+
+    def load_method_state(self, state):
         with torch.no_grad():
-            self.q.copy_(groupdro_weights(self.q, risks, float(self.hparams["groupdro_eta"])))
-        loss = torch.dot(self.q.to(risks.dtype), risks)
-        self.step_on(loss)
-        return {"loss": loss.detach(), "nll": risks.mean().detach()}
+            self.q.copy_(state["q"])
+
+    def objective(self, scores_fn, minibatches, step, hp, state):
+        scores = split_scores(scores_fn, minibatches, self.task)
+        risks = torch.stack([self.task.loss(s, b) for s, b in zip(scores, minibatches)])
+        eta = hp["groupdro_eta"]
+        q = groupdro_weights(state["q"], risks, eta if torch.is_tensor(eta) else float(eta))
+        loss = torch.dot(q.to(risks.dtype), risks)
+        return loss, {"loss": loss, "nll": risks.mean()}, {"q": q}

@@ -6,11 +6,20 @@ from typing import ClassVar
 
 import torch
 
+from shiftbench.algorithm import split_scores
 from shiftbench.data import Batch
 from shiftbench.hparams import HParam, log_uniform, log_uniform_int
 from shiftbench.methods.erm import ERM
 from shiftbench.registry import METHODS
 from shiftbench.tasks import Task
+
+
+def annealed_weight(step: int, anneal, lam) -> float | torch.Tensor:
+    """1.0 while ``step < anneal``, ``lam`` from then on: a float for numbers, a tensor when ``anneal`` and ``lam``
+    are (one slice of) a pack's per-trial tensors."""
+    if torch.is_tensor(anneal) or torch.is_tensor(lam):
+        return torch.where(step >= torch.as_tensor(anneal), torch.as_tensor(lam), torch.ones_like(torch.as_tensor(lam)))
+    return float(lam) if step >= anneal else 1.0
 
 
 class AnnealedPenalty(ERM):
@@ -29,7 +38,8 @@ class AnnealedPenalty(ERM):
     under Adam a constant rescaling of the loss is nearly a no-op except that it changes the relative strength of
     ``weight_decay`` (Adam's L2 term is added to the gradient), which would couple two searched hyperparameters.
 
-    Subclasses set ``LAMBDA_KEY`` and ``ANNEAL_KEY`` and implement ``penalty``.
+    Subclasses set ``LAMBDA_KEY`` and ``ANNEAL_KEY`` and implement ``penalty``; ``objective`` is the loss above as
+    a pure function (``update`` is ERM's: objective, reset at the anneal step, Adam step).
     """
 
     LAMBDA_KEY: ClassVar[str]
@@ -37,7 +47,7 @@ class AnnealedPenalty(ERM):
 
     def penalty_weight(self, step: int) -> float:
         """1.0 before the anneal step, λ from it on."""
-        return float(self.hparams[self.LAMBDA_KEY]) if step >= self.hparams[self.ANNEAL_KEY] else 1.0
+        return annealed_weight(step, self.hparams[self.ANNEAL_KEY], self.hparams[self.LAMBDA_KEY])
 
     def reset_optimizer(self) -> None:
         """Forgets every optimizer's per-parameter state (Adam's moments and step counts)."""
@@ -48,16 +58,19 @@ class AnnealedPenalty(ERM):
         """The penalty of one step from every environment's scores, batch and risk."""
         raise NotImplementedError
 
-    def update(self, minibatches, step):
-        scores = self.env_scores(minibatches)
+    def pack_hparams(self):
+        return {k: self.hparams[k] for k in (self.LAMBDA_KEY, self.ANNEAL_KEY)}
+
+    def optimizer_reset(self, step, hp):
+        return step == hp[self.ANNEAL_KEY]
+
+    def objective(self, scores_fn, minibatches, step, hp, state):
+        scores = split_scores(scores_fn, minibatches, self.task)
         risks = [self.task.loss(s, b) for s, b in zip(scores, minibatches)]
         nll = torch.stack(risks).mean()
         penalty = self.penalty(scores, minibatches, risks)
-        loss = nll + self.penalty_weight(step) * penalty
-        if step == self.hparams[self.ANNEAL_KEY]:
-            self.reset_optimizer()
-        self.step_on(loss)
-        return {"loss": loss.detach(), "nll": nll.detach(), "penalty": penalty.detach()}
+        loss = nll + annealed_weight(step, hp[self.ANNEAL_KEY], hp[self.LAMBDA_KEY]) * penalty
+        return loss, {"loss": loss, "nll": nll, "penalty": penalty}, state
 
 
 def _rows(batch: Batch, sl: slice, n: int) -> Batch:
@@ -71,7 +84,8 @@ def irm_penalty(task: Task, scores: torch.Tensor, batch: Batch) -> torch.Tensor:
 
     ``E[g1 * g2] = E[g1] * E[g2] = (d risk / ds)^2`` because the two halves are independent samples, whereas
     the squared gradient of the full batch is biased upwards by its variance (Arjovsky et al., 2019, Sec. 3.2).
-    The gradients are built with ``create_graph=True`` so the penalty is differentiable in the model parameters.
+    The inner gradients come from ``torch.func.grad``, which keeps them differentiable in the model parameters
+    (like ``autograd.grad(create_graph=True)``) and also composes with ``vmap`` for packed trials.
 
     Args:
         task: supplies the loss (``task.loss(scores, batch, scale)``).
@@ -84,11 +98,11 @@ def irm_penalty(task: Task, scores: torch.Tensor, batch: Batch) -> torch.Tensor:
     n = len(scores)
     if n < 2:
         raise ValueError(f"the IRM penalty needs at least 2 examples per environment, got {n}")
-    scale = torch.tensor(1.0, device=scores.device, requires_grad=True)
     grads = []
     for sl in (slice(0, None, 2), slice(1, None, 2)):
-        risk = task.loss(scores[sl], _rows(batch, sl, n), scale)
-        grads.append(torch.autograd.grad(risk, [scale], create_graph=True)[0])
+        half, rows = scores[sl], _rows(batch, sl, n)
+        # torch.func.grad, not autograd.grad: the same value and graph alone, and it also works inside vmap (packs)
+        grads.append(torch.func.grad(lambda s: task.loss(half, rows, s))(torch.ones((), device=scores.device)))
     return grads[0] * grads[1]
 
 
@@ -107,6 +121,7 @@ class IRM(AnnealedPenalty):
     }
     LAMBDA_KEY = "irm_lambda"
     ANNEAL_KEY = "irm_penalty_anneal_iters"
+    PACKABLE = True
 
     def penalty(self, scores, minibatches, risks):
         return torch.stack([irm_penalty(self.task, s, b) for s, b in zip(scores, minibatches)]).mean()

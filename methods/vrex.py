@@ -36,6 +36,7 @@ class VREx(AnnealedPenalty):
     }
     LAMBDA_KEY = "vrex_lambda"
     ANNEAL_KEY = "vrex_penalty_anneal_iters"
+    PACKABLE = True
 
     def penalty(self, scores, minibatches, risks):
         return vrex_penalty(risks)
