@@ -169,3 +169,37 @@ def test_train_callbacks_option_runs_the_named_callbacks(tmp_path, capsys):
     final = json.loads((out / "final.json").read_text())
     assert set(final["drift"]["envs"]) == {"env2"}  # the held-out environment (-90%)
     assert any(k.startswith("robust") for k in final["record"]), sorted(final["record"])
+
+
+def imports_cli(source: str) -> bool:
+    """Whether Python source imports shiftbench's cli module (absolutely, relatively, or ``from . import cli``)."""
+    import ast
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import) and any(a.name == "shiftbench.cli" for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if module in ("shiftbench.cli", "cli") or module.endswith(".cli") and module.startswith("shiftbench"):
+                return True
+            if node.level and module.rpartition(".")[2] == "cli":
+                return True
+            if module in ("", "shiftbench") and any(a.name == "cli" for a in node.names):
+                return True
+    return False
+
+
+def test_no_module_imports_the_cli():
+    """Issue 13: the command modules are imported by cli.py, so none of them (nor anything else in the package)
+    may import cli.py back; shared argument helpers live in cliargs.py. Read from the source, not by importing."""
+    from pathlib import Path
+
+    import shiftbench
+
+    for bad in ("from shiftbench.cli import parse_kv", "from ..cli import parse_kv", "from . import cli",
+                "import shiftbench.cli", "from shiftbench import cli"):
+        assert imports_cli(bad), bad
+    assert not imports_cli("from shiftbench.cliargs import parse_kv") and not imports_cli("from .cliargs import csv")
+    offenders = [str(p) for p in Path(shiftbench.__file__).parent.rglob("*.py")
+                 if p.name != "cli.py" and imports_cli(p.read_text(encoding="utf-8"))]
+    assert offenders == [], offenders
