@@ -60,6 +60,10 @@ class Setting:
         """The same setting with another default (a dataset's own size, say)."""
         return dataclasses.replace(self, default=default)
 
+    def with_help(self, help: str) -> "Setting":
+        """The same setting described for one dataset (what its seed draws, say)."""
+        return dataclasses.replace(self, help=help)
+
 
 def shown(value: Any) -> str:
     """A value as a user types it after ``key=`` on the command line (``true``, ``0.2``, ``''`` for empty text)."""

@@ -24,10 +24,11 @@ from shiftbench.config import canonical_json
 from shiftbench.coordination.games import Game, LeverGame, Rendezvous
 from shiftbench.coordination.population import PopulationSpec, load_population, new_agent
 from shiftbench.coordination.world import SELF, PartnerSplit, World, crossplay
-from shiftbench.data import Environment, ShiftDataset, tensor_digest
+from shiftbench.data import SEED, Environment, ShiftDataset, tensor_digest
 from shiftbench.errors import UserError
-from shiftbench.hparams import HParam, choice, fixed, seed_hash
+from shiftbench.hparams import NON_NEGATIVE, POSITIVE, HParam, Rule, choice, fixed, seed_hash
 from shiftbench.registry import DATASETS
+from shiftbench.settings import Setting, with_defaults
 
 class CoordinationDataset(ShiftDataset):
     """Partner populations of one game as environments (see the module docstring)."""
@@ -35,17 +36,20 @@ class CoordinationDataset(ShiftDataset):
     TASK = "coordination"
     DEFAULT_MODEL = "mlp"
     DEFAULT_TEST_ENVS = (0,)
-    COMMON_OPTIONS: ClassVar[dict[str, Any]] = {
-        "seed": 0,  # seeds of the partner agents
-        "populations": 4,  # environments
-        "agents": 5,  # agents per population
-        "holdout": 1,  # of which the "out" split holds this many
-        "partner_steps": 100,  # self-play updates per partner agent
-        "partner_learner": "ppo",
-        "partner_checkpoints": "fcp",  # the partners' kept weights: "fcp" (initial, middle, final) or "final"
-        "eval_episodes": 64,  # per partner
-        "greedy_eval": False,
-    }
+    COMMON_OPTIONS: ClassVar[dict[str, Setting]] = {
+        "seed": SEED.with_help("seed of the partner agents' training seeds; a trial uses its trial seed unless this is "
+                               "set"),
+        "populations": Setting(4, "partner populations, the environments",
+                               Rule("at least 2 (one to train with, one held out)", lambda v: v >= 2)),
+        "agents": Setting(5, "partner agents per population", POSITIVE),
+        "holdout": Setting(1, "agents per population in its 'out' split (1 <= holdout < agents)", POSITIVE),
+        "partner_steps": Setting(100, "self-play updates per partner agent", POSITIVE),
+        "partner_learner": Setting("ppo", "how the partners learn: ppo or vdn", choices=("ppo", "vdn")),
+        "partner_checkpoints": Setting("fcp", "the partners' kept weights: fcp (initial, middle, final) or final",
+                                       choices=("fcp", "final")),
+        "eval_episodes": Setting(64, "evaluation episodes per partner", POSITIVE),
+        "greedy_eval": Setting(False, "evaluate with the argmax action instead of sampling"),
+    }  # fmt: skip
 
     PARTNER_HPARAMS: ClassVar[dict[str, Any]] = {}
     """Overrides of the partners' training hyperparameters (``population.TRAIN_HPARAMS``)."""
@@ -60,21 +64,11 @@ class CoordinationDataset(ShiftDataset):
         return [f"pop{i}" for i in range(cls.resolve_options(options)["populations"])]
 
     @classmethod
-    def resolve_options(cls, options):
-        opts = super().resolve_options(options)
-        if opts["populations"] < 2:
-            raise UserError(f"populations must be at least 2 (one to train with, one held out); got "
-                            f"{opts['populations']}")  # fmt: skip
-        if not 1 <= opts["holdout"] < opts["agents"]:
-            raise UserError(f"need 1 <= holdout < agents (got holdout={opts['holdout']}, agents={opts['agents']})")
-        if opts["partner_learner"] not in ("ppo", "vdn"):
-            raise UserError(f"partner_learner must be ppo or vdn (got {opts['partner_learner']!r})")
-        if opts["partner_checkpoints"] not in ("fcp", "final"):
-            raise UserError(f"partner_checkpoints must be fcp or final (got {opts['partner_checkpoints']!r})")
-        for k in ("partner_steps", "eval_episodes"):
-            if opts[k] < 1:
-                raise UserError(f"{k} must be positive (got {opts[k]})")
-        return opts
+    def check_options(cls, options):
+        super().check_options(options)
+        if not 1 <= options["holdout"] < options["agents"]:
+            raise UserError(f"dataset {cls.registry_name}: need 1 <= holdout < agents (got "
+                            f"holdout={options['holdout']}, agents={options['agents']})")  # fmt: skip
 
     @classmethod
     def check(cls, root, options, download):
@@ -149,8 +143,8 @@ class LeverGameDataset(CoordinationDataset):
 
     # Final checkpoints only: a VDN agent acts by argmax, so its random initialisation and half-trained network are
     # not weak partners but other arbitrary levers.
-    OPTIONS = {**CoordinationDataset.COMMON_OPTIONS, "partner_learner": "vdn", "partner_checkpoints": "final",
-               "eval_episodes": 2, "greedy_eval": True}  # fmt: skip
+    OPTIONS = with_defaults(CoordinationDataset.COMMON_OPTIONS, partner_learner="vdn", partner_checkpoints="final",
+                            eval_episodes=2, greedy_eval=True)
     N_STEPS = 150
     EVAL_EVERY = 25
     # The game is stateless, so its agents are tables: an MLP without hidden layers on the constant observation.
@@ -169,19 +163,15 @@ class RendezvousDataset(CoordinationDataset):
 
     # 2 training populations x 8 agents = 16 partner seeds (Strouse et al. train with 32); a view of the whole grid
     # and one past frame, so an agent can see where its partner is heading and follow it.
-    OPTIONS = {**CoordinationDataset.COMMON_OPTIONS, "populations": 3, "agents": 9, "partner_steps": 60, "size": 5,
-               "horizon": 12, "view": 4, "memory": 1}  # fmt: skip
+    OPTIONS = {**with_defaults(CoordinationDataset.COMMON_OPTIONS, populations=3, agents=9, partner_steps=60),
+               "size": Setting(5, "side of the square grid (goals at its corners)", Rule(">= 3", lambda v: v >= 3)),
+               "horizon": Setting(12, "steps before an episode ends unmet", POSITIVE),
+               "view": Setting(4, "an agent sees its partner's offset within this many cells in both axes",
+                               NON_NEGATIVE),
+               "memory": Setting(1, "past steps' frames stacked into an observation", NON_NEGATIVE)}  # fmt: skip
     N_STEPS = 1000  # Fictitious Co-Play needs about this many to learn to follow unseen partners (docs/coordination.md)
     EVAL_EVERY = 250
     HPARAMS = {"mlp_width": HParam(64, choice([32, 64, 128])), "mlp_depth": HParam(2, choice([1, 2]))}
-
-    @classmethod
-    def resolve_options(cls, options):
-        o = super().resolve_options(options)
-        if o["size"] < 3 or o["horizon"] < 1 or o["view"] < 0 or o["memory"] < 0:
-            raise UserError(f"rendezvous needs size >= 3, horizon >= 1, view >= 0, memory >= 0 (got size={o['size']}, "
-                            f"horizon={o['horizon']}, view={o['view']}, memory={o['memory']})")  # fmt: skip
-        return o
 
     @classmethod
     def make_game(cls, options):

@@ -46,12 +46,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from shiftbench.data import holdout_split
-from shiftbench.datasets.digits import (DIGITS_OPTIONS, MLP_HPARAMS, CachedShiftDataset, EnvData, Tensors, enlarge,
-                                        load_base_digits, split_environments)
+from shiftbench.data import SEED, holdout_split
+from shiftbench.datasets.digits import (DIGITS_OPTIONS, ENV_SIZE, MLP_HPARAMS, CachedShiftDataset, EnvData, Tensors,
+                                        enlarge, load_base_digits, split_environments)
 from shiftbench.errors import UserError
-from shiftbench.hparams import HParam, seed_hash
+from shiftbench.hparams import POSITIVE, HParam, Rule, between, seed_hash
 from shiftbench.registry import DATASETS
+from shiftbench.settings import Setting
 
 ENVIRONMENTS: tuple[str, ...] = ("cue", "counterfactual")
 VARIANTS: tuple[str, ...] = ("NC", "C", "RC", "RI")
@@ -111,17 +112,7 @@ class CueDigits(CachedShiftDataset):
     """Digits with a label-dependent box cue in p% of training images; NC/C/RC/RI counterfactual tests (Lubana et
     al., ICML 2023).
 
-    Options:
-        seed: data seed (environment and in/out splits, copies, cued subset, counterfactual draws).
-        env_size: copies in ``cue``, ``in`` + ``out``.
-        cue_fraction: p, the share of ``cue`` images (per class) that carry the label's box.
-        nc_size: copies in D_NC, the cue-free fine-tuning split ``env0_nc`` (0: none).
-        test_size: copies per variant in ``counterfactual``, ``in`` + ``out``.
-        validation: ``nc`` (default): the ``cue`` environment's ``out`` split is cue-free; ``cued``: it carries the
-            cue in ``cue_fraction`` of its images, like ``in``.
-        holdout_fraction: the ``out`` share of each environment (of its base digits and of its copies).
-        resolution: image side; the 8x8 digits are upsampled to it.
-        noise: standard deviation of the Gaussian pixel noise added to every copy (before the cue is pasted).
+    Options: ``OPTIONS`` (``shiftbench list datasets`` prints them with their defaults).
     """
 
     TASK = "classification"
@@ -130,30 +121,40 @@ class CueDigits(CachedShiftDataset):
     DEFAULT_MODEL = "mlp"
     N_STEPS = 1001
     EVAL_EVERY = 100
-    OPTIONS: ClassVar[dict[str, Any]] = {**DIGITS_OPTIONS, "env_size": 4000, "cue_fraction": 0.9, "nc_size": 500,
-                                         "test_size": 1000, "validation": "nc"}
+    OPTIONS: ClassVar[dict[str, Setting]] = {
+        **DIGITS_OPTIONS,
+        "seed": SEED.with_help("data seed (environment and in/out splits, copies, cued subset, counterfactual draws); "
+                               "a trial uses its trial seed unless this is set"),
+        "noise": DIGITS_OPTIONS["noise"].with_help("standard deviation of the Gaussian pixel noise added to every copy "
+                                                   "(before the cue is pasted)"),
+        "env_size": ENV_SIZE.with_help("copies in 'cue', 'in' + 'out'"),
+        "cue_fraction": Setting(0.9, "p, the share of 'cue' images (per class) that carry the label's box",
+                                between(0, 1)),
+        "nc_size": Setting(500, "copies in D_NC, the cue-free fine-tuning split env0_nc (0: none)",
+                           Rule(">= 0 (0: no D_NC split)", lambda v: v >= 0)),
+        "test_size": Setting(1000, "copies per variant in 'counterfactual', 'in' + 'out'", POSITIVE),
+        "validation": Setting("nc", "nc: the 'cue' environment's 'out' split is cue-free (a split to select on); "
+                              "cued: it carries the cue in cue_fraction of its images, like 'in'", choices=VALIDATION),
+    }  # fmt: skip
     HPARAMS: ClassVar[dict[str, HParam]] = MLP_HPARAMS
     INPUT_RANGE = (0.0, 1.0)
     num_classes = NUM_CLASSES
 
     def __init__(self, root: str | None = None, options: Mapping[str, Any] | None = None, download: bool = False):
-        o = self.resolve_options(options or {})
-        if not 0.0 <= float(o["cue_fraction"]) <= 1.0:
-            raise UserError(f"dataset cue_digits: option cue_fraction={o['cue_fraction']!r} must be between 0 and 1")
-        n_out = round(int(o["test_size"]) * float(o["holdout_fraction"]))
-        if n_out < 1 or int(o["test_size"]) - n_out < 1:
-            raise UserError(f"dataset cue_digits: option test_size={o['test_size']!r} must be large enough for one "
-                            f"'in' and one 'out' copy per variant (holdout_fraction {o['holdout_fraction']})")
-        if o["validation"] not in VALIDATION:
-            raise UserError(f"dataset cue_digits: option validation={o['validation']!r}: use "
-                            f"{' or '.join(VALIDATION)} (nc: a cue-free 'out' split to select on)")
-        if int(o["nc_size"]) < 0:
-            raise UserError(f"dataset cue_digits: option nc_size={o['nc_size']!r} must be >= 0 (0: no D_NC split)")
         super().__init__(root, options, download)
         r = int(self.options["resolution"])
         self.input_shape = (1, r, r)
         self._variants = {f"env1_{part}": (s.tensors["idx"].numpy(), s.tensors["variant"].numpy())
                           for part, s in self.environments[1].splits.items()}
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """``test_size`` must leave one ``in`` and one ``out`` copy per variant at ``holdout_fraction``."""
+        super().check_options(options)
+        n_out = round(options["test_size"] * options["holdout_fraction"])
+        if n_out < 1 or options["test_size"] - n_out < 1:
+            raise UserError(f"dataset cue_digits: option test_size={options['test_size']!r} must be large enough for "
+                            f"one 'in' and one 'out' copy per variant (holdout_fraction {options['holdout_fraction']})")
 
     def train_splits(self, test_envs):
         if tuple(test_envs) != (1,):

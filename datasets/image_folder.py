@@ -36,12 +36,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from shiftbench.data import Batch, Environment, ShiftDataset, Split, holdout_split
+from shiftbench.data import HOLDOUT_FRACTION, SEED, Batch, Environment, ShiftDataset, Split, holdout_split
 from shiftbench.errors import UserError
 from shiftbench.io import sha256_file
-from shiftbench.hparams import HParam, choice, log_uniform, log_uniform_int, seed_hash
+from shiftbench.hparams import HParam, Rule, choice, log_uniform, log_uniform_int, seed_hash
 from shiftbench.models import resnet_hparams
 from shiftbench.registry import DATASETS
+from shiftbench.settings import Setting
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -326,14 +327,7 @@ def subfolders(folder: Path) -> list[str]:
 class ImageFolderDataset(ShiftDataset):
     """Any DomainBed-layout image folder, ``<folder>/<domain>/<class>/<image>``: one environment per domain.
 
-    Options:
-        path: the folder (absolute, or relative to ``--data-root``); presets default to DomainBed's folder name.
-        domains: comma-separated domain folder names (default: every subfolder, sorted).
-        resolution: image side after resizing (DomainBed: 224).
-        holdout_fraction: the ``out`` share of each domain.
-        seed: data seed (the in/out split); a trial uses its trial seed unless this is set (pin it, e.g. ``seed=0``, for
-            the same data in every trial).
-        augment: DomainBed's training augmentation on training batches.
+    Options: ``OPTIONS`` (``shiftbench list datasets`` prints them with their defaults).
     """
 
     TASK = "classification"
@@ -341,8 +335,17 @@ class ImageFolderDataset(ShiftDataset):
     DEFAULT_MODEL = "resnet50"
     N_STEPS = 5001  # DomainBed's default
     EVAL_EVERY = 300  # DomainBed's CHECKPOINT_FREQ for these datasets
-    OPTIONS: ClassVar[dict[str, Any]] = {"path": "", "domains": "", "resolution": 224, "holdout_fraction": 0.2,
-                                         "seed": 0, "augment": True}  # fmt: skip
+    OPTIONS: ClassVar[dict[str, Setting]] = {
+        "path": Setting("", "the folder (absolute, or relative to --data-root); presets default to DomainBed's folder "
+                        "name"),
+        "domains": Setting("", "comma-separated domain folder names (empty: every subfolder, sorted)"),
+        "resolution": Setting(224, "image side after resizing (DomainBed: 224)",
+                              Rule("from 8 to 1024", lambda v: 8 <= v <= 1024)),
+        "holdout_fraction": HOLDOUT_FRACTION,
+        "seed": SEED.with_help("data seed (the in/out split); a trial uses its trial seed unless this is set (pin it, "
+                               "e.g. seed=0, for the same data in every trial)"),
+        "augment": Setting(True, "DomainBed's training augmentation on training batches"),
+    }  # fmt: skip
     HPARAMS: ClassVar[dict[str, HParam]] = IMAGE_HPARAMS
     FOLDER: ClassVar[str] = ""
     """The preset's folder under the data root (DomainBed's)."""
@@ -398,11 +401,7 @@ class ImageFolderDataset(ShiftDataset):
     def __init__(self, root: str | None = None, options: Mapping[str, Any] | None = None, download: bool = False):
         super().__init__(root, options, download)
         o = self.options
-        if not 0.0 < float(o["holdout_fraction"]) < 1.0:
-            raise UserError(f"{self.registry_name}: holdout_fraction={o['holdout_fraction']} must be in (0, 1)")
-        res = int(o["resolution"])
-        if not 8 <= res <= 1024:
-            raise UserError(f"{self.registry_name}: resolution={res} must be from 8 to 1024")
+        res = o["resolution"]
         domains = self.domain_folders(root, o)
         self.files = DataFiles(self.folder_of(root, o), self.registry_name)
         per_domain = [{c: list_images(d / c) for c in subfolders(d)} for d in domains]

@@ -26,11 +26,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from shiftbench.data import holdout_split
+from shiftbench.data import HOLDOUT_FRACTION, SEED, holdout_split
 from shiftbench.datasets.digits import (
     COLOR_FLIP_PROBS,
     COLORED_ENVIRONMENTS,
-    LABEL_NOISE,
+    DIGITS_OPTIONS,
+    LABEL_NOISE_OPTION,
     ROTATED_ANGLES,
     ROTATED_ENVIRONMENTS,
     CachedShiftDataset,
@@ -42,8 +43,9 @@ from shiftbench.datasets.digits import (
     split_environments,
 )
 from shiftbench.errors import UserError
-from shiftbench.hparams import HParam, seed_hash
+from shiftbench.hparams import HParam, Rule, seed_hash
 from shiftbench.registry import DATASETS
+from shiftbench.settings import Setting
 
 MNIST_FILES: dict[str, str] = {
     "train_images": "train-images-idx3-ubyte",
@@ -213,7 +215,13 @@ def _mnist_environments(
     return envs
 
 
-MNIST_OPTIONS: dict[str, Any] = {"seed": 0, "holdout_fraction": 0.2, "resolution": 28, "n_examples": 0}
+MNIST_OPTIONS: dict[str, Setting] = {
+    "seed": SEED,
+    "holdout_fraction": HOLDOUT_FRACTION,
+    "resolution": DIGITS_OPTIONS["resolution"].with_default(28).with_help("image side (28 = MNIST's; IRM's code: 14)"),
+    "n_examples": Setting(0, "use only this many of the 70,000 pooled images (0: all)",
+                          Rule(">= 0 (0 means all)", lambda v: v >= 0)),
+}  # fmt: skip
 
 
 class _MNISTDataset(CachedShiftDataset):
@@ -247,18 +255,12 @@ class ColoredMNIST(_MNISTDataset):
     """DomainBed's ColoredMNIST: binary label ``digit < 5`` with 25% label noise, colour agreeing with the label in
     90%, 80% and 10% of the environments' examples; inputs (2, 28, 28).
 
-    Options:
-        seed: data seed (shuffle, in/out split, label noise, colours); a trial uses its trial seed unless this is set
-            (pin it, e.g. ``seed=0``, for the same data in every trial).
-        holdout_fraction: the ``out`` share of each environment.
-        resolution: image side (28 = MNIST's; IRM's original code used 14).
-        n_examples: use only this many of the 70,000 pooled images (0: all).
-        label_noise: label-flip probability (DomainBed: 0.25).
+    Options: ``OPTIONS`` (``shiftbench list datasets`` prints them with their defaults).
     """
 
     ENVIRONMENTS = COLORED_ENVIRONMENTS
     DEFAULT_TEST_ENVS = (2,)
-    OPTIONS: ClassVar[dict[str, Any]] = {**MNIST_OPTIONS, "label_noise": LABEL_NOISE}
+    OPTIONS: ClassVar[dict[str, Setting]] = {**MNIST_OPTIONS, "label_noise": LABEL_NOISE_OPTION}
     num_classes = 2
 
     def __init__(self, root: str | None = None, options: Mapping[str, Any] | None = None, download: bool = False):
@@ -283,17 +285,12 @@ class RotatedMNIST(_MNISTDataset):
     """DomainBed's RotatedMNIST: ten classes, environments rotated counter-clockwise by 0, 15, ..., 75 degrees;
     inputs (1, 28, 28). DomainBed names no default test environment; as for ``rotated_digits`` it is ``0°``.
 
-    Options:
-        seed: data seed (shuffle, in/out split); a trial uses its trial seed unless this is set (pin it, e.g.
-            ``seed=0``, for the same data in every trial).
-        holdout_fraction: the ``out`` share of each environment.
-        resolution: image side (28 = MNIST's).
-        n_examples: use only this many of the 70,000 pooled images (0: all).
+    Options: ``OPTIONS`` (``shiftbench list datasets`` prints them with their defaults).
     """
 
     ENVIRONMENTS = ROTATED_ENVIRONMENTS
     DEFAULT_TEST_ENVS = (0,)
-    OPTIONS: ClassVar[dict[str, Any]] = dict(MNIST_OPTIONS)
+    OPTIONS: ClassVar[dict[str, Setting]] = dict(MNIST_OPTIONS)
     num_classes = 10
 
     def __init__(self, root: str | None = None, options: Mapping[str, Any] | None = None, download: bool = False):

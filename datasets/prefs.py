@@ -60,11 +60,12 @@ from typing import Any, ClassVar, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from shiftbench.data import Environment, ShiftDataset, TensorSplit, holdout_split, tensor_digest
+from shiftbench.data import HOLDOUT_FRACTION, SEED, Environment, ShiftDataset, TensorSplit, holdout_split, tensor_digest
 from shiftbench.datasets.digits import MLP_HPARAMS
 from shiftbench.errors import UserError
-from shiftbench.hparams import HParam, fixed, seed_hash
+from shiftbench.hparams import NON_NEGATIVE, POSITIVE, HParam, Rule, fixed, seed_hash
 from shiftbench.registry import DATASETS
+from shiftbench.settings import Setting
 from shiftbench.text import make_encoder
 
 # ------------------------------------------------------------------------------------------------------ shared parts
@@ -190,6 +191,23 @@ def parse_agreement(text: str, n_domains: int = len(DOMAINS)) -> list[float]:
         raise UserError(f"option agreement={text!r}: give {n_domains} comma-separated rates in [0, 1] "
                         f"(for {', '.join(DOMAINS)}), e.g. {AGREEMENT}")  # fmt: skip
     return rates
+
+
+def _agreement_ok(text: str) -> bool:
+    try:
+        parse_agreement(text)
+    except UserError:
+        return False
+    return True
+
+
+ENCODER_OPTIONS: dict[str, Setting] = {
+    "encoder": Setting(ENCODER, "text encoder spec (shiftbench.text.make_encoder)"),
+    "cache_dir": Setting("", "embedding cache folder of frozen encoders (empty: none)"),
+    "center_rewards_coefficient": Setting(0.0, "TRL's reward-centring term (shiftbench.tasks.Preference)",
+                                          NON_NEGATIVE),
+}
+"""The encoder options of every preference dataset."""
 
 
 def claim_values(seed: int) -> np.ndarray:
@@ -355,31 +373,28 @@ class SpuriousPrefs(PreferenceDataset):
 
     The generative model is in the module docstring.
 
-    Options: ``seed``; ``n_pairs`` per domain; ``agreement`` (per-domain rate at which the longer response is the
-    chosen one, comma-separated); ``domain_text`` (each domain its own prompts and topics; default: one shared
-    pool); ``hidden_quality`` (SD of the gold reward's unseen part, relative to the visible part's);
-    ``holdout_fraction``; ``bon_prompts`` (best-of-n prompts per domain, 32 candidates each); ``encoder``
-    (:func:`shiftbench.text.make_encoder`); ``cache_dir`` (embedding cache of frozen encoders);
-    ``center_rewards_coefficient`` (TRL's centring term, see :class:`shiftbench.tasks.Preference`).
+    Options: ``OPTIONS`` (``shiftbench list datasets`` prints them with their defaults).
     """
 
     ENVIRONMENTS = DOMAINS
     DEFAULT_TEST_ENVS = (3,)
-    OPTIONS: ClassVar[dict[str, Any]] = {
-        "seed": 0, "n_pairs": 4000, "agreement": AGREEMENT, "hidden_quality": 1.0, "holdout_fraction": 0.2,
-        "bon_prompts": 64, "domain_text": False,
-        "encoder": ENCODER, "cache_dir": "", "center_rewards_coefficient": 0.0,
+    OPTIONS: ClassVar[dict[str, Setting]] = {
+        "seed": SEED,
+        "n_pairs": Setting(4000, "preference pairs per domain", Rule(">= 5", lambda v: v >= 5)),
+        "agreement": Setting(AGREEMENT, "per-domain rate at which the longer response is the chosen one, "
+                             f"comma-separated ({', '.join(DOMAINS)})", Rule(
+                                 f"{len(DOMAINS)} comma-separated rates in [0, 1]", _agreement_ok)),
+        "hidden_quality": Setting(1.0, "SD of the gold reward's unseen part, relative to the visible part's",
+                                  NON_NEGATIVE),
+        "holdout_fraction": HOLDOUT_FRACTION,
+        "bon_prompts": Setting(64, "best-of-n prompts per domain, 32 candidates each", POSITIVE),
+        "domain_text": Setting(False, "each domain its own prompts and topics (false: one shared pool)"),
+        **ENCODER_OPTIONS,
     }  # fmt: skip
 
     def __init__(self, root=None, options=None, download=False):
         super().__init__(root, options, download)
         o = self.options
-        parse_agreement(o["agreement"])
-        if o["n_pairs"] < 5 or o["bon_prompts"] < 1 or not 0 < o["holdout_fraction"] < 1 or o["hidden_quality"] < 0:
-            raise UserError("spurious_prefs needs n_pairs >= 5, bon_prompts >= 1, 0 < holdout_fraction < 1 and "
-                            "hidden_quality >= 0")
-        if o["center_rewards_coefficient"] < 0:
-            raise UserError("center_rewards_coefficient must be >= 0")
         per_env, self._pools, shape = _build_spurious(o["seed"], o["n_pairs"], o["agreement"], o["hidden_quality"],
                                                       o["bon_prompts"], o["encoder"], o["cache_dir"],
                                                       bool(o["domain_text"]))  # fmt: skip
@@ -794,21 +809,27 @@ class PreferenceFiles(PreferenceDataset):
 
     The accepted formats are in the module docstring.
 
-    Options: ``files`` (comma-separated; relative to ``--data-root``); ``format`` (auto, explicit, implicit,
-    conversational); ``domain_column`` (empty: a ``domain``, ``subset`` or ``source`` column of the rows when the
-    files alone make one environment, else one environment per file); ``domains`` (comma-separated environment
-    names and their order; rows of other domains are left out; empty: every domain found, sorted);
-    ``sections`` (empty or ``rewardbench``: environments = the RewardBench sections present, in its order; the domain
-    column, by default ``subset``, names subsets); ``margin_column``; ``skip_malformed``; ``max_rows`` (0: all);
-    ``max_line_bytes`` (a longer JSONL line is malformed; default 1 MiB);
-    ``holdout_fraction``; ``seed``; ``encoder``; ``cache_dir``; ``center_rewards_coefficient``.
+    Options: ``OPTIONS`` (``shiftbench list datasets`` prints them with their defaults).
     """
 
     DEFAULT_TEST_ENVS = (0,)
-    OPTIONS: ClassVar[dict[str, Any]] = {
-        "files": "", "format": "auto", "domain_column": "", "domains": "", "sections": "", "margin_column": "",
-        "skip_malformed": False, "max_rows": 0, "max_line_bytes": MAX_LINE_BYTES, "holdout_fraction": 0.2, "seed": 0,
-        "encoder": ENCODER, "cache_dir": "", "center_rewards_coefficient": 0.0,
+    OPTIONS: ClassVar[dict[str, Setting]] = {
+        "files": Setting("", "comma-separated .jsonl/.json/.parquet/.csv files (relative ones under --data-root)"),
+        "format": Setting("auto", "explicit, implicit (HH-RLHF dialogues), conversational (message lists), or auto "
+                          "(per row, from its fields)", choices=("auto", "explicit", "implicit", "conversational")),
+        "domain_column": Setting("", "the column naming each row's domain (empty: a domain, subset or source column "
+                                 "when the files alone make one environment, else one environment per file)"),
+        "domains": Setting("", "comma-separated environment names and their order; rows of other domains are left "
+                           "out (empty: every domain found, sorted)"),
+        "sections": Setting("", "rewardbench: environments are the RewardBench sections present, in its order, and "
+                            "the domain column (default subset) names subsets", choices=("", "rewardbench")),
+        "margin_column": Setting("", "a column with each pair's margin (empty: none)"),
+        "skip_malformed": Setting(False, "skip and count malformed rows instead of refusing the file"),
+        "max_rows": Setting(0, "read at most this many rows (0: all)", Rule(">= 0 (0: all rows)", lambda v: v >= 0)),
+        "max_line_bytes": Setting(MAX_LINE_BYTES, "a longer JSONL line is malformed", POSITIVE),
+        "holdout_fraction": HOLDOUT_FRACTION,
+        "seed": SEED,
+        **ENCODER_OPTIONS,
     }  # fmt: skip
     HPARAMS: ClassVar[dict[str, HParam]] = {**MLP_HPARAMS, "hf_reward_path": HParam("", fixed(""))}
     """The ``mlp`` model's, and the ``hf_reward`` model's checkpoint (``--hparams hf_reward_path=...``)."""
@@ -833,21 +854,9 @@ class PreferenceFiles(PreferenceDataset):
         return o
 
     @classmethod
-    def _check_options(cls, options: Mapping[str, Any]) -> None:
-        if options["format"] not in ("auto", "explicit", "implicit", "conversational"):
-            raise UserError(f"option format={options['format']!r}: use auto, explicit, implicit or conversational")
-        if options["sections"] not in ("", "rewardbench"):
-            raise UserError(f"option sections={options['sections']!r}: the only known sections are 'rewardbench'")
-        if not 0 < options["holdout_fraction"] < 1:
-            raise UserError("option holdout_fraction must be between 0 and 1 (exclusive)")
-        if options["max_line_bytes"] < 1 or options["max_rows"] < 0:
-            raise UserError("options max_line_bytes must be positive and max_rows >= 0 (0: all rows)")
-
-    @classmethod
     def check(cls, root: str | None, options: Mapping[str, Any], download: bool) -> None:
         """The options are valid and every file exists (the rows are read when the dataset is built)."""
         o = cls.resolve_options(options, root)
-        cls._check_options(o)
         resolve_files(o["files"], root or os.environ.get("SHIFTBENCH_DATA"))
 
     @classmethod
@@ -859,7 +868,6 @@ class PreferenceFiles(PreferenceDataset):
                 which columns of the rows could serve as ``domain_column``.
         """
         options = cls.resolve_options(options, root)
-        cls._check_options(options)
         if _csv_list(options["domains"]):
             return _csv_list(options["domains"])
         paths = resolve_files(options["files"], root or os.environ.get("SHIFTBENCH_DATA"))

@@ -37,11 +37,11 @@ import numpy as np
 import torch
 
 from shiftbench.data import Environment, TensorSplit
-from shiftbench.datasets.digits import DIGITS_OPTIONS, MLP_HPARAMS, CachedShiftDataset, EnvData, Tensors
+from shiftbench.datasets.digits import DIGITS_OPTIONS, ENV_SIZE, MLP_HPARAMS, CachedShiftDataset, EnvData, Tensors
 from shiftbench.datasets.digits import _enlarged_environments
-from shiftbench.errors import UserError
-from shiftbench.hparams import HParam
+from shiftbench.hparams import HParam, between
 from shiftbench.registry import DATASETS
+from shiftbench.settings import Setting
 
 N_ATTRIBUTES = 2
 N_GROUPS = 2 * N_ATTRIBUTES
@@ -70,15 +70,7 @@ def paint(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 class SubpopDigits(CachedShiftDataset):
     """Binary digits (``digit < 5``) with a colour that is spurious in training and balanced at test.
 
-    Options:
-        seed: data seed (environment split, in/out split, copies, colours); a trial uses its trial seed unless this is
-            set (pin it, e.g. ``seed=0``, for the same data in every trial).
-        env_size: examples per environment, ``in`` + ``out``.
-        holdout_fraction: the ``out`` share of each environment (of its base digits and of ``env_size``).
-        resolution: image side; the 8x8 digits are upsampled to it.
-        noise: standard deviation of the Gaussian pixel noise added to every copy.
-        spurious_corr: share of each class's training copies whose colour equals the label (Waterbirds: 0.95).
-        group_envs: the four training groups as environments (1..4) instead of one ``train`` environment.
+    Options: ``OPTIONS`` (``shiftbench list datasets`` prints them with their defaults).
     """
 
     TASK = "classification"
@@ -87,8 +79,13 @@ class SubpopDigits(CachedShiftDataset):
     DEFAULT_MODEL = "mlp"
     N_STEPS = 2001
     EVAL_EVERY = 100
-    OPTIONS: ClassVar[dict[str, Any]] = {**DIGITS_OPTIONS, "env_size": 5000, "spurious_corr": 0.95,
-                                         "group_envs": False}  # fmt: skip
+    OPTIONS: ClassVar[dict[str, Setting]] = {
+        **DIGITS_OPTIONS,
+        "env_size": ENV_SIZE.with_default(5000),
+        "spurious_corr": Setting(0.95, "share of each class's training copies whose colour equals the label "
+                                 "(Waterbirds: 0.95)", between(0.5, 1)),
+        "group_envs": Setting(False, "the four training groups as environments (1..4) instead of one 'train' one"),
+    }  # fmt: skip
     HPARAMS: ClassVar[dict[str, HParam]] = MLP_HPARAMS
     METADATA_KEYS: ClassVar[tuple[str, ...]] = ("group", "attribute")
     """Per-example metadata every split carries (methods that need groups check for ``group``)."""
@@ -99,14 +96,6 @@ class SubpopDigits(CachedShiftDataset):
         if cls.resolve_options(options)["group_envs"]:
             return ["test", *(f"train:{g}" for g in GROUP_NAMES)]
         return list(cls.ENVIRONMENTS)
-
-    @classmethod
-    def resolve_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
-        o = super().resolve_options(options)
-        if not 0.5 <= float(o["spurious_corr"]) <= 1.0:
-            raise UserError(f"dataset subpop_digits: option spurious_corr={o['spurious_corr']!r} must be between 0.5 "
-                            "and 1 (the share of training copies whose colour equals the label)")
-        return o
 
     def __init__(self, root: str | None = None, options: Mapping[str, Any] | None = None, download: bool = False):
         super().__init__(root, options, download)

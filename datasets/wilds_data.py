@@ -68,8 +68,9 @@ from shiftbench.datasets.image_folder import (
     version_string,
 )
 from shiftbench.errors import UserError
-from shiftbench.hparams import HParam
+from shiftbench.hparams import POSITIVE, HParam
 from shiftbench.registry import DATASETS
+from shiftbench.settings import Setting
 
 # ------------------------------------------------------------------------------------------------ importing wilds
 
@@ -215,13 +216,7 @@ def _split_header(data: bytes) -> list[str]:
 class WildsDataset(ShiftDataset):
     """Base of the ``wilds:<name>`` datasets; ``SPEC`` says which.
 
-    Options:
-        version: the dataset release (default: the latest wilds 2.0.0 knows).
-        groupby: comma-separated metadata fields whose combinations are the training environments ("" pools them).
-        resolution: image side (default: WILDS' for the dataset).
-        augment: DomainBed's training augmentation on images (WILDS' defaults use none).
-        encoder: text encoder spec for text datasets (:func:`shiftbench.text.make_encoder`).
-        eval_train: also evaluate the training groups' ``in`` splits.
+    Options: ``OPTIONS`` (``shiftbench list datasets`` prints them with their defaults).
     """
 
     SPEC: ClassVar[WildsSpec]
@@ -448,8 +443,15 @@ class WildsDataset(ShiftDataset):
 
 
 def _register(key: str, spec: WildsSpec) -> None:
-    options = {"version": "", "groupby": ",".join(spec.groupby), "resolution": spec.resolution, "augment": False,
-               "encoder": "hashing:1024,512,0", "eval_train": False}  # fmt: skip
+    options = {
+        "version": Setting("", f"the dataset release (empty: {spec.version}, the latest wilds 2.0.0 knows)"),
+        "groupby": Setting(",".join(spec.groupby), "comma-separated metadata fields whose combinations are the "
+                           "training environments (empty: pool them)"),
+        "resolution": Setting(spec.resolution, "image side (default: WILDS' for the dataset)", POSITIVE),
+        "augment": Setting(False, "DomainBed's training augmentation on images (WILDS' defaults use none)"),
+        "encoder": Setting("hashing:1024,512,0", "text encoder spec for text datasets (shiftbench.text.make_encoder)"),
+        "eval_train": Setting(False, "also evaluate the training groups' 'in' splits"),
+    }  # fmt: skip
     hparams: dict[str, HParam] = dict(MLP_HPARAMS) if spec.modality == "text" else dict(IMAGE_HPARAMS)
     cls = type(f"Wilds_{key}", (WildsDataset,), {
         "__doc__": f"WILDS {spec.name} v{spec.version} ({spec.modality}; training groups: "
