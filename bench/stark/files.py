@@ -44,7 +44,7 @@ def canonical_split(preds_npz: Path, split: str, key: str) -> np.ndarray:
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {preds_npz}: {e}") from None
     if key not in arrays or "split" not in arrays or "idx" not in arrays:
-        raise UserError(f"{preds_npz} has no {key!r}/split/idx arrays (a classification trial's predictions.npz)")
+        raise UserError(f"{preds_npz} has no {key!r}/split/idx arrays (a classification trial's {PREDICTIONS})")
     rows = arrays["split"] == split
     if not rows.any():
         names = sorted(set(arrays["split"].tolist()))
