@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..records import FAILED, SPEC, TRIALS, read_failed, read_results
+from ..records import FAILED, SPEC, TRIALS, read_failed, read_results, read_spec
 
 STATES = ("done", "failed", "partial", "new")
 
@@ -88,7 +88,11 @@ def run(a) -> int:
         name, specs = expected_trials(runs)
         dirs = [trial_dir(runs, s) for s in specs]
     elif (runs / SPEC).is_file():  # one trial folder (shiftbench train --out)
-        meta = _read_json(runs / SPEC, "the trial folder is damaged")
+        try:
+            meta = read_spec(runs)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{runs / SPEC} is unreadable ({type(e).__name__}: {e}); the trial folder is "
+                            "damaged") from None
         try:
             specs = [TrialSpec.from_dict(meta["spec"])]
         except (KeyError, TypeError, ValueError) as e:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..records import PREDICTIONS, SPEC, read_spec
+from ..records import PREDICTIONS, SPEC, read_npz, read_spec
 from .params import Params, soundness
 from .proofio import InvalidProof
 from .prove import commit_column, prove
@@ -39,8 +39,7 @@ def canonical_split(preds_npz: Path, split: str, key: str) -> np.ndarray:
     """Column ``key`` (``label`` or ``pred``) of one split of a predictions.npz, in example-id order; refuses a
     split whose ids are not exactly 0..n-1 (a copied or dropped row would otherwise change the statement)."""
     try:
-        with np.load(preds_npz, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = read_npz(preds_npz)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {preds_npz}: {e}") from None
     if key not in arrays or "split" not in arrays or "idx" not in arrays:
