@@ -62,10 +62,24 @@ class Callback:
     """Callbacks run in ascending ``ORDER``, then in the spec's order. Ones that seal the result (attestation) run
     last, so that what every other callback adds to the final record is inside what they sign."""
 
+    SETTINGS: ClassVar[dict[str, Any]] = {}
+    """Settings given in the name (``name:k=v,...``): name -> :class:`shiftbench.settings.Setting`. A callback
+    with settings registers its family name too (``@CALLBACKS.register("name:")``)."""
+
+    @classmethod
+    def settings_of(cls, name: str) -> dict[str, Any]:
+        """The settings of a spec's callback name ``name[:k=v,...]``: every declared one, validated, defaults
+        filled in; raises UserError (an unknown key with the nearest one, a value of the wrong type or range)."""
+        from .settings import parse_pairs, resolve
+
+        where = f"callback {name!r}"
+        return resolve(cls.SETTINGS, parse_pairs(name.partition(":")[2], where, cls.SETTINGS), where, "setting")
+
     @classmethod
     def validate(cls, name: str, dataset_cls: type | None = None) -> None:
         """Checks a spec's callback name (with any ``:settings``) and that it fits the dataset class, before
-        anything of a trial is written; raises UserError."""
+        anything of a trial is written; raises UserError. The base class checks the settings."""
+        cls.settings_of(name)
 
     def on_start(self, run: "TrialRun") -> None:
         pass
