@@ -5,10 +5,9 @@ so they are part of the trial's spec and hash, and need no option plumbing:
 
 * ``robust_eval``: L∞ PGD, ε = 0.1, 20 steps of 2.5·ε/20, 2 random restarts (``adversarial`` trains with 7 steps and
   one start by default), on the first 500 examples of every split.
-* ``robust_eval:<key>=<value>,...`` overrides any of ``threat`` (linf | l2 | spatial), ``eps``, ``steps``,
-  ``step_size``, ``restarts``, ``random_start`` (0/1), ``bounds`` (``lo:hi``, ``none`` or ``auto``), ``max_rotation``,
-  ``max_shift``, ``k`` (spatial), ``examples`` (per split; 0 = all) and ``key`` (the metric's name, default
-  ``robust``), e.g. ``robust_eval:threat=l2,eps=0.5,key=robust_l2`` next to a plain ``robust_eval``.
+* ``robust_eval:<key>=<value>,...`` overrides any of :data:`SETTINGS` (``threat``, ``eps``, ``steps``, ``bounds``,
+  ``examples``, ``key``, ...; ``shiftbench list callbacks`` prints each with its default), e.g.
+  ``robust_eval:threat=l2,eps=0.5,key=robust_l2`` next to a plain ``robust_eval``.
 
 Each evaluation record gains ``<split>_<key>_acc`` and ``<split>_<key>_loss`` for every evaluated split
 (``env{i}_in``, ``env{i}_out``, ...) and the settings as ``<key>_threat``, ``<key>_eps``, ...; ``final.json`` gets
@@ -23,57 +22,50 @@ so the attack neither depends on nor disturbs the training random stream.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import fields
 from typing import Any
 
 import torch
 
 from shiftbench.attacks import Threat, parse_bounds, perturb
-from shiftbench.errors import UserError
-from shiftbench.hparams import seed_hash
+from shiftbench.hparams import NON_NEGATIVE, Rule, seed_hash
 from shiftbench.registry import CALLBACKS
+from shiftbench.settings import Setting
 from shiftbench.callbacks import Callback, TrialRun
 from shiftbench.data import input_range
 
 NAME = "robust_eval"
-DEFAULT = {"threat": "linf", "eps": 0.1, "steps": 20, "restarts": 2, "examples": 500, "key": "robust",
-           "bounds": "auto"}
+SETTINGS: dict[str, Setting] = {
+    "threat": Setting("linf", "linf or l2 (PGD in that ε-ball) or spatial (worst of k rotations/translations)"),
+    "eps": Setting(0.1, "radius of the ε-ball (PGD)", NON_NEGATIVE),
+    "steps": Setting(20, "PGD ascent steps", NON_NEGATIVE),
+    "step_size": Setting(Threat.step_size, "PGD step (none: 2.5·eps/steps)", NON_NEGATIVE, type=float),
+    "restarts": Setting(2, "independent attempts per example (PGD random starts, or k more spatial draws)",
+                        Rule(">= 1", lambda v: v >= 1)),
+    "random_start": Setting(int(Threat.random_start), "1: PGD starts from a uniform point of the ε-ball; 0: from "
+                            "the clean input"),
+    "bounds": Setting("auto", "valid input range lo:hi every attacked input is clipped to, none (unbounded) or auto "
+                      "(the dataset's INPUT_RANGE, else the range of its inputs)"),
+    "max_rotation": Setting(Threat.max_rotation, "spatial: largest rotation in degrees, either way", NON_NEGATIVE),
+    "max_shift": Setting(Threat.max_shift, "spatial: largest translation per axis, as a fraction of the image side",
+                         NON_NEGATIVE),
+    "k": Setting(Threat.k, "spatial: random transforms tried per attempt", Rule(">= 1", lambda v: v >= 1)),
+    "examples": Setting(500, "examples attacked per split, the first ones (0: every example)",
+                        Rule(">= 0 (0 = every example)", lambda v: v >= 0)),
+    "key": Setting("robust", "the metric's name in records (<split>_<key>_acc)",
+                   Rule("a plain name (letters, digits, _)", str.isidentifier)),
+}  # fmt: skip
+"""The settings of ``robust_eval:<key>=<value>,...`` (``shiftbench list callbacks`` prints them)."""
 _THREAT_FIELDS = {f.name for f in fields(Threat)} - {"kind", "bounds"}
-_INTS = ("steps", "restarts", "k", "examples", "random_start")
 
 
 def parse_settings(name: str) -> dict[str, Any]:
-    """The settings of a ``robust_eval[:k=v,...]`` callback name, defaults filled in.
+    """The settings of a ``robust_eval[:k=v,...]`` callback name, defaults filled in (``RobustEval.settings_of``).
 
     Raises:
-        UserError: an unknown key or a value of the wrong type.
+        UserError: an unknown key or a value of the wrong type or range.
     """
-    out = dict(DEFAULT)
-    _, _, rest = name.partition(":")
-    known = {"threat", "bounds", "examples", "key"} | _THREAT_FIELDS
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        k, sep, v = item.partition("=")
-        if not sep or k not in known:
-            near = difflib.get_close_matches(k, sorted(known), n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise UserError(f"callback {name!r}: bad setting {item!r}{hint}; write key=value with keys "
-                            f"{', '.join(sorted(known))}")
-        try:
-            if k in ("threat", "bounds", "key"):
-                out[k] = v
-            elif k in _INTS:
-                out[k] = int(v)
-            else:
-                out[k] = float(v)
-        except ValueError:
-            raise UserError(f"callback {name!r}: {k}={v!r} is not {'an integer' if k in _INTS else 'a number'}")\
-                from None
-    if not str(out["key"]).isidentifier():
-        raise UserError(f"callback {name!r}: key={out['key']!r} must be a plain name (letters, digits, _)")
-    if out["examples"] < 0:
-        raise UserError(f"callback {name!r}: examples must be >= 0 (0 = every example)")
-    return out
+    return RobustEval.settings_of(name)
 
 
 def resolve_threat(settings: dict[str, Any], auto_bounds: tuple[float, float] | None = None) -> Threat:
@@ -92,6 +84,8 @@ class RobustEval(Callback):
         name: ``robust_eval[:settings]`` (the trainer passes the spec's name); None: the defaults.
     """
 
+    SETTINGS = SETTINGS
+
     def __init__(self, name: str | None = None):
         super().__init__(name or NAME)
         self.settings: dict[str, Any] = {}
@@ -99,11 +93,11 @@ class RobustEval(Callback):
 
     @classmethod
     def validate(cls, name: str, dataset_cls: type | None = None) -> None:
-        # builds the threat (kind, eps, steps, bounds checked); "auto" bounds need the data, so none stands in here
-        resolve_threat(parse_settings(name))
+        # builds the threat (kind and bounds checked); "auto" bounds need the data, so none stands in here
+        resolve_threat(cls.settings_of(name))
 
     def on_start(self, run: TrialRun) -> None:
-        self.settings = parse_settings(self.name)
+        self.settings = self.settings_of(self.name)
         auto = None
         if self.settings["bounds"] == "auto":  # the trainer's rule for methods, over every evaluated split
             auto = input_range(run.dataset, list(run.dataset.eval_splits().values()), run.task.input_keys)
