@@ -107,13 +107,21 @@ def write_predictions(trial_dir: str | os.PathLike, final_outputs: Mapping[str, 
                  lambda f: np.savez(f, **{k: np.concatenate(v) for k, v in arrays.items()}), mode="wb")
 
 
-def write_weights(trial_dir: str | os.PathLike, state_dict: Mapping[str, Any], name: str = WEIGHTS) -> None:
-    """Writes a model's state_dict, detached and on the CPU, to model.pt (or ``name``, e.g. a reference model's
-    :func:`reference_weights` file); loadable with ``weights_only=True``."""
+def write_weights(trial_dir: str | os.PathLike, state_dict: Mapping[str, Any]) -> None:
+    """Writes the final model's state_dict to model.pt as a plain dict of detached CPU tensors (loadable with
+    ``weights_only=True`` on any machine)."""
     import torch
 
     weights = {k: v.detach().cpu() for k, v in state_dict.items()}
-    atomic_write(Path(trial_dir) / name, lambda f: torch.save(weights, f), mode="wb")
+    atomic_write(Path(trial_dir) / WEIGHTS, lambda f: torch.save(weights, f), mode="wb")
+
+
+def write_reference(trial_dir: str | os.PathLike, name: str, state_dict: Mapping[str, Any]) -> None:
+    """Writes a cached reference model (finetune, cbft: ``reference_<method>_<steps>``) to ``<name>.pt``, the
+    state_dict as given (its version metadata included, as the trainer has always written it)."""
+    import torch
+
+    atomic_write(Path(trial_dir) / reference_weights(name), lambda f: torch.save(state_dict, f), mode="wb")
 
 
 def write_final(trial_dir: str | os.PathLike, final: Mapping[str, Any]) -> None:
@@ -135,12 +143,7 @@ def save_checkpoint(trial_dir: str | os.PathLike, state: Mapping[str, Any]) -> N
 
 def load_checkpoint(trial_dir: str | os.PathLike, device: Any = "cpu") -> dict[str, Any] | None:
     """checkpoint.pt's state, its tensors mapped to ``device``, with no unpickling; None when there is none."""
-    import torch
-
-    path = Path(trial_dir) / CHECKPOINT
-    if not path.exists():
-        return None
-    return torch.load(path, map_location=device, weights_only=True)
+    return _load_tensors(Path(trial_dir) / CHECKPOINT, device)
 
 
 def reference_weights(name: str) -> str:
@@ -187,14 +190,20 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def read_weights(trial_dir: str | os.PathLike, device: Any = "cpu", name: str = WEIGHTS) -> dict[str, Any] | None:
-    """model.pt's state_dict (or ``name``'s), mapped to ``device``, with no unpickling; None when missing."""
+def read_weights(trial_dir: str | os.PathLike, device: Any = "cpu") -> dict[str, Any] | None:
+    """model.pt's state_dict, mapped to ``device``, with no unpickling; None when missing."""
+    return _load_tensors(Path(trial_dir) / WEIGHTS, device)
+
+
+def read_reference(trial_dir: str | os.PathLike, name: str, device: Any = "cpu") -> dict[str, Any] | None:
+    """A cached reference model's state_dict (:func:`write_reference`), mapped to ``device``; None when missing."""
+    return _load_tensors(Path(trial_dir) / reference_weights(name), device)
+
+
+def _load_tensors(path: Path, device: Any) -> Any:
     import torch
 
-    path = Path(trial_dir) / name
-    if not path.exists():
-        return None
-    return torch.load(path, map_location=device, weights_only=True)
+    return torch.load(path, map_location=device, weights_only=True) if path.exists() else None
 
 
 # ------------------------------------------------------------------------------------------------- scanning folders

@@ -180,7 +180,13 @@ def test_weights_and_checkpoint_writers_write_what_torch_save_writes(tmp_path: P
                                                                        mode="wb"))
     back = records.read_weights(tmp_path / "ours")
     assert torch.equal(back["weight"], model.weight.detach())
-    assert records.read_weights(tmp_path / "old", name=records.reference_weights("reference_erm_5")) is None
+    assert records.read_reference(tmp_path / "old", "reference_erm_5") is None
+    # a reference model keeps the state_dict as the trainer saved it (its _metadata too: other bytes than model.pt)
+    ours = _bytes(tmp_path, "ref", lambda d: records.write_reference(d, "reference_erm_5", model.state_dict()))
+    assert ours == _bytes(tmp_path, "ref_old", lambda d: io.atomic_write(
+        d / "reference_erm_5.pt", lambda f: torch.save(model.state_dict(), f), mode="wb"))
+    assert (tmp_path / "ref" / "reference_erm_5.pt").is_file()
+    assert torch.equal(records.read_reference(tmp_path / "ref", "reference_erm_5")["bias"], model.bias.detach())
 
     state = {"step": 4, "records": [{"step": 0}], "rng": torch.get_rng_state(), "cuda_rng": None, "elapsed": 1.5,
              "algorithm": {"model": old_w}}
