@@ -16,11 +16,11 @@ import os
 from importlib.metadata import entry_points
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 KINDS = ("methods", "datasets", "models", "callbacks")
 """The registries ``list`` shows, by their plural names (also the entry-point groups ``shiftbench.<kind>``)."""
-_VERSION = 1  # bump when the catalog's shape changes
+_VERSION = 2  # bump when the catalog's shape changes
 
 
 def description(doc: str | None) -> str:
@@ -31,6 +31,21 @@ def description(doc: str | None) -> str:
             break
         paragraph.append(line.strip())
     return " ".join(paragraph)
+
+
+def settings_of(declared: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Declared options or settings (:class:`shiftbench.settings.Setting`) as catalog rows: name, default as one
+    types it after ``key=``, help."""
+    from .settings import as_settings, shown
+
+    return [{"name": k, "default": shown(s.default), "help": s.help} for k, s in sorted(as_settings(declared).items())]
+
+
+def settings_lines(entry: Mapping[str, Any]) -> list[str]:
+    """What ``list`` prints under a catalog entry: one indented line per option (a dataset's) or setting (a
+    callback's), ``key=default`` and its help; none for other entries."""
+    rows = entry.get("options") or entry.get("settings") or []
+    return [f"      {row['name'] + '=' + row['default']:26s} {row['help']}".rstrip() for row in rows]
 
 
 def _source_roots() -> list[Path]:
@@ -62,10 +77,13 @@ def build() -> dict[str, list[dict[str, Any]]]:
     out["methods"] = [{"name": n, "doc": description(METHODS.get(n).__doc__),
                        "tasks": list(METHODS.get(n).TASKS) if METHODS.get(n).TASKS is not None else None}
                       for n in METHODS.names()]  # fmt: skip
-    out["datasets"] = [{"name": n, "doc": description(DATASETS.get(n).__doc__), "task": DATASETS.get(n).TASK}
-                       for n in DATASETS.names()]  # fmt: skip
+    out["datasets"] = [{"name": n, "doc": description(DATASETS.get(n).__doc__), "task": DATASETS.get(n).TASK,
+                        "options": settings_of(DATASETS.get(n).OPTIONS)} for n in DATASETS.names()]  # fmt: skip
     out["models"] = [{"name": n, "doc": description(MODELS.get(n).__doc__)} for n in MODELS.names()]
-    out["callbacks"] = [{"name": n, "doc": description(CALLBACKS.get(n).__doc__)} for n in CALLBACKS.names()]
+    # settings are given as name:k=v, so they belong to the family entry ("robust_eval:")
+    out["callbacks"] = [{"name": n, "doc": description(CALLBACKS.get(n).__doc__),
+                         "settings": settings_of(CALLBACKS.get(n).SETTINGS) if n.endswith(":") else []}
+                        for n in CALLBACKS.names()]  # fmt: skip
     return out
 
 
