@@ -21,7 +21,7 @@ import torch
 
 from shiftbench.config import TrialSpec, supports_task
 from shiftbench.errors import UserError
-from shiftbench.registry import METHODS, TASKS
+from shiftbench.registry import DATASETS, METHODS, TASKS
 from shiftbench.trainer import CHECKPOINT, WEIGHTS, Interrupted, RunOptions, Trainer, run_trial
 
 TINY: dict[str, list[tuple[str, dict]]] = {
@@ -52,14 +52,16 @@ def spec_for(method: str, task: str) -> TrialSpec:
 
 
 def cases() -> list:
-    """(method, task) for every registered method and every registered task type it trains on. A task type
-    without a tiny dataset here, or a method refusing every one, is skipped with the reason, so it shows up in the
-    summary rather than passing silently."""
+    """(method, task) for every registered method and every registered task type it trains on. A task type that no
+    method trains on or that has no tiny dataset here, or a method refusing every one, is skipped with the reason, so
+    it shows up in the summary rather than passing silently."""
     out = []
     for task in TASKS.names():
-        for method in METHODS.names():
-            if not supports_task(METHODS.get(method), task):
-                continue
+        takers = [m for m in METHODS.names() if supports_task(METHODS.get(m), task)]
+        if not takers:
+            out.append(pytest.param(None, task, id=f"{task}-none",
+                                    marks=pytest.mark.skip(reason=f"no registered method trains on {task}")))
+        for method in takers:
             marks = [pytest.mark.slow] if (method, task) in SLOW else []
             if task not in TINY:
                 marks.append(pytest.mark.skip(reason=f"no tiny {task} dataset in the contract test"))
@@ -70,6 +72,15 @@ def cases() -> list:
                     marks.append(pytest.mark.skip(reason=f"{method} takes no tiny {task} dataset: {e}"))
             out.append(pytest.param(method, task, id=f"{task}-{method}", marks=marks))
     return out
+
+
+def test_every_declared_task_type_is_registered_and_every_tiny_dataset_is_of_its_type():
+    # a method naming a task type the registry lacks would silently get no case above
+    unknown = {m: [t for t in METHODS.get(m).TASKS if t not in TASKS] for m in METHODS.names()
+               if METHODS.get(m).TASKS is not None}  # fmt: skip
+    assert not {m: t for m, t in unknown.items() if t}
+    assert {(task, DATASETS.get(d).TASK) for task, entries in TINY.items() for d, _ in entries} == \
+        {(task, task) for task in TINY}  # fmt: skip
 
 
 class Trials:
