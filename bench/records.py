@@ -214,6 +214,12 @@ def trial_path(out: str | os.PathLike, trial_hash: str) -> Path:
     return Path(out) / TRIALS / str(trial_hash)[:16]
 
 
+def sweep_of(trial_dir: str | os.PathLike) -> Path | None:
+    """The sweep output folder of a trial folder in ``<sweep>/trials/`` (resolved); None for a lone trial."""
+    trial_dir = Path(trial_dir).resolve()
+    return trial_dir.parent.parent if trial_dir.parent.name == TRIALS else None
+
+
 def trial_dirs(root: str | os.PathLike, marker: str = SPEC) -> list[Path]:
     """The trial folders under ``root``, in name order: ``root`` itself when it holds a spec.json (one trial folder),
     else the folders of ``root/trials/`` (a sweep output folder) or of ``root`` (a folder of trial folders) that

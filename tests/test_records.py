@@ -276,6 +276,8 @@ def test_scan_runs_layouts(runs: Path, tmp_path: Path):
                                                                               "unreadable"), 0)
     assert [p.name for p in records.trial_dirs(runs, marker=records.FINAL)] == ["a", "b", "c", "i", "j"]
     assert records.trial_path(runs, "0123456789abcdef0123") == runs / "trials" / "0123456789abcdef"
+    assert records.sweep_of(runs / "trials" / "a") == runs.resolve()
+    assert records.sweep_of(runs) is None and records.sweep_of(tmp_path / "lone") is None
 
 
 # ----------------------------------------------------------------------------------------------- a trial's model

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 from ..config import canonical_json
 from ..errors import UserError
 from ..io import atomic_write
-from ..records import TRIALS
+from ..records import sweep_of
 from . import checkpoint as ckpt
 from .dsse import PublicKey, SigningKey, read_public_keys
 from .locking import file_lock
@@ -46,10 +46,8 @@ def log_dir_for(trial_dir: str | os.PathLike) -> Path:
     """Where a trial's envelope is logged: its sweep's folder, or the user's config folder."""
     from .dsse import config_home
 
-    trial_dir = Path(trial_dir).resolve()
-    if trial_dir.parent.name == TRIALS:
-        return trial_dir.parent.parent / LOG_DIRNAME
-    return config_home() / "log"
+    sweep = sweep_of(trial_dir)
+    return sweep / LOG_DIRNAME if sweep is not None else config_home() / "log"
 
 
 def log_name(path: str | os.PathLike) -> str:

@@ -25,19 +25,8 @@ import numpy as np
 
 from ..io import read_json, sha256_file
 from ..records import (
-    FINAL,
-    PREDICTIONS,
-    RESULTS,
-    SPEC,
-    TRIALS,
-    WEIGHTS,
-    build_trial_model,
-    read_final,
-    read_predictions,
-    read_results,
-    read_spec,
-    read_weights,
-    trial_dirs,
+    FINAL, PREDICTIONS, RESULTS, SPEC, TRIALS, WEIGHTS, build_trial_model, read_final, read_predictions, read_results,
+    read_spec, read_weights, sweep_of, trial_dirs,
 )  # fmt: skip
 from . import checkpoint as ckpt
 from .dsse import PublicKey, b64decode_strict, read_public_keys, verify_envelope
@@ -136,8 +125,8 @@ def _same_json(a: Any, b: Any) -> bool:
 
 def sweep_name(trial: Path) -> str | None:
     """The sweep folder's name of a trial in ``<sweep>/trials/``; None for a lone trial."""
-    trial = Path(trial).resolve()
-    return trial.parent.parent.name if trial.parent.name == TRIALS else None
+    sweep = sweep_of(trial)
+    return sweep.name if sweep is not None else None
 
 
 def _check_signatures(res: Result, envelope: Any, trust: Trust) -> dict | None:
