@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,6 +59,7 @@ def cases() -> list:
     method trains on or that has no tiny dataset here, or a method refusing every one, is skipped with the reason, so
     it shows up in the summary rather than passing silently."""
     out = []
+    DATASETS.names()  # the coordination task type registers when its datasets are imported (see the test below)
     for task in TASKS.names():
         takers = [m for m in METHODS.names() if supports_task(METHODS.get(m), task)]
         if not takers:
@@ -81,6 +85,18 @@ def test_every_declared_task_type_is_registered_and_every_tiny_dataset_is_of_its
     assert not {m: t for m, t in unknown.items() if t}
     assert {(task, DATASETS.get(d).TASK) for task, entries in TINY.items() for d, _ in entries} == \
         {(task, task) for task in TINY}  # fmt: skip
+
+
+@pytest.mark.xfail(strict=True, reason="the task registry loads only shiftbench.tasks; the coordination task type "
+                   "registers when shiftbench.datasets.coordination is imported, so TASKS.names() in a fresh process "
+                   "lacks it (and a contract parametrised over it alone would drop the coordination cases)")
+def test_the_task_registry_lists_every_task_type_in_a_fresh_process():
+    code = ("from shiftbench.registry import TASKS, DATASETS; before = TASKS.names(); "
+            "print(before == sorted({DATASETS.get(d).TASK for d in DATASETS.names()} | set(TASKS.names())), before)")
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("True"), out.stdout
 
 
 class Trials:
