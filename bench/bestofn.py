@@ -76,6 +76,7 @@ class BestOfN(Callback):
 
     @classmethod
     def validate(cls, name: str, dataset_cls: type | None = None) -> None:
+        super().validate(name, dataset_cls)
         if dataset_cls is not None and not callable(getattr(dataset_cls, "best_of_n_pools", None)):
             raise UserError(f"callback best_of_n needs a dataset with gold-reward candidate pools (spurious_prefs); "
                             f"{getattr(dataset_cls, 'registry_name', dataset_cls.__name__)} has none")  # fmt: skip
