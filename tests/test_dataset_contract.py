@@ -20,6 +20,7 @@ the builders that their own test modules already hold (test_datasets.py: MNIST I
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import json
@@ -60,6 +61,7 @@ SIZE_OPTIONS = ("env_size", "n_pairs", "n_examples", "max_rows", "agents")
 """Options that change how many examples there are; the version test changes one where a dataset has no seed."""
 
 
+@functools.lru_cache(maxsize=None)
 def sibling(name: str) -> ModuleType:
     """Another test module of this folder, loaded by path (pytest's importlib mode puts none on ``sys.path``)."""
     spec = importlib.util.spec_from_file_location(f"_contract_{name}", TESTS / f"{name}.py")
@@ -105,11 +107,11 @@ def _preference_files(cls: type, tmp: Path) -> tuple[str, dict]:
 
 def _on_disk() -> list[tuple[type, Callable[[type, Path], tuple[str | None, dict]]]]:
     from shiftbench.datasets.image_folder import ImageFolderDataset
-    from shiftbench.datasets.mnist import ColoredMNIST, RotatedMNIST
+    from shiftbench.datasets.mnist import _MNISTDataset  # the base of every MNIST-file loader
     from shiftbench.datasets.prefs import PreferenceFiles
     from shiftbench.datasets.wilds_data import WildsDataset
 
-    return [((ColoredMNIST, RotatedMNIST), _mnist), (ImageFolderDataset, _image_folder), (WildsDataset, _wilds),
+    return [(_MNISTDataset, _mnist), (ImageFolderDataset, _image_folder), (WildsDataset, _wilds),
             (PreferenceFiles, _preference_files)]  # fmt: skip
 
 
@@ -232,12 +234,14 @@ def _classification(ds, batch: dict, right: np.ndarray) -> tuple[torch.Tensor, d
 
 
 def _preference(ds, batch: dict, right: np.ndarray) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
-    """Reward differences d = ±(1 + i/n) (positive where ``right``), sums 0.1·i: loss −log σ(d) = log(1 + e^−d)."""
+    """Reward differences d = ±(1 + i/n) (positive where ``right``) and sums t = 0.1·i, i.e. rewards r_c = (t + d)/2,
+    r_r = (t − d)/2; loss −log σ(d) = log(1 + e^−d); the margin is the mean d."""
     n = len(right)
     d = np.where(right, 1.0, -1.0) * (1 + np.arange(n) / n)
     total = 0.1 * np.arange(n)
     scores = torch.as_tensor(np.stack([d, total], 1), dtype=torch.float32)
-    want = {"acc": right.astype(float), "loss": np.log1p(np.exp(-d)), "margin": d}
+    want = {"acc": right.astype(float), "loss": np.log1p(np.exp(-d)), "margin": d,
+            "reward_chosen": (total + d) / 2, "reward_rejected": (total - d) / 2}  # fmt: skip
     return scores, want
 
 
@@ -255,13 +259,15 @@ the metrics every dataset of that type reports)."""
 
 
 def fake_evaluate(ds: ShiftDataset, split_name: str, rule: Callable[[np.ndarray], np.ndarray]):
-    """The dataset's metrics of one split on fake outputs, as the trainer assembles them, and the expected means;
-    ``rule(positions)`` says which examples are right."""
+    """The dataset's metrics of one split on fake outputs, assembled as the trainer assembles them; with the expected
+    per-example values and the split's examples (both concatenated over its evaluation batches). ``rule(positions)``
+    says which examples are right."""
     if ds.TASK not in FAKE:
         pytest.fail(f"task type {ds.TASK!r} has no fake outputs in tests/test_dataset_contract.py: add it to FAKE")
     task = TASKS.get(ds.TASK)()
     parts: dict[str, list] = {}
     want: dict[str, list] = {}
+    rows: dict[str, list] = {}
     seen = 0
     for b in ds.eval_splits()[split_name].eval_batches(64):
         n = len(b["idx"])
@@ -270,24 +276,34 @@ def fake_evaluate(ds: ShiftDataset, split_name: str, rule: Callable[[np.ndarray]
         out["idx"] = b["idx"]
         if "y" in b:
             out["label"] = b["y"]
-        for k, v in out.items():
-            parts.setdefault(k, []).append(v)
-        for k, v in expected.items():
-            want.setdefault(k, []).append(v)
+        for into, d in ((parts, out), (want, expected), (rows, b)):
+            for k, v in d.items():
+                into.setdefault(k, []).append(v)
         seen += n
     outputs = {k: torch.cat(v).float().numpy() if k in ("loss", "correct", "score") else torch.cat(v).numpy()
                for k, v in parts.items()}  # fmt: skip
-    return ds.evaluate(split_name, outputs), {k: float(np.mean(np.concatenate(v))) for k, v in want.items()}
+    cat = {k: np.concatenate(v) for k, v in want.items()}
+    return ds.evaluate(split_name, outputs), cat, {k: torch.cat(v).numpy() for k, v in rows.items()}
+
+
+METRICS = {"classification": ("acc", "loss"), "preference": ("acc", "loss", "margin"),
+           "coordination": ("acc", "loss", "return")}  # fmt: skip
+"""The metrics every dataset of a task type reports: the means of the per-example values of the same names."""
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_evaluate_fake_outputs_by_hand(name, built):
     ds, _, _ = built.get(name)
     for split_name in ds.eval_splits():
-        got, want = fake_evaluate(ds, split_name, lambda pos: pos % 3 != 0)
-        for k, v in want.items():
-            assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (split_name, k)
+        got, want, rows = fake_evaluate(ds, split_name, lambda pos: pos % 3 != 0)
+        for k in METRICS[ds.TASK]:
+            assert got[k] == pytest.approx(float(np.mean(want[k])), rel=1e-5, abs=1e-6), (split_name, k)
         assert all(isinstance(v, float) for v in got.values()), got
+        for meta, key in (("len", "length_corr"), ("gold", "gold_corr")):  # preference: corr(reward, length | gold)
+            if f"chosen_{meta}" in rows:
+                rewards = np.concatenate([want["reward_chosen"], want["reward_rejected"]])
+                other = np.concatenate([rows[f"chosen_{meta}"], rows[f"rejected_{meta}"]]).astype(float)
+                assert got[key] == pytest.approx(np.corrcoef(rewards, other)[0, 1], rel=1e-5), (split_name, key)
 
 
 @pytest.mark.parametrize("name", cases("accuracies"))
@@ -295,7 +311,7 @@ def test_every_accuracy_is_one_when_all_are_right_and_zero_when_none_is(name, bu
     ds, _, _ = built.get(name)
     for split_name in ds.eval_splits():
         for value in (1.0, 0.0):
-            got, _ = fake_evaluate(ds, split_name, lambda pos: np.full(len(pos), bool(value)))
+            got, _, _ = fake_evaluate(ds, split_name, lambda pos: np.full(len(pos), bool(value)))
             accs = {k: v for k, v in got.items() if "acc" in k}
             wrong = {k: v for k, v in accs.items() if v != pytest.approx(value)}
             assert "acc" in accs and not wrong, (split_name, value, wrong)
