@@ -1,7 +1,11 @@
-"""The trial folder: its file names, its status, its one JSONL reader, and the keys of its records.
+"""The trial folder, owned here alone: its file names, its status, every writer and reader of its files (one JSONL
+reader, one torn-line policy), the scanner of runs folders, loading a finished trial's model, and the keys of its
+records.
 
-Every module that reads a trial folder names its files through the constants here and reads ``results.jsonl``
-through :func:`read_jsonl`; the layout itself is documented in docs/records.md.
+No other module names a trial file (tests/test_records.py checks the string literals under bench/): the trainer
+writes through :func:`write_spec`, :func:`save_checkpoint`, :func:`write_results`, :func:`write_predictions`,
+:func:`write_weights`, :func:`write_final` and :func:`write_failed`; everything downstream reads through the
+``read_*`` functions, :func:`scan_runs` and :func:`load_trial_model`. The layout is documented in docs/records.md.
 
 Record keys are DomainBed's flat ``<split>_<metric>``; for environment datasets the split is ``env{i}_in`` or
 ``env{i}_out``, so a key is ``env{i}_{in|out}_{metric}`` (:func:`env_key`, :func:`parse_env_key`).
@@ -75,7 +79,8 @@ def read_jsonl(path: str | os.PathLike, missing_ok: bool = True) -> list[Any]:
 
 # ---------------------------------------------------------------------------------------------------------- writers
 # Every writer is atomic (io.atomic_write: a temporary file in the folder, fsync'd, renamed over the target), so a
-# reader sees the old file or the new one, never half of one.
+# reader sees the old file or the new one, never half of one. torch is imported inside the functions that need it, so
+# that reading records (the report, status) never loads it.
 
 PREDICTION_KEYS = ("idx", "label", "pred", "score", "correct", "loss")
 """The per-example arrays of predictions.npz, after ``split``, in the order they are stored (absent ones skipped)."""
