@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .cliargs import Parser, callbacks, csv, csv_ints, parse_kv
+from .cliargs import Parser, callbacks, csv, csv_ints, pack_size, parse_kv
 from .errors import UserError
 
 __all__ = ["build_parser", "main", "parse_kv"]
@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="trials run at once, one process each, with the local launcher (ray and slurm ignore it: "
                          "see --cpus-per-trial, --slurm-array-parallelism)")
     sw.add_argument("--retry-failed", action="store_true", help="run failed trials again")
+    sw.add_argument("--pack", type=pack_size, default="off", metavar="auto|K|off",
+                    help="train trials that share a dataset, model shape, method, steps and batch size as one "
+                         "vectorised program, K at a time (auto: K from the device and model size; outputs are "
+                         "those of the trials run alone; see docs/packing.md)")
     sw.add_argument("--no-mlflow", action="store_true",
                     help="do not mirror trials to MLflow (by default: OUT/mlflow.db, or $MLFLOW_TRACKING_URI)")
     sw.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -235,17 +239,19 @@ def cmd_sweep(a) -> int:
     from .launchers import from_args
 
     launcher = from_args(a)  # also exports --tracking-uri as MLFLOW_TRACKING_URI
-    return _sweep_and_print(sweep, a.out, a.workers, _run_options(a), not a.no_mlflow, not a.no_progress, launcher)
+    return _sweep_and_print(sweep, a.out, a.workers, _run_options(a), not a.no_mlflow, not a.no_progress, launcher,
+                            pack=a.pack)
 
 
-def _sweep_and_print(sweep, out: Path, workers: int, options, track: bool, progress: bool, launcher=None) -> int:
+def _sweep_and_print(sweep, out: Path, workers: int, options, track: bool, progress: bool, launcher=None,
+                     pack: str | int = "off") -> int:
     from .sweep import run_sweep
 
     def announce(n: int) -> None:
         print(f"sweep {sweep.name}: {n} trials -> {out}  (hash {sweep.hash[:12]})", file=sys.stderr)
 
     counts = run_sweep(sweep, out, workers=workers, options=options, progress=progress, track=track,
-                       launcher=launcher, announce=announce)
+                       launcher=launcher, announce=announce, pack=pack)
     print(
         f"trials: {counts['total']} total, {counts['skipped_done']} already done, {counts['done']} finished now, "
         f"{counts['resumed']} resumed, {counts['failed_total']} failed",
@@ -269,12 +275,13 @@ def cmd_report(a) -> int:
 
 
 def _report(runs: Path | list[Path], out: Path, se_ddof: int = 1, ci: bool = False) -> None:
-    from .report import build_report, scan_runs
+    from .records import FINAL, TRIALS, scan_runs
+    from .report import build_report
 
     folders = runs if isinstance(runs, list) else [runs]
     if not any(scan_runs(r).done for r in folders):
         raise UserError(f"{', '.join(map(str, folders))} hold{'s' if len(folders) == 1 else ''} no finished trial "
-                        "(looked for final.json in trials/*/)")
+                        f"(looked for {FINAL} in {TRIALS}/*/)")
     # the tables and sections are computed once, for the files and the terminal; long sections print one line here
     _, text = build_report(folders, out, terminal=True, se_ddof=se_ddof, ci=ci)
     print(text)

@@ -79,3 +79,17 @@ def parse_kv(items: list[str] | None, what: str) -> dict[str, str]:
         k, v = item.split("=", 1)
         out[k.strip()] = v.strip()
     return out
+
+
+def pack_size(s: str) -> str | int:
+    """``--pack``: ``off``, ``auto`` or a pack size K >= 1 (K = 1 is ``off``)."""
+    if s in ("off", "auto"):
+        return s
+    try:
+        k = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected off, auto or a whole number of trials per pack, got {s!r}") \
+            from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"a pack holds at least 1 trial (got {k}); use off, auto or K >= 1")
+    return "off" if k == 1 else k

@@ -28,12 +28,13 @@ from .launchers import Job, Launcher
 from .locks import FileLock
 from .mlflow_store import LOCK_DIR
 from .callbacks import RunOptions
-from .records import FAILED, trial_status
+from .records import TRIALS, trial_path, trial_status, write_failed
 from .trainer import run_trial
 
 
 def trial_dir(out: Path, spec: TrialSpec) -> Path:
-    return Path(out) / "trials" / spec.short_hash
+    """The folder of ``spec``'s trial in the sweep folder ``out`` (``records.trial_path``)."""
+    return trial_path(out, spec.hash)
 
 
 def trial_lock(out: Path, spec: TrialSpec) -> Path:
@@ -56,6 +57,8 @@ def _run_one(spec_dict: dict, directory: str, options: dict, lock_path: str, wai
         turned out to have ended in another driver meanwhile; ``{"status": "busy"}``; or ``{"status": "error"}``
         for a refusal (``UserError``) that stops the sweep.
     """
+    if "pack" in spec_dict:
+        return _run_pack(spec_dict["pack"], options, wait)
     lock = FileLock(lock_path)
     if not lock.acquire(blocking=wait):
         return {"status": "busy"}
@@ -67,6 +70,56 @@ def _run_one(spec_dict: dict, directory: str, options: dict, lock_path: str, wai
         return result
     finally:
         lock.release()
+
+
+def pack_job_spec(members: list[tuple[TrialSpec, Path, Path]]) -> dict:
+    """The ``spec`` of a launcher job that trains several trials as one vectorised program (``--pack``): each
+    member's spec, folder and lock. Launchers pass it through ``_run_one`` untouched, like a one-trial job."""
+    return {"pack": [{"spec": t.to_dict(), "directory": str(d), "lock": str(lk)} for t, d, lk in members]}
+
+
+def _run_pack(members: list[dict], options: dict, wait: bool = False) -> dict[str, Any]:
+    """Worker entry point of a pack: takes every member's lock (a member another driver holds answers busy, as
+    ``_run_one`` would), trains the rest as one program, and answers ``{"status": "pack", "results": {hash:
+    answer}}`` with each member's answer as ``_run_one`` gives it. If the packed program itself breaks (not one
+    trial's failure: those are the member's own failed.json), the members it had not finished run one at a time."""
+    from .pack import run_pack
+
+    results: dict[str, dict] = {}
+    held: list[tuple[dict, FileLock, str]] = []
+    try:
+        for m in members:
+            lock = FileLock(m["lock"])
+            key = TrialSpec.from_dict(m["spec"]).hash
+            if not lock.acquire(blocking=wait):
+                results[key] = {"status": "busy"}
+                continue
+            held.append((m, lock, trial_status(Path(m["directory"]))))
+        todo = [(m, before) for m, _, before in held]
+        specs = [TrialSpec.from_dict(m["spec"]) for m, _ in todo]
+        answers: list[dict | None] = [None] * len(todo)
+        if len(todo) > 1:
+            try:
+                answers = list(run_pack(specs, [Path(m["directory"]) for m, _ in todo], RunOptions(**options)))
+            except UserError as e:
+                return {"status": "pack", "results": {**results, **{s.hash: {"status": "error", "reason": str(e)}
+                                                                     for s in specs}}}
+            except Exception as e:  # the program broke: what it had not ended runs as plain trials (below)
+                if _during_interrupt(e):
+                    raise KeyboardInterrupt(f"interrupted ({type(e).__name__} while stopping)") from e
+                print(f"packed program of {len(todo)} trials failed ({type(e).__name__}: {e}); running them one "
+                      "at a time", file=sys.stderr)
+                answers = [None] * len(todo)
+        for (m, before), spec, answer in zip(todo, specs, answers):
+            if answer is None or answer.get("status") not in ("done", "failed"):
+                answer = _train(m["spec"], m["directory"], options)
+            if before == "done" or (before == "failed" and not options.get("retry_failed")):
+                answer = {**answer, "elsewhere": True}
+            results[spec.hash] = answer
+        return {"status": "pack", "results": results}
+    finally:
+        for _, lock, _ in held:
+            lock.release()
 
 
 def _during_interrupt(e: BaseException) -> bool:
@@ -92,8 +145,8 @@ def _train(spec_dict: dict, directory: str, options: dict) -> dict[str, Any]:
         if _during_interrupt(e):  # e.g. torch.save's writer failing as a Ctrl-C or a cancel lands inside it
             raise KeyboardInterrupt(f"interrupted ({type(e).__name__} while stopping)") from e
         reason = f"{type(e).__name__}: {e}"
-        write_json(Path(directory) / FAILED, {"status": "failed", "hash": spec.hash, "reason": reason,
-                                              "traceback": traceback.format_exc()})  # fmt: skip
+        write_failed(Path(directory), {"status": "failed", "hash": spec.hash, "reason": reason,
+                                       "traceback": traceback.format_exc()})  # fmt: skip
         return {"status": "failed", "reason": reason}
 
 
@@ -117,7 +170,7 @@ def prepare_out(out: Path, sweep: SweepSpec) -> None:
                 f"{str(held.get('hash'))[:12]}); choose a new --out or delete that folder"
             )
         return
-    if (out / "trials").exists():
+    if (out / TRIALS).exists():
         raise UserError(f"{out} holds trials of an unknown sweep (no sweep.json); choose a new --out")
     write_json(meta, {"hash": sweep.hash, "spec": sweep.to_dict()})
 
@@ -132,10 +185,13 @@ def run_sweep(
     on_result: Callable[[TrialSpec, dict], None] | None = None,
     launcher: Launcher | None = None,
     announce: Callable[[int], None] | None = None,
+    pack: str | int = "off",
 ) -> dict[str, Any]:
     """Runs every unfinished trial of ``sweep`` under ``out``; returns counts and the MLflow parent run id.
 
     ``launcher`` runs the pending trials (``shiftbench.launchers``); None is the local pool of ``workers`` processes.
+    ``pack`` (``off``, ``auto`` or a pack size K) trains pending trials that can share one vectorised program as
+    packs (``shiftbench.pack``); every trial's folder, records and MLflow run are those it would have alone.
     ``announce(n)`` is called with the number of trials once the data is checked and ``out`` claimed, before any
     trial runs (the CLI prints its header line there).
 
@@ -204,10 +260,16 @@ def run_sweep(
         return Job(t.hash, t.to_dict(), str(trial_dir(out, t)), opts, str(trial_lock(out, t)), wait)
 
     def report(j: Job, result: dict) -> None:
+        if result.get("status") == "pack":
+            for key, answer in result["results"].items():
+                if finished(by_key[key], answer):
+                    bar.update(1)
+            return
         if finished(by_key[j.key], result) or j.wait:
             bar.update(1)
 
-    launcher.run([job(t) for t in pending], report, lambda: bool(errors))
+    launcher.run(pack_jobs(pending, out, opts, pack) if pack != "off" else [job(t) for t in pending], report,
+                 lambda: bool(errors))
     if busy and not errors:
         # Usually the other driver is mid-trial and finishes it; if it died, the trial resumes from its checkpoint.
         bar.write(f"{len(busy)} trial(s) are running in another driver on {out}; waiting for them", file=sys.stderr)
@@ -221,6 +283,31 @@ def run_sweep(
         tracker.end_sweep(parent, counts)
         counts["mlflow_parent_run"] = parent
     return counts
+
+
+def pack_jobs(pending: list[TrialSpec], out: Path, options: dict, pack: str | int) -> list[Job]:
+    """The launcher jobs of ``pending`` under ``--pack``: each group of trials that can share a program
+    (``shiftbench.pack.group_trials``), cut into packs of K (``auto``: ``choose_k``), becomes one job; a trial
+    alone in its group stays a one-trial job. Order: the driver's, by each job's first trial."""
+    from .pack import choose_k, group_trials
+
+    jobs = []
+    for group in group_trials(pending):
+        k = int(pack) if pack != "auto" else choose_k(group, options.get("device", "auto"))
+        for i in range(0, len(group), max(1, k)):
+            chunk = group[i : i + max(1, k)]
+            if len(chunk) == 1:
+                t = chunk[0]
+                jobs.append(Job(t.hash, t.to_dict(), str(trial_dir(out, t)), options, str(trial_lock(out, t))))
+            else:
+                members = [(t, trial_dir(out, t), trial_lock(out, t)) for t in chunk]
+                key = "pack:" + ",".join(t.short_hash for t in chunk)
+                jobs.append(Job(key, pack_job_spec(members), str(Path(out) / TRIALS), options,
+                                str(Path(out) / LOCK_DIR / "pack.lock")))
+    order = {t.hash: i for i, t in enumerate(pending)}
+    first = lambda j: order[TrialSpec.from_dict(j.spec["pack"][0]["spec"]).hash] if "pack" in j.spec \
+        else order[j.key]  # noqa: E731
+    return sorted(jobs, key=first)
 
 
 def _progress(total: int, enabled: bool):

@@ -226,25 +226,19 @@ class TrialModel:
     """A finished trial's model (spec.json + model.pt) applied to flattened inputs."""
 
     def __init__(self, trial_dir: Path):
-        import torch
-
-        from shiftbench.models import build_model
+        from shiftbench.records import load_described_model
         from shiftbench.registry import TASKS
 
-        meta_path, weights = trial_dir / SPEC, trial_dir / WEIGHTS
-        if not meta_path.is_file() or not weights.is_file():
-            raise UserError(f"--trial {trial_dir} is not a finished trial folder (needs {SPEC} and {WEIGHTS})")
-        meta = json.loads(meta_path.read_text())
-        spec, described = meta.get("spec", {}), meta.get("dataset") or {}
-        if "input_shape" not in described or "num_classes" not in described:
-            raise UserError(f"--trial {trial_dir}: {SPEC} does not describe the dataset's input shape")
+        try:
+            self.model, meta = load_described_model(trial_dir)
+        except OSError:
+            raise UserError(f"--trial {trial_dir} is not a finished trial folder (needs {SPEC} and {WEIGHTS})") \
+                from None
+        except ValueError as e:
+            raise UserError(f"--trial {trial_dir}: {e}") from None
         self.task_name = meta.get("task", "classification")
         self.task = TASKS.get(self.task_name)()
-        self.input_shape = tuple(described["input_shape"])
-        self.model = build_model(spec["model"], self.input_shape, self.task.n_outputs(described["num_classes"]),
-                                 spec.get("hparams", {}))  # fmt: skip
-        self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        self.model.eval()
+        self.input_shape = tuple(meta["dataset"]["input_shape"])
 
     def apply(self, x: np.ndarray, what: str) -> np.ndarray:
         """``outputs`` (softmax for classification) or ``features`` (penultimate) of flattened inputs."""
