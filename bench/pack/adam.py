@@ -1,0 +1,136 @@
+"""Adam over stacked parameters: one learning rate, weight decay, betas, eps and step count per slice.
+
+``torch.optim.Adam`` takes one learning rate per parameter group, and a group cannot be a slice of a tensor, so a
+pack of K trials (parameters stacked along a leading dimension of size K) needs its own Adam. This one is the
+update of ``torch.optim.Adam``'s single-tensor path (Kingma & Ba, 2015, Algorithm 1, with PyTorch's L2 weight decay
+added to the gradient, ``eps`` added after the bias-corrected square root), written with per-slice tensors;
+tests/test_pack.py checks it against ``torch.optim.Adam`` on every slice.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+class StackedAdam:
+    """Adam state for stacked parameters ``{name: (K, ...)}``.
+
+    Args:
+        params: the stacked parameters, updated in place by ``step``.
+        lr, weight_decay, beta1, beta2, eps: ``(K,)`` float64 tensors (one value per slice).
+        exp_avg, exp_avg_sq: the moment estimates (zeros when None).
+        steps: ``(K,)`` float64 step counts (zeros when None).
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], lr, weight_decay, beta1, beta2, eps,
+                 exp_avg: dict[str, torch.Tensor] | None = None, exp_avg_sq: dict[str, torch.Tensor] | None = None,
+                 steps: torch.Tensor | None = None):  # fmt: skip
+        self.params = params
+        self.hyper = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in
+                      dict(lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps).items()}  # fmt: skip
+        k = len(self.hyper["lr"])
+        self.exp_avg = exp_avg if exp_avg is not None else {n: torch.zeros_like(p) for n, p in params.items()}
+        self.exp_avg_sq = exp_avg_sq if exp_avg_sq is not None else {n: torch.zeros_like(p) for n, p in params.items()}
+        self.steps = steps if steps is not None else torch.zeros(k, dtype=torch.float64)
+
+    @staticmethod
+    def _per_slice(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``(K,)`` values shaped to broadcast over ``like`` (K, ...), in its dtype and device."""
+        return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+    def reset(self, mask: torch.Tensor | bool) -> None:
+        """Forgets the state of the slices in ``mask`` (as ``optimizer.state.clear()`` does for one trial)."""
+        if mask is False or (torch.is_tensor(mask) and not bool(mask.any())):
+            return
+        keep = ~torch.as_tensor(mask, dtype=torch.bool).cpu()
+        self.steps = self.steps * keep
+        for d in (self.exp_avg, self.exp_avg_sq):
+            for n, v in d.items():
+                d[n] = v * self._per_slice(keep, v)
+
+    @torch.no_grad()
+    def step(self, grads: dict[str, torch.Tensor], active: torch.Tensor | None = None) -> None:
+        """One Adam update of every slice (or of the ``active`` ones: the rest keep parameters and state)."""
+        h = self.hyper
+        steps = self.steps + (1 if active is None else active.to(torch.float64))
+        # torch computes the bias corrections in Python floats (float64) and applies them as scalars
+        bc1 = 1 - h["beta1"] ** steps
+        bc2_sqrt = (1 - h["beta2"] ** steps).sqrt()
+        step_size = h["lr"] / bc1
+        for n, p in self.params.items():
+            g = grads[n]
+            wd = self._per_slice(h["weight_decay"], p)
+            g = g + wd * p
+            m = self.exp_avg[n].lerp(g, self._per_slice(1 - h["beta1"], p))
+            b2 = self._per_slice(h["beta2"], p)
+            v = self.exp_avg_sq[n] * b2 + self._per_slice(1 - h["beta2"], p) * g * g
+            denom = v.sqrt() / self._per_slice(bc2_sqrt, p) + self._per_slice(h["eps"], p)
+            new_p = p - self._per_slice(step_size, p) * (m / denom)
+            if active is not None:
+                a = self._per_slice(active, p).bool()
+                new_p, m, v = torch.where(a, new_p, p), torch.where(a, m, self.exp_avg[n]), \
+                    torch.where(a, v, self.exp_avg_sq[n])
+            p.copy_(new_p)
+            self.exp_avg[n], self.exp_avg_sq[n] = m, v
+        self.steps = steps
+
+    # -- to and from torch.optim.Adam ----------------------------------------------------------------------------
+    @staticmethod
+    def check(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> str | None:
+        """Why ``optimizer`` cannot be vectorised here (None: it can): a plain Adam, one group over ``params``."""
+        if type(optimizer) is not torch.optim.Adam:
+            return f"its optimizer is {type(optimizer).__name__}, not torch.optim.Adam"
+        if len(optimizer.param_groups) != 1:
+            return "its optimizer has several parameter groups"
+        g = optimizer.param_groups[0]
+        if [id(p) for p in g["params"]] != [id(p) for p in params]:
+            return "its optimizer does not cover exactly the model's parameters"
+        for flag in ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay"):
+            if g.get(flag):
+                return f"its Adam sets {flag}"
+        if g.get("fused"):
+            return "its Adam is fused"
+        return None
+
+    @classmethod
+    def from_optimizers(cls, params: dict[str, torch.Tensor], optimizers: Sequence[torch.optim.Adam],
+                        members: Sequence[Sequence[torch.Tensor]]) -> "StackedAdam":  # fmt: skip
+        """Stacks the state of one ``torch.optim.Adam`` per slice (``members[k]``: slice k's parameters, in the
+        order of ``params``); a parameter without state starts from zeros at step 0, as torch's lazy state does."""
+        groups = [o.param_groups[0] for o in optimizers]
+        hyper = dict(lr=[g["lr"] for g in groups], weight_decay=[g["weight_decay"] for g in groups],
+                     beta1=[g["betas"][0] for g in groups], beta2=[g["betas"][1] for g in groups],
+                     eps=[g["eps"] for g in groups])  # fmt: skip
+        names = list(params)
+        exp_avg, exp_avg_sq = {}, {}
+        steps = []
+        for k, (opt, ps) in enumerate(zip(optimizers, members)):
+            counts = {float(opt.state[p]["step"]) if p in opt.state and "step" in opt.state[p] else 0.0 for p in ps}
+            if len(counts) != 1:
+                raise ValueError("the parameters of one trial's Adam are at different step counts")
+            steps.append(counts.pop())
+        for i, n in enumerate(names):
+            for key, out in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+                out[n] = torch.stack([opt.state[ps[i]][key].detach() if ps[i] in opt.state and key in
+                                      opt.state[ps[i]] else torch.zeros_like(ps[i]) for opt, ps in
+                                      zip(optimizers, members)])  # fmt: skip
+        return cls(params, **{k: torch.tensor(v, dtype=torch.float64) for k, v in hyper.items()}, exp_avg=exp_avg,
+                   exp_avg_sq=exp_avg_sq, steps=torch.tensor(steps, dtype=torch.float64))  # fmt: skip
+
+    def write_back(self, optimizers: Sequence[torch.optim.Adam], members: Sequence[Sequence[torch.Tensor]],
+                   ) -> None:  # fmt: skip
+        """Puts slice k's state into ``optimizers[k]`` for its parameters ``members[k]`` (as torch would hold it:
+        a float32 0-dim ``step`` per parameter; no state at all where the slice has made no step)."""
+        names = list(self.params)
+        for k, (opt, ps) in enumerate(zip(optimizers, members)):
+            opt.state.clear()
+            if float(self.steps[k]) == 0:
+                continue
+            for i, p in enumerate(ps):
+                opt.state[p] = {
+                    "step": torch.tensor(float(self.steps[k]), dtype=torch.float32),
+                    "exp_avg": self.exp_avg[names[i]][k].clone(),
+                    "exp_avg_sq": self.exp_avg_sq[names[i]][k].clone(),
+                }
