@@ -168,3 +168,18 @@ def test_group_trials_buckets_by_shape():
     assert groups == [[a, b], [wide], [irm], [mixup], [dropout]]
     assert pack_key(mixup) is None and pack_key(dropout) is None
     assert group_trials([a, b, spec("erm", seed=3)], k=2) == [[a, b], [spec("erm", seed=3)]]
+
+
+def test_pack_speed_quick_runs_both_sides_and_agrees():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench_scripts" / "pack_speed.py"
+    mod_spec = importlib.util.spec_from_file_location("pack_speed", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    rows = mod.main(["--quick", "--cpu-only"])
+    (row,) = rows
+    assert row["trials"] == 8 and row["packs"] == 4  # 4 methods x 2 seeds: one bucket of 2 per method
+    assert row["off_s"] > 0 and row["pack_s"] > 0
+    assert row["acc_diff_pts"] <= 0.1

@@ -50,30 +50,30 @@ class StackedAdam:
             for n, v in d.items():
                 d[n] = v * self._per_slice(keep, v)
 
+    def _coef(self, values: torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+        """A per-slice coefficient: a Python float when every slice has the same value (as torch applies it),
+        else ``(K, 1, ...)`` shaped over ``like``."""
+        if bool((values == values[0]).all()):
+            return float(values[0])
+        return self._per_slice(values, like)
+
     @torch.no_grad()
-    def step(self, grads: dict[str, torch.Tensor], active: torch.Tensor | None = None) -> None:
-        """One Adam update of every slice (or of the ``active`` ones: the rest keep parameters and state)."""
+    def step(self, grads: dict[str, torch.Tensor]) -> None:
+        """One Adam update of every slice; ``grads`` (same layout as the parameters) is consumed."""
         h = self.hyper
-        steps = self.steps + (1 if active is None else active.to(torch.float64))
+        steps = self.steps + 1
         # torch computes the bias corrections in Python floats (float64) and applies them as scalars
-        bc1 = 1 - h["beta1"] ** steps
         bc2_sqrt = (1 - h["beta2"] ** steps).sqrt()
-        step_size = h["lr"] / bc1
+        step_size = h["lr"] / (1 - h["beta1"] ** steps)
         for n, p in self.params.items():
             g = grads[n]
-            wd = self._per_slice(h["weight_decay"], p)
-            g = g + wd * p
-            m = self.exp_avg[n].lerp(g, self._per_slice(1 - h["beta1"], p))
-            b2 = self._per_slice(h["beta2"], p)
-            v = self.exp_avg_sq[n] * b2 + self._per_slice(1 - h["beta2"], p) * g * g
-            denom = v.sqrt() / self._per_slice(bc2_sqrt, p) + self._per_slice(h["eps"], p)
-            new_p = p - self._per_slice(step_size, p) * (m / denom)
-            if active is not None:
-                a = self._per_slice(active, p).bool()
-                new_p, m, v = torch.where(a, new_p, p), torch.where(a, m, self.exp_avg[n]), \
-                    torch.where(a, v, self.exp_avg_sq[n])
-            p.copy_(new_p)
-            self.exp_avg[n], self.exp_avg_sq[n] = m, v
+            if bool((h["weight_decay"] != 0).any()):
+                g = g.add_(p * self._coef(h["weight_decay"], p))
+            m, v = self.exp_avg[n], self.exp_avg_sq[n]
+            m.lerp_(g, self._coef(1 - h["beta1"], p))
+            v.mul_(self._coef(h["beta2"], p)).add_(g.mul_(g).mul_(self._coef(1 - h["beta2"], p)))
+            denom = v.sqrt().div_(self._coef(bc2_sqrt, p)).add_(self._coef(h["eps"], p))
+            p.sub_(torch.div(m, denom).mul_(self._coef(step_size, p)))
         self.steps = steps
 
     # -- to and from torch.optim.Adam ----------------------------------------------------------------------------

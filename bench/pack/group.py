@@ -113,9 +113,10 @@ def choose_k(specs: Sequence[TrialSpec], device: str = "auto") -> int:
     overhead, within memory, and at most ``MAX_K`` or the number of trials.
 
     The work of one trial's step is about ``6 · parameters · examples`` flops (forward and backward); a pack
-    targets ``TARGET_FLOPS[device]`` per step (CPU: a few tens of milliseconds of a core's arithmetic, so the
-    fixed overhead of a step is a small share; GPU: enough to fill the device). Memory: parameters, gradients and
-    Adam's two moments (16 bytes per parameter) plus activations, within a quarter of free memory.
+    targets 4e9 flops per step on CPU (tens of milliseconds of arithmetic, so Python's fixed overhead per step is
+    a small share: K = 32 for colored_digits' default MLP at batch 64) and 2e11 on CUDA (enough kernels' work to
+    fill the device). Memory: parameters, gradients and Adam's two moments (16 bytes per parameter) plus
+    activations, within a quarter of free memory. Buckets smaller than K make smaller packs.
     """
     import torch
 
@@ -127,7 +128,7 @@ def choose_k(specs: Sequence[TrialSpec], device: str = "auto") -> int:
     dev = resolve_device(device)
     params, examples = max((trial_cost(s) for s in packable[:8]), key=lambda c: c[0] * c[1])
     flops = 6 * params * examples
-    target = 2e10 if dev.type == "cuda" else 3e8
+    target = 2e11 if dev.type == "cuda" else 4e9
     k = max(1, int(target // max(flops, 1)))
     per_trial_bytes = 16 * params + 4 * examples * 4 * max(1, int(math.sqrt(params)))
     if dev.type == "cuda":

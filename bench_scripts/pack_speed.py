@@ -1,0 +1,152 @@
+"""Trials per hour with and without packing (issue 18): ``--pack off`` against ``--pack auto``, side by side.
+
+The sweep: colored_digits, ERM, IRM, V-REx and GroupDRO x ``--draws`` random-search draws x ``--seeds`` seeds, with
+the architecture and batch size fixed (``mlp_width`` 256, ``mlp_depth`` 2, no dropout, batch 64) so that trials
+share a shape; learning rate, weight decay and each method's own hyperparameters are drawn per trial. ``off`` runs
+the trials one after another with ``run_trial`` in this process; ``auto`` buckets them (``group_trials``) into
+packs of ``choose_k`` and runs each with ``run_pack``. Both sides use the same process, threads and prebuilt data,
+and the script checks that their final accuracies agree. On CPU always, and on CUDA as well when one is present.
+
+Memory per packed trial: the measured peak growth of the process (RSS on CPU, allocated device memory on CUDA)
+while the packs ran, divided by K, beside the optimiser-state floor (parameters, gradients, two Adam moments).
+
+    python bench_scripts/pack_speed.py            # 4 methods x 2 draws x 3 seeds, 501 steps
+    python bench_scripts/pack_speed.py --quick    # a few seconds (what the tests run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from shiftbench.callbacks import RunOptions
+from shiftbench.config import TrialSpec
+from shiftbench.data import load_dataset
+from shiftbench.pack import choose_k, group_trials, run_pack
+from shiftbench.pack.group import trial_cost
+from shiftbench.trainer import run_trial
+
+METHODS = ("erm", "irm", "vrex", "groupdro")
+FIXED = {"batch_size": 64, "mlp_width": 256, "mlp_depth": 2, "mlp_dropout": 0.0}
+
+
+def sweep(draws: int, seeds: int, steps: int, eval_every: int, options: dict, fixed: dict) -> list[TrialSpec]:
+    return [TrialSpec.resolve("colored_digits", m, seed=s, hparams_seed=h, steps=steps, eval_every=eval_every,
+                              hparams=fixed, dataset_options=options)
+            for m in METHODS for h in range(draws) for s in range(seeds)]  # fmt: skip
+
+
+class PeakRSS:
+    """Samples the process's resident memory every 10 ms; ``peak`` is the largest seen."""
+
+    def __init__(self):
+        self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+
+    def __enter__(self):
+        self.base = self.peak = self.proc.memory_info().rss
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def final_accs(out: Path, specs) -> dict[str, float]:
+    accs = {}
+    for s in specs:
+        rec = json.loads((out / s.short_hash / "final.json").read_text())["record"]
+        accs.update({f"{s.short_hash}/{k}": v for k, v in rec.items() if k.endswith("_acc")})
+    return accs
+
+
+def bench(device: str, specs, k: int | None) -> dict:
+    opts = RunOptions(device=device, checkpoint_interval=1e9)
+    for s in specs:  # data built before either side is timed (both reuse the process's cache)
+        load_dataset(s.dataset, s.dataset_options)
+    root = Path(tempfile.mkdtemp(prefix="pack_speed_"))
+    try:
+        run_trial(specs[0], root / "warmup", opts)  # first-call costs (imports, kernels) paid by neither side
+        t = time.perf_counter()
+        for s in specs:
+            run_trial(s, root / "off" / s.short_hash, opts)
+        t_off = time.perf_counter() - t
+        k = k or choose_k(specs, device)
+        groups = group_trials(specs, k=k)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        with PeakRSS() as mem:
+            t = time.perf_counter()
+            for g in groups:
+                run_pack(g, [root / "pack" / s.short_hash for s in g], opts)
+            t_pack = time.perf_counter() - t
+        grown = (torch.cuda.max_memory_allocated() - base) if device.startswith("cuda") else mem.peak - mem.base
+        a, b = final_accs(root / "off", specs), final_accs(root / "pack", specs)
+        worst = max(abs(a[x] - b[x]) for x in a) * 100
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    params, _ = trial_cost(specs[0])
+    return {"device": device, "trials": len(specs), "k": k, "packs": len(groups), "off_s": t_off, "pack_s": t_pack,
+            "mem_per_trial_mb": grown / max(len(groups[0]), 1) / 2**20, "state_mb": 16 * params / 2**20,
+            "acc_diff_pts": worst}  # fmt: skip
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| device | trials | mode | K | wall s | trials/hour | × off | memory / packed trial (MB) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in rows:
+        off, pack = 3600 * r["trials"] / r["off_s"], 3600 * r["trials"] / r["pack_s"]
+        lines.append(f"| {r['device']} | {r['trials']} | off | 1 | {r['off_s']:.1f} | {off:.0f} | 1.00 | |")
+        lines.append(f"| {r['device']} | {r['trials']} | auto | {r['k']} | {r['pack_s']:.1f} | {pack:.0f} | "
+                     f"{pack / off:.2f} | {r['mem_per_trial_mb']:.1f} peak growth / K "
+                     f"({r['state_mb']:.1f} params+grads+Adam) |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a tiny sweep (8 trials, 21 steps, small data)")
+    ap.add_argument("--draws", type=int, default=2, help="random-search draws per method (default: 2)")
+    ap.add_argument("--seeds", type=int, default=3, help="trial seeds (default: 3)")
+    ap.add_argument("--steps", type=int, default=501, help="training steps per trial (default: 501)")
+    ap.add_argument("--eval-every", type=int, default=100, help="evaluation period (default: 100)")
+    ap.add_argument("--width", type=int, default=FIXED["mlp_width"], help="mlp_width of every trial (default: 256)")
+    ap.add_argument("--batch-size", type=int, default=FIXED["batch_size"], help="batch size (default: 64)")
+    ap.add_argument("--k", type=int, default=None, help="pack size (default: choose_k, as --pack auto)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        specs = sweep(1, 2, 21, 10, {"env_size": 400, "resolution": 8}, {**FIXED, "mlp_width": 32, "batch_size": 16})
+    else:
+        fixed = {**FIXED, "mlp_width": args.width, "batch_size": args.batch_size}
+        specs = sweep(args.draws, args.seeds, args.steps, args.eval_every, {}, fixed)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
+    rows = [bench(d, specs, args.k) for d in devices]
+    print(table(rows))
+    for r in rows:
+        print(f"{r['device']}: auto chose K={r['k']} ({r['packs']} packs); largest final-accuracy difference "
+              f"packed vs off: {r['acc_diff_pts']:.3f} points; torch threads {torch.get_num_threads()}")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
