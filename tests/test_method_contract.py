@@ -39,8 +39,8 @@ method refuses colored_digits, which has no groups, and takes subpop_digits)."""
 STEPS, EVAL_EVERY, CUT = 6, 3, 3
 TIMING = {"elapsed", "step_time"}
 
-SLOW: set[tuple[str, str]] = set()
-"""(method, task) cases over a few seconds each, marked ``slow``."""
+SLOW: set[tuple[str, str]] = {("cooperative", "coordination"), ("jtt", "preference")}
+"""(method, task) cases over ~5 s each (their two trials: 11.7 s and 10.6 s here), marked ``slow``."""
 
 
 def spec_for(method: str, task: str) -> TrialSpec:
