@@ -612,3 +612,127 @@ def test_bad_se_ddof_is_one_clear_error(board, tmp_path):
     with pytest.raises(UserError, match="se_ddof must be 0 .* or 1"):
         build_report(board, tmp_path / "r", plots=False, se_ddof=2)
     assert not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------- report sections through the registry (issue 13)
+
+BUILT_IN_SECTIONS = ["drift", "preference", "best_of_n", "coordination", "attestation"]
+
+
+def _python(code: str, cwd: Path, pythonpath: str | None = None) -> str:
+    """Runs ``code`` in a fresh interpreter (outside the repository, so no local folder shadows a package)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONSAFEPATH="1", MPLBACKEND="Agg")
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_build_report_imports_no_trainer_and_takes_its_sections_from_the_registry(sweep: Path, tmp_path: Path):
+    code = f"""
+import json, sys
+from shiftbench.report import build_report
+from shiftbench.registry import SECTIONS
+build_report({str(sweep)!r}, {str(tmp_path / 'r')!r}, plots=False)
+print(json.dumps({{"trainer": "shiftbench.trainer" in sys.modules, "sweep": "shiftbench.sweep" in sys.modules,
+                  "sections": {{n: c.__module__ for n, c in SECTIONS.items()}}}}))
+"""
+    seen = json.loads(_python(code, tmp_path).splitlines()[-1])
+    assert seen["trainer"] is False and seen["sweep"] is False
+    assert seen["sections"] == {"drift": "shiftbench.hooks.drift", "preference": "shiftbench.hooks.best_of_n",
+                                "best_of_n": "shiftbench.hooks.best_of_n",
+                                "coordination": "shiftbench.coordination.report",
+                                "attestation": "shiftbench.attest.report"}  # fmt: skip
+
+
+def test_the_report_package_loads_no_module_by_name():
+    import shiftbench.report
+
+    for path in Path(shiftbench.report.__file__).parent.glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert "importlib" not in text and "import_module" not in text and "__import__" not in text, path.name
+
+
+def test_built_in_sections_keep_the_report_order():
+    from shiftbench.registry import SECTIONS
+    from shiftbench.report import ReportSection
+
+    order = [n for n, c in sorted(SECTIONS.items(), key=lambda kv: (kv[1].ORDER, kv[0])) if n in BUILT_IN_SECTIONS]
+    assert order == BUILT_IN_SECTIONS
+    assert all(issubclass(c, ReportSection) for _, c in SECTIONS.items())
+    assert "SECTION_MODULES" not in vars(__import__("shiftbench.report").report)
+
+
+def test_a_registered_section_appears_in_the_report_and_an_unregistered_one_does_not(sweep: Path, tmp_path: Path):
+    from shiftbench import report
+
+    def counted(trials):
+        return report.Section("test_counted", "Counted", f"{len(trials)} trials", "<p>counted</p>", {"n": len(trials)})
+
+    @report.report_section("test_late", order=200)
+    class Late(report.ReportSection):
+        def build(self, trials):
+            return report.Section("test_late", "Late", "late body", "<p>late</p>", {"n": 1})
+
+    def unregistered(trials):
+        return report.Section("test_never", "Never", "never body", "<p>never</p>", {"n": 2})
+
+    assert report.report_section("test_counted", order=5)(counted) is counted  # the function stays as it is
+    try:
+        full = write_report(load_trials(sweep), tmp_path / "r", plots=False)
+        md = (tmp_path / "r" / "leaderboard.md").read_text(encoding="utf-8")
+        html = (tmp_path / "r" / "leaderboard.html").read_text(encoding="utf-8")
+    finally:
+        report.SECTIONS.pop("test_counted")
+        report.SECTIONS.pop("test_late")
+    assert full["sections"] == {"test_counted": {"n": 24}, "test_late": {"n": 1}}  # ORDER 5 before 200
+    assert "## Counted\n\n24 trials\n" in md and "## Late\n\nlate body\n" in md
+    assert md.index("## Counted") < md.index("## Late") < md.index("## Run summary")
+    assert "<p>late</p>" in html and "Never" not in md and "never" not in html
+    assert unregistered([]).title == "Never" and "test_never" not in full["sections"]  # defined, never registered
+    # popped: the next report has neither
+    again = write_report(load_trials(sweep), tmp_path / "r2", plots=False)
+    assert "sections" not in again and "## Counted" not in (tmp_path / "r2" / "leaderboard.md").read_text()
+
+
+def test_a_section_registers_twice_only_as_itself():
+    from shiftbench import report
+
+    @report.report_section("test_twice")
+    def first(trials):
+        return None
+
+    try:
+        with pytest.raises(ValueError, match="section 'test_twice' is already registered"):
+            report.report_section("test_twice")(lambda trials: None)
+        with pytest.raises(TypeError, match="must subclass ReportSection"):
+            report.SECTIONS.register("test_not_a_section")(dict)
+    finally:
+        report.SECTIONS.pop("test_twice")
+
+
+def test_an_external_section_comes_through_the_entry_point_group(sweep: Path, tmp_path: Path):
+    site = tmp_path / "site"
+    (site / "ext_sections-0.1.dist-info").mkdir(parents=True)
+    (site / "ext_sections-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: ext-sections\n"
+                                                                  "Version: 0.1\n")
+    (site / "ext_sections-0.1.dist-info" / "entry_points.txt").write_text(
+        "[shiftbench.sections]\next_count = ext_sections\n")
+    (site / "ext_sections.py").write_text(
+        "from shiftbench.report import Section, report_section\n\n\n"
+        "@report_section('ext_count')\n"
+        "def ext_count(trials):\n"
+        "    return Section('ext_count', 'External', f'{len(trials)} trials seen', '<p>ext</p>', {'n': len(trials)})\n")
+    code = f"""
+import json
+from shiftbench.report import build_report
+full, md = build_report({str(sweep)!r}, {str(tmp_path / 'r')!r}, plots=False)
+print(json.dumps(full["sections"]))
+"""
+    assert json.loads(_python(code, tmp_path, pythonpath=str(site)).splitlines()[-1]) == {"ext_count": {"n": 24}}
+    assert "## External\n\n24 trials seen\n" in (tmp_path / "r" / "leaderboard.md").read_text(encoding="utf-8")

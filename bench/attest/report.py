@@ -32,7 +32,7 @@ def _head(log: TransparencyLog) -> dict[str, Any] | None:
             "signers": [name for name, _ in cp.signatures]}
 
 
-@report_section("attestation")
+@report_section("attestation", order=50)
 def attestation_section(trials: Sequence[dict]) -> Section | None:
     """Tree heads and per-trial attestation digests; None when no trial was attested."""
     rows, logs = [], {}

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from shiftbench.records import WEIGHTS, env_key, held_out_envs
-from shiftbench.report import Section, _cell, _new_figure, _safe, html_table, md_table, report_section
+from shiftbench.report import Section, cell, html_table, md_table, new_figure, report_section, safe_name
 
 MAX_SEEDS = 5
 """Seeds per method in the learner cross-play matrix (each pair is played, so it grows quadratically)."""
@@ -35,14 +35,14 @@ COLUMNS = (("self", "self-play"), ("heldout", "held-out partners"), ("train", "t
 
 
 def _mean_se(values: Sequence[float]) -> dict[str, Any]:
-    cell = _cell([v for v in values if v is not None and math.isfinite(v)], 0)
-    return {"mean": cell.mean, "se": cell.se, "n": cell.n_seeds}
+    c = cell([v for v in values if v is not None and math.isfinite(v)], 0)
+    return {"mean": c.mean, "se": c.se, "n": c.n_seeds}
 
 
-def _text(cell: dict[str, Any]) -> str:
-    if cell["mean"] is None:
+def _text(entry: dict[str, Any]) -> str:
+    if entry["mean"] is None:
         return "–"
-    return f"{cell['mean']:.3f}" if cell["se"] is None else f"{cell['mean']:.3f} ± {cell['se']:.3f}"
+    return f"{entry['mean']:.3f}" if entry["se"] is None else f"{entry['mean']:.3f} ± {entry['se']:.3f}"
 
 
 def _agents(trials: Sequence[dict]) -> list[dict]:
@@ -124,7 +124,7 @@ def plot_crossplay(dataset: str, matrix: np.ndarray | None, labels: Sequence[str
     if population:
         pop = np.asarray(population, dtype=float)
         panels.append((pop, None, f"{dataset}: partner population ({len(pop)} self-play agents)"))
-    fig = _new_figure(5.5 * max(1, len(panels)), 5.0)
+    fig = new_figure(5.5 * max(1, len(panels)), 5.0)
     for k, (m, lab, title) in enumerate(panels):
         _heatmap(fig.add_subplot(1, len(panels), k + 1), m, lab, title)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
@@ -184,7 +184,7 @@ def dataset_summary(trials: Sequence[dict]) -> dict[str, Any]:
             "heldout_baseline": baseline, "population": pop_stats, "population_matrix": population}  # fmt: skip
 
 
-@report_section("coordination")
+@report_section("coordination", order=40)
 def coordination_section(trials: Sequence[dict]) -> Section | None:
     """The coordination table and cross-play plots of every coordination dataset among ``trials``."""
     coord = [t for t in trials if t.get("task") == "coordination"]
@@ -227,7 +227,7 @@ def coordination_section(trials: Sequence[dict]) -> Section | None:
                     f"{p['cross']:.3f}.")  # fmt: skip
             md += ["", line]
             body.append(f"<p>{html.escape(line)}</p>")
-        safe = _safe(ds)
+        safe = safe_name(ds)
         matrix = None if s["crossplay"] is None else np.asarray(s["crossplay"])
         if matrix is not None or s["population_matrix"]:
             files[f"plots/crossplay_{safe}.png"] = plot_crossplay(ds, matrix, s["labels"], s["population_matrix"])

@@ -42,7 +42,7 @@ from shiftbench.hparams import seed_hash
 from shiftbench.io import write_json
 from shiftbench.records import env_key, env_split, held_out_envs, parse_env_key
 from shiftbench.registry import CALLBACKS
-from shiftbench.report import DASH, Section, _cell, _csv, html_table, md_table, report_section
+from shiftbench.report import DASH, Section, cell, csv_text, html_table, md_table, report_section
 from shiftbench.callbacks import Callback
 
 MAX_SAMPLES = 1000
@@ -249,7 +249,7 @@ def _flag_cell(pvalues: list[float], flags: list[int], seen: int = 0) -> str:
     return f"{sum(flags)}/{len(flags)} (p̃ {median(pvalues):.3g})" + (f" {SEEN}" if seen else "")
 
 
-@report_section("drift")
+@report_section("drift", order=10)
 def drift_section(trials: Sequence[dict]) -> Section | None:
     """Accuracy drop next to the drift verdicts, per dataset, method and test environment."""
     groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
@@ -275,16 +275,17 @@ def drift_section(trials: Sequence[dict]) -> Section | None:
         return None
     rows, metrics = [], []
     for (dataset, method, i, name), g in sorted(groups.items()):
-        cell = _cell(g["drop"], len(g["n"]))
+        drop_cell = cell(g["drop"], len(g["n"]))
         entry: dict[str, Any] = {"dataset": dataset, "method": method, "env": f"env{i}", "env_name": name,
-                                 "n_trials": len(g["n"]), "acc_drop_mean": cell.mean, "acc_drop_se": cell.se}
+                                 "n_trials": len(g["n"]), "acc_drop_mean": drop_cell.mean,
+                                 "acc_drop_se": drop_cell.se}
         for view in VIEWS:
             ps, fl = g[f"{view}_p"], g[f"{view}_flag"]
             entry[f"{view}_flagged"] = sum(fl)
             entry[f"{view}_median_p"] = median(ps) if ps else None
         entry["reference_seen"] = sum(g["seen"])
         metrics.append(entry)
-        rows.append([dataset, method, name, cell.text()]
+        rows.append([dataset, method, name, drop_cell.text()]
                     + [_flag_cell(g[f"{v}_p"], g[f"{v}_flag"], sum(g["seen"]) if v in MODEL_VIEWS else 0)
                        for v in VIEWS] + [str(len(g["n"]))])  # fmt: skip
     header = ["Dataset", "Method", "Test env", "Acc drop (pp)", "Inputs (MMD)", "Features (MMD)", "Outputs (BBSD)",
@@ -302,5 +303,5 @@ def drift_section(trials: Sequence[dict]) -> Section | None:
     md = "\n".join([note, "", md_table(header, rows, pad=True)])
     htm = f'<p class="note">{html.escape(note)}</p>' + html_table(header, rows)
     table = [["" if v is None else f"{v:.6g}" if isinstance(v, float) else v for v in m.values()] for m in metrics]
-    files = {"drift.csv": _csv([list(metrics[0])] + table)}
+    files = {"drift.csv": csv_text([list(metrics[0])] + table)}
     return Section("drift", "Drift and accuracy drop", md, htm, metrics, files)
