@@ -1,7 +1,8 @@
-"""Finding trials: scan runs folders (one sweep, several, or one trial folder) into done, failed and the rest.
+"""Finding trials: runs folders (one sweep, several, or one trial folder) into done, failed and the rest.
 
-The report reads only the trial folders (docs/records.md, file names from :mod:`shiftbench.records`); a done trial
-becomes a dict (:data:`Trial`) that every other part of the report reads through the accessors here.
+One folder is scanned by :func:`shiftbench.records.scan_runs` (the trial folder's one owner, re-exported here); this
+module merges several sweeps into one report and names their rows. A done trial is a dict (:data:`Trial`) that every
+other part of the report reads through the accessors here.
 """
 
 from __future__ import annotations
@@ -9,99 +10,18 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..records import FAILED, FINAL, RESULTS, SPEC, read_jsonl
+from ..records import Scan, scan_runs
 
 Trial = dict[str, Any]
 """A done trial: every key of spec.json plus ``records``, ``final`` and ``dir`` (see :class:`Scan`)."""
 
 
-@dataclass
-class Scan:
-    """What a runs folder holds.
-
-    Attributes:
-        done: trials with final.json, as dicts: every key of spec.json (at least ``hash``, ``spec``,
-            ``env_names``, ``data_version``, ``code_version``, ``task``, None where absent) plus ``records``
-            (results.jsonl), ``final`` (final.json) and ``dir`` (the folder).
-        failed: trials with failed.json and no final.json: ``{"hash", "dir", "reason", "step", "spec"}``.
-        incomplete: folders of trials with neither marker (running or interrupted); ignored by the report.
-        unreadable: ``{"dir", "reason"}`` for done trials whose files could not be parsed; ignored by the report.
-        sweeps: with several folders (:func:`scan_sweeps`), ``{"label", "dir", "done"}`` per folder, in order.
-        duplicates: done trials left out because an earlier folder holds the same trial (same hash).
-    """
-
-    done: list[Trial] = field(default_factory=list)
-    failed: list[dict] = field(default_factory=list)
-    incomplete: list[str] = field(default_factory=list)
-    unreadable: list[dict] = field(default_factory=list)
-    sweeps: list[dict] = field(default_factory=list)
-    duplicates: int = 0
-
-
-def _trial_dirs(runs_dir: Path) -> list[Path]:
-    if (runs_dir / SPEC).is_file():
-        return [runs_dir]
-    base = runs_dir / "trials" if (runs_dir / "trials").is_dir() else runs_dir
-    return sorted(p for p in base.iterdir() if p.is_dir() and (p / SPEC).is_file())
-
-
 def _read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def scan_runs(runs_dir: str | os.PathLike) -> Scan:
-    """Sorts the trial folders of a runs folder into done, failed, incomplete and unreadable.
-
-    Args:
-        runs_dir: a sweep output folder (with ``trials/``), a folder of trial folders, or one trial folder.
-
-    Returns:
-        The scan; done trials are deduplicated by hash (first folder in name order wins).
-    """
-    scan = Scan()
-    root = Path(runs_dir)
-    if not root.is_dir():
-        return scan
-    seen: set[str] = set()
-    for d in _trial_dirs(root):
-        try:
-            meta = _read_json(d / SPEC)
-        except (OSError, ValueError) as e:
-            scan.unreadable.append({"dir": str(d), "reason": f"{SPEC}: {e}"})
-            continue
-        trial_hash = str(meta.get("hash") or d.name)
-        if (d / FINAL).is_file():
-            try:
-                final = _read_json(d / FINAL)
-                records = read_jsonl(d / RESULTS)
-            except (OSError, ValueError) as e:
-                scan.unreadable.append({"dir": str(d), "reason": str(e)})
-                continue
-            if not records and isinstance(final.get("record"), dict):
-                records = [final["record"]]
-            if trial_hash in seen:
-                continue
-            seen.add(trial_hash)
-            trial: Trial = {k: meta.get(k) for k in ("env_names", "data_version", "code_version", "task")}
-            trial.update(meta)  # spec.json in full, whatever else the trainer adds
-            trial.update({"hash": trial_hash, "spec": meta.get("spec") or {}, "records": records, "final": final,
-                          "dir": str(d)})
-            scan.done.append(trial)
-        elif (d / FAILED).is_file():
-            try:
-                info = _read_json(d / FAILED)
-            except (OSError, ValueError) as e:
-                info = {"reason": f"{FAILED} unreadable: {e}"}
-            scan.failed.append({"hash": trial_hash, "dir": str(d), "reason": str(info.get("reason", "unknown")),
-                                "step": info.get("step"), "spec": meta.get("spec", {})})
-        else:
-            scan.incomplete.append(str(d))
-    return scan
 
 
 def load_trials(runs_dir: str | os.PathLike) -> list[Trial]:
