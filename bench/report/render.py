@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..records import FINAL
 from ..selection import RULES
 from .scan import Trial, trial_seed
 from .sections import Section, build_sections
@@ -177,7 +178,7 @@ def format_markdown(tables: Sequence[Table], counts: Mapping[str, int],
     for reason, n, hashes in _failure_lines(failed):
         shown = ", ".join(hashes[:5]) + (", …" if len(hashes) > 5 else "")
         out.append(f"  - {_md_escape(reason)}: {n} ({shown})")
-    out += [f"- incomplete trials (no final.json, ignored): {counts['incomplete']}"]
+    out += [f"- incomplete trials (no {FINAL}, ignored): {counts['incomplete']}"]
     out += [f"- {line}" for line in _sweep_lines(sweeps, duplicates)]
     out += [f"- {sec.terminal}" + (f"; details in {details}" if details else "") for sec in short]
     return "\n".join(out + [""])
@@ -244,7 +245,7 @@ def format_html(tables: Sequence[Table], counts: Mapping[str, int], failed: Sequ
     if lines:
         out.append("<ul>" + "".join(f"<li>{e(r)}: {n} <code>{e(', '.join(h[:5]))}</code></li>" for r, n, h in lines)
                    + "</ul>")
-    out += ["</li>", f"<li>incomplete trials (no final.json, ignored): {counts['incomplete']}</li>"]
+    out += ["</li>", f"<li>incomplete trials (no {FINAL}, ignored): {counts['incomplete']}</li>"]
     out += [f"<li>{e(line)}</li>" for line in _sweep_lines(sweeps, duplicates)]
     out += ["</ul>", "</body></html>", ""]
     return "\n".join(out)
