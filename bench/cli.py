@@ -157,21 +157,23 @@ def _parse_test_envs(s: str | None):
 
 
 def cmd_list(a) -> int:
-    from .catalog import load
+    from .catalog import load, settings_lines
 
     catalog = load()  # from a cache keyed on the package's sources: no plug-in (and no torch) is imported
-    show = {
-        "methods": lambda: [(m["name"], m["doc"]) for m in catalog["methods"]],
-        "datasets": lambda: [(d["name"], f"[{d['task']}] {d['doc']}") for d in catalog["datasets"]],
-        "suites": lambda: [(n, _suite_summary(n)) for n in sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))],
-        "models": lambda: [(m["name"], m["doc"]) for m in catalog["models"]],
-        "callbacks": lambda: [(c["name"] + ("k=v,..." if c["name"].endswith(":") else ""), c["doc"])
+    show = {  # (name, description, catalog entry: its options or settings are printed under it)
+        "methods": lambda: [(m["name"], m["doc"], m) for m in catalog["methods"]],
+        "datasets": lambda: [(d["name"], f"[{d['task']}] {d['doc']}", d) for d in catalog["datasets"]],
+        "suites": lambda: [(n, _suite_summary(n), {}) for n in sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))],
+        "models": lambda: [(m["name"], m["doc"], m) for m in catalog["models"]],
+        "callbacks": lambda: [(c["name"] + ("k=v,..." if c["name"].endswith(":") else ""), c["doc"], c)
                               for c in catalog["callbacks"]],  # fmt: skip
     }
     for g in show if a.what == "all" else [a.what]:
         print(f"{g}:")
-        for name, doc in show[g]():
+        for name, doc, entry in show[g]():
             print(f"  {name:22s} {doc}")
+            for line in settings_lines(entry):
+                print(line)
     return 0
 
 

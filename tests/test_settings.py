@@ -186,7 +186,6 @@ def test_the_catalog_holds_options_and_settings():
     assert robust["robust_eval"]["settings"] == [] and robust["drift"]["settings"] == []
 
 
-@pytest.mark.xfail(strict=True, reason="needs helper D's cmd_list change in bench/cli.py (print settings_lines)")
 def test_shiftbench_list_prints_options_with_default_and_help(tmp_path):
     exe = Path(sys.executable).with_name("shiftbench")
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), PYTHONSAFEPATH="1")
