@@ -168,3 +168,28 @@ def test_a_sweep_resolves_each_trial_once_and_checks_data_once(small, tmp_path, 
     assert len(resolves) == 2, resolves  # 2 methods x 1 test-env set x 1 draw x 1 seed, each resolved once
     assert len(checks) == 1
     assert "sweep " in capsys.readouterr().err
+
+
+def test_pack_through_the_driver_gives_each_trial_its_own_folder_and_run(small, tmp_path):
+    """``--pack`` end to end: the driver's pack jobs (two packs of 3 trials: ERM and IRM over 3 seeds) write the
+    same trial folders, with records equal within float tolerance, as ``--pack off``; one MLflow run per trial."""
+    import os
+
+    from shiftbench.pack import group_trials
+
+    raw = {"name": "tiny", "datasets": ["colored_digits"], "methods": ["erm", "irm"], "test_envs": "default",
+           "n_hparams": 1, "n_seeds": 3, "steps": 20, "eval_every": 10,
+           "dataset_options": {"colored_digits": small["colored_digits"]}}  # fmt: skip
+    sweep = SweepSpec.from_mapping(raw)
+    assert [len(g) for g in group_trials(sweep.trials())] == [3, 3]
+    packed = run_sweep(sweep, tmp_path / "packed", progress=False, pack="auto")
+    alone = run_sweep(sweep, tmp_path / "off", progress=False, track=False)
+    assert packed["done"] == alone["done"] == 6
+    for t in sweep.trials():
+        a, b = trial_dir(tmp_path / "packed", t), trial_dir(tmp_path / "off", t)
+        assert sorted(os.listdir(a)) == sorted(os.listdir(b))
+        ra, rb = (json.loads((d / FINAL).read_text())["record"] for d in (a, b))
+        for k, v in rb.items():
+            if k not in ("elapsed", "step_time"):
+                assert ra[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    assert len(mlflow_runs(tmp_path / "packed")) == 6 + 1  # one per trial + the sweep's parent
