@@ -9,7 +9,7 @@ export PYTHONSAFEPATH := 1
 export MPLBACKEND := Agg
 export MLFLOW_ENABLE_ASYNC_LOGGING := false
 
-.PHONY: install demo test test-fast bench bench-drift bench-sweep clean
+.PHONY: install demo test test-fast bench bench-drift bench-sweep bench-pack clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ bench-drift: $(STAMP)
 
 bench-sweep: $(STAMP)
 	$(BIN)/python bench_scripts/sweep_speed.py
+
+bench-pack: $(STAMP)
+	$(BIN)/python bench_scripts/pack_speed.py
 
 clean:
 	rm -rf runs build *.egg-info
