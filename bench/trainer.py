@@ -200,11 +200,15 @@ class Trainer:
         try:
             self._loop(run, start, t0)
         except TrialFailed as e:
-            write_json(self.dir / FAILED, {"status": "failed", "hash": self.spec.hash, "reason": str(e),
-                                           "step": run.step, "records": run.records})  # fmt: skip
-            ckpt_path.unlink(missing_ok=True)
-            return read_json(self.dir / FAILED)
+            return self._fail(run, e)
         return self._finish(run, t0)
+
+    def _fail(self, run: TrialRun, e: TrialFailed) -> dict[str, Any]:
+        """Writes failed.json for a trial that failed in its loop, drops its checkpoint, returns the record."""
+        write_json(self.dir / FAILED, {"status": "failed", "hash": self.spec.hash, "reason": str(e),
+                                       "step": run.step, "records": run.records})  # fmt: skip
+        (self.dir / CHECKPOINT).unlink(missing_ok=True)
+        return read_json(self.dir / FAILED)
 
     def _refuse_other_trial(self) -> None:
         """Raises UserError when the folder's records (spec, final or failed) carry another trial's hash."""
@@ -237,31 +241,43 @@ class Trainer:
             for k, v in stats.items():
                 sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
             n += 1
-            last = step == spec.steps - 1
-            if step % spec.eval_every == 0 or last:
-                record: dict[str, Any] = {"step": step}
-                for k, v in sums.items():
-                    record[k] = float(v) / n
-                bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
-                if bad:
-                    raise TrialFailed(
-                        f"non-finite training {bad[0]} ({record[bad[0]]}) by step {step}; "
-                        f"lower the learning rate (lr={spec.hparams.get('lr')}) or check the data"
-                    )
-                record["step_time"] = (time.time() - t_last) / n
-                record.update(self.evaluate(run, keep_outputs=last))
-                for cb in self.callbacks:
-                    cb.on_eval(run, record)
-                record["elapsed"] = time.time() - t0
-                run.records.append(record)
-                write_jsonl(self.dir / RESULTS, run.records)
-                stop = self.opt.stop_after is not None and step >= self.opt.stop_after and not last
-                if not last and (stop or time.time() - t_ckpt >= self.opt.checkpoint_interval):
-                    self._checkpoint(run, step + 1, t0)
-                    t_ckpt = time.time()
+            if step % spec.eval_every == 0 or step == spec.steps - 1:
+                t_ckpt = self._evaluation(run, step, sums, n, (time.time() - t_last) / n, t0, t_ckpt)
                 sums, n, t_last = {}, 0, time.time()
-                if stop:
-                    raise Interrupted(f"stopped after step {step}")
+
+    def _evaluation(self, run: TrialRun, step: int, sums: dict[str, torch.Tensor], n: int, step_time: float,
+                    t0: float, t_ckpt: float) -> float:
+        """The evaluation at ``step``: the record (training stats averaged over the ``n`` steps since the last
+        one, evaluation, callbacks), results.jsonl, and a checkpoint when one is due; returns the time of the
+        last checkpoint. The packed loop (``shiftbench.pack``) calls this too.
+
+        Raises:
+            TrialFailed: a non-finite training statistic.
+            Interrupted: ``stop_after`` reached (after the checkpoint).
+        """
+        spec = self.spec
+        last = step == spec.steps - 1
+        record: dict[str, Any] = {"step": step}
+        for k, v in sums.items():
+            record[k] = float(v) / n
+        bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise TrialFailed(f"non-finite training {bad[0]} ({record[bad[0]]}) by step {step}; "
+                              f"lower the learning rate (lr={spec.hparams.get('lr')}) or check the data")
+        record["step_time"] = step_time
+        record.update(self.evaluate(run, keep_outputs=last))
+        for cb in self.callbacks:
+            cb.on_eval(run, record)
+        record["elapsed"] = time.time() - t0
+        run.records.append(record)
+        write_jsonl(self.dir / RESULTS, run.records)
+        stop = self.opt.stop_after is not None and step >= self.opt.stop_after and not last
+        if not last and (stop or time.time() - t_ckpt >= self.opt.checkpoint_interval):
+            self._checkpoint(run, step + 1, t0)
+            t_ckpt = time.time()
+        if stop:
+            raise Interrupted(f"stopped after step {step}")
+        return t_ckpt
 
     def _checkpoint(self, run: TrialRun, next_step: int, t0: float) -> None:
         state = {

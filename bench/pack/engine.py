@@ -16,7 +16,6 @@ are those of the trial alone (the packed steps themselves draw nothing: packable
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +24,9 @@ from typing import Any, Sequence
 import torch
 
 from ..algorithm import is_packable
-from ..callbacks import Interrupted, RunOptions, TrialRun
+from ..callbacks import RunOptions, TrialRun
 from ..config import TrialSpec
 from ..errors import TrialFailed
-from ..io import read_json, write_json, write_jsonl
-from ..records import CHECKPOINT, FAILED, RESULTS
 from ..trainer import Trainer
 from .adam import StackedAdam
 from .functional import model_reason, stack_params, stack_trees, vectorised_step, write_params
@@ -171,11 +168,7 @@ def _alone(slot: _Slot, errors: list) -> None:
 
 def _failed(slot: _Slot, e: TrialFailed) -> dict[str, Any]:
     """What ``Trainer.run`` writes and returns for a trial that failed in its loop."""
-    tr, run = slot.trainer, slot.run
-    write_json(tr.dir / FAILED, {"status": "failed", "hash": tr.spec.hash, "reason": str(e), "step": run.step,
-                                 "records": run.records})  # fmt: skip
-    (tr.dir / CHECKPOINT).unlink(missing_ok=True)
-    return read_json(tr.dir / FAILED)
+    return slot.trainer._fail(slot.run, e)
 
 
 def _segment_end(step: int, spec: TrialSpec) -> int:
@@ -240,36 +233,19 @@ def _train_segment(cohort: list[_Slot], start: int, end: int, options: RunOption
 
 def _after_segment(slot: _Slot, step: int, errors: list) -> None:
     """The evaluation block of ``Trainer._loop`` for one member at evaluation step ``step``."""
-    tr, run, spec, opt = slot.trainer, slot.run, slot.spec, slot.trainer.opt
+    tr, run, spec = slot.trainer, slot.run, slot.spec
     run.step = step
     last = step == spec.steps - 1
     try:
         with slot.own_rng():
-            record: dict[str, Any] = {"step": step}
-            for k, v in slot.sums.items():
-                record[k] = float(v) / slot.n
-            bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
-            if bad:
-                slot.result, slot.done = _failed(slot, TrialFailed(
-                    f"non-finite training {bad[0]} ({record[bad[0]]}) by step {step}; "
-                    f"lower the learning rate (lr={spec.hparams.get('lr')}) or check the data")), True  # fmt: skip
+            try:
+                # the step time is the pack's wall time per step, shared among its members
+                slot.t_ckpt = tr._evaluation(run, step, slot.sums, slot.n, slot.step_time, slot.t0, slot.t_ckpt)
+            except TrialFailed as e:
+                slot.result, slot.done = _failed(slot, e), True
                 return
-            record["step_time"] = slot.step_time  # the pack's wall time per step, shared among its members
-            record.update(tr.evaluate(run, keep_outputs=last))
-            for cb in tr.callbacks:
-                cb.on_eval(run, record)
-            record["elapsed"] = time.time() - slot.t0
-            run.records.append(record)
-            write_jsonl(tr.dir / RESULTS, run.records)
-            stop = opt.stop_after is not None and step >= opt.stop_after and not last
-            if not last and (stop or time.time() - slot.t_ckpt >= opt.checkpoint_interval):
-                tr._checkpoint(run, step + 1, slot.t0)
-                slot.t_ckpt = time.time()
             slot.step = step + 1
-            if stop:
-                slot.done = True
-                errors.append((slot.index, Interrupted(f"stopped after step {step}")))
-            elif last:
+            if last:
                 slot.result, slot.done = tr._finish(run, slot.t0), True
     except Exception as e:  # noqa: BLE001 -- this trial raises as it would alone; the pack goes on
         slot.done = True
