@@ -105,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--retry-failed", action="store_true", help="run failed trials again")
     sw.add_argument("--pack", type=pack_size, default="off", metavar="auto|K|off",
                     help="train trials that share a dataset, model shape, method, steps and batch size as one "
-                         "vectorised program, K at a time (auto: K from the device and model size; outputs are "
-                         "those of the trials run alone; see docs/packing.md)")
+                         "vectorised program, K at a time (auto: K from the device and model size); each trial's "
+                         "folder, records and MLflow run are as alone, its numbers equal up to float rounding, which "
+                         "long or unstable runs can amplify (see docs/packing.md)")
     sw.add_argument("--no-mlflow", action="store_true",
                     help="do not mirror trials to MLflow (by default: OUT/mlflow.db, or $MLFLOW_TRACKING_URI)")
     sw.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -191,7 +191,8 @@ def run_sweep(
 
     ``launcher`` runs the pending trials (``shiftbench.launchers``); None is the local pool of ``workers`` processes.
     ``pack`` (``off``, ``auto`` or a pack size K) trains pending trials that can share one vectorised program as
-    packs (``shiftbench.pack``); every trial's folder, records and MLflow run are those it would have alone.
+    packs (``shiftbench.pack``); every trial's folder, records and MLflow run are those it would have alone, its
+    numbers equal up to float rounding (batched arithmetic), which long or unstable runs can amplify.
     ``announce(n)`` is called with the number of trials once the data is checked and ``out`` claimed, before any
     trial runs (the CLI prints its header line there).
 
