@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .errors import UserError
 from .io import atomic_write, write_json, write_jsonl
 
 FINAL, FAILED, SPEC, CHECKPOINT, RESULTS, PREDICTIONS, WEIGHTS = (
@@ -149,6 +150,41 @@ def save_checkpoint(trial_dir: str | os.PathLike, state: Mapping[str, Any]) -> N
 def load_checkpoint(trial_dir: str | os.PathLike, device: Any = "cpu") -> dict[str, Any] | None:
     """checkpoint.pt's state, its tensors mapped to ``device``, with no unpickling; None when there is none."""
     return _load_tensors(Path(trial_dir) / CHECKPOINT, device)
+
+
+def remove_checkpoint(trial_dir: str | os.PathLike) -> None:
+    """Drops checkpoint.pt (a trial that finished or failed no longer resumes); nothing when there is none."""
+    (Path(trial_dir) / CHECKPOINT).unlink(missing_ok=True)
+
+
+def clear_failed(trial_dir: str | os.PathLike) -> None:
+    """Drops failed.json, so a failed trial can be run again (``--retry-failed``)."""
+    (Path(trial_dir) / FAILED).unlink(missing_ok=True)
+
+
+def has_spec(trial_dir: str | os.PathLike) -> bool:
+    """Whether the trial folder's spec.json has been written (the trial started at least once)."""
+    return (Path(trial_dir) / SPEC).exists()
+
+
+def refuse_other_trial(trial_dir: str | os.PathLike, trial_hash: str) -> None:
+    """Raises UserError when the folder's first record (spec, final or failed) carries another trial's hash, or is
+    not readable JSON: a folder never passes one trial's metrics off as another's."""
+    trial_dir = Path(trial_dir)
+    for name in (SPEC, FINAL, FAILED):
+        path = trial_dir / name
+        if not path.is_file():
+            continue
+        try:
+            held = _read_json(path)
+        except (OSError, ValueError):
+            raise UserError(f"{path} is not readable JSON; use another --out or delete that folder") from None
+        if isinstance(held, dict) and held.get("hash") not in (None, trial_hash):
+            what = held.get("spec", {})
+            label = f"{what.get('dataset')}/{what.get('method')}, " if what else ""
+            raise UserError(f"{trial_dir} holds a different trial ({label}hash {str(held['hash'])[:16]}; this "
+                            f"one is {str(trial_hash)[:16]}); use another --out or delete that folder")
+        return
 
 
 def reference_weights(name: str) -> str:

@@ -94,7 +94,8 @@ class Registry(Generic[T]):
 METHODS: Registry = Registry("method", "shiftbench.methods")
 DATASETS: Registry = Registry("dataset", "shiftbench.datasets")
 CALLBACKS: Registry = Registry("callback", "shiftbench.hooks")
-TASKS: Registry = Registry("task", "shiftbench.tasks")
+TASKS: Registry = Registry("task", ("shiftbench.tasks", "shiftbench.coordination.task"))
+"""Task types: classification and preference in shiftbench.tasks, coordination beside its games."""
 MODELS: Registry = Registry("model", "shiftbench.models")
 SECTIONS: Registry = Registry("section", ("shiftbench.hooks", "shiftbench.coordination.report",
                                           "shiftbench.attest.report"))

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from .algorithm import Algorithm, MethodContext
@@ -22,12 +21,11 @@ from .callbacks import Callback, Interrupted, RunOptions, TrialRun, resolve_devi
 from .data import ShiftDataset, Split, input_range, load_dataset  # noqa: F401
 from .errors import TrialFailed, UserError
 from .hparams import seed_hash
-from .io import CreatedDirs, atomic_write, read_json, write_json, write_jsonl
+from .io import CreatedDirs
 from .models import build_model
 from .provenance import code_version
-from .records import (  # noqa: F401 (the file names and trial_status stay importable from here)
-    CHECKPOINT, FAILED, FINAL, PREDICTIONS, RESULTS, SPEC, WEIGHTS, env_split, metric_key, trial_status,
-)
+from . import records
+from .records import env_split, metric_key, trial_status  # noqa: F401 (importable from here)
 from .registry import CALLBACKS, METHODS, TASKS
 
 
@@ -92,14 +90,14 @@ class Trainer:
     def _train_reference(self, run: TrialRun, method: str = "erm", steps: int = 1000, hparams=None, name=None):
         """Trains a model with another method on this trial's training streams (cached in the trial folder)."""
         name = name or f"reference_{method}_{steps}"
-        path = self.dir / f"{name}.pt"
         task, spec = run.task, self.spec
         torch_state = torch.get_rng_state()
         torch.manual_seed(seed_hash(spec.seed, name))
         model = build_model(spec.model, run.dataset.input_shape, task.n_outputs(run.dataset.num_classes), spec.hparams)
         model.to(run.device)
-        if path.exists():
-            model.load_state_dict(torch.load(path, map_location=run.device, weights_only=True))
+        cached = records.read_reference(self.dir, name, run.device)
+        if cached is not None:
+            model.load_state_dict(cached)
         else:
             mcls = METHODS.get(method)
             hp = {k: v.default for k, v in mcls.hparam_space(run.dataset.HPARAMS).items()}
@@ -108,7 +106,7 @@ class Trainer:
             alg = mcls(model, task, len(self.train_splits), hp).to(run.device)
             for k in range(steps):
                 alg.update(self._minibatches(k, hp["batch_size"], salt=name), k)
-            atomic_write(path, lambda f: torch.save(model.state_dict(), f), mode="wb")
+            records.write_reference(self.dir, name, model.state_dict())
         torch.set_rng_state(torch_state)
         model.eval()
         for p in model.parameters():
@@ -158,34 +156,32 @@ class Trainer:
             UserError: the folder holds another trial, or the trial cannot start (missing data, a bad device); a
                 refusal leaves behind no folder this call created.
         """
-        self._refuse_other_trial()  # before the done check, or another trial's metrics would pass for this one's
-        status = trial_status(self.dir)
+        records.refuse_other_trial(self.dir, self.spec.hash)  # before the done check: another trial's metrics
+        status = trial_status(self.dir)                          # must not pass for this one's
         if status == "done":
-            return read_json(self.dir / FINAL)
+            return records.read_final(self.dir)
         if status == "failed":
             if not self.opt.retry_failed:
-                return read_json(self.dir / FAILED)
-            (self.dir / FAILED).unlink()
-        spec_path = self.dir / SPEC
+                return records.read_failed(self.dir)
+            records.clear_failed(self.dir)
         created = CreatedDirs(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         try:
             run = self._build()
         except UserError:
-            if not spec_path.exists():
+            if not records.has_spec(self.dir):
                 created.remove_if_empty()
             raise
-        if not spec_path.exists():
-            write_json(spec_path, {
+        if not records.has_spec(self.dir):
+            records.write_spec(self.dir, {
                 "hash": self.spec.hash, "spec": self.spec.to_dict(), "data_version": run.dataset.version(),
                 "code_version": code_version(), "task": run.dataset.TASK, "env_names": run.dataset.env_names,
                 "train_envs": self.train_names, "dataset": run.dataset.describe(),
             })  # fmt: skip
         start = 0
-        ckpt_path = self.dir / CHECKPOINT
-        if ckpt_path.exists():
-            ckpt = torch.load(ckpt_path, map_location=run.device, weights_only=True)
+        ckpt = records.load_checkpoint(self.dir, run.device)
+        if ckpt is not None:
             run.algorithm.load_checkpoint_state(ckpt["algorithm"])
             torch.set_rng_state(ckpt["rng"])
             if run.device.type == "cuda" and ckpt.get("cuda_rng") is not None:
@@ -205,27 +201,10 @@ class Trainer:
 
     def _fail(self, run: TrialRun, e: TrialFailed) -> dict[str, Any]:
         """Writes failed.json for a trial that failed in its loop, drops its checkpoint, returns the record."""
-        write_json(self.dir / FAILED, {"status": "failed", "hash": self.spec.hash, "reason": str(e),
-                                       "step": run.step, "records": run.records})  # fmt: skip
-        (self.dir / CHECKPOINT).unlink(missing_ok=True)
-        return read_json(self.dir / FAILED)
-
-    def _refuse_other_trial(self) -> None:
-        """Raises UserError when the folder's records (spec, final or failed) carry another trial's hash."""
-        for name in (SPEC, FINAL, FAILED):
-            path = self.dir / name
-            if not path.is_file():
-                continue
-            try:
-                held = read_json(path)
-            except (OSError, ValueError):
-                raise UserError(f"{path} is not readable JSON; use another --out or delete that folder") from None
-            if isinstance(held, dict) and held.get("hash") not in (None, self.spec.hash):
-                what = held.get("spec", {})
-                label = f"{what.get('dataset')}/{what.get('method')}, " if what else ""
-                raise UserError(f"{self.dir} holds a different trial ({label}hash {str(held['hash'])[:16]}; this "
-                                f"one is {self.spec.short_hash}); use another --out or delete that folder")
-            return
+        records.write_failed(self.dir, {"status": "failed", "hash": self.spec.hash, "reason": str(e),
+                                        "step": run.step, "records": run.records})  # fmt: skip
+        records.remove_checkpoint(self.dir)
+        return records.read_failed(self.dir)
 
     def _loop(self, run: TrialRun, start: int, t0: float) -> None:
         spec, alg = self.spec, run.algorithm
@@ -270,7 +249,7 @@ class Trainer:
             cb.on_eval(run, record)
         record["elapsed"] = time.time() - t0
         run.records.append(record)
-        write_jsonl(self.dir / RESULTS, run.records)
+        records.write_results(self.dir, run.records)
         stop = self.opt.stop_after is not None and step >= self.opt.stop_after and not last
         if not last and (stop or time.time() - t_ckpt >= self.opt.checkpoint_interval):
             self._checkpoint(run, step + 1, t0)
@@ -288,20 +267,11 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
             "elapsed": time.time() - t0,
         }
-        atomic_write(self.dir / CHECKPOINT, lambda f: torch.save(state, f), mode="wb")
+        records.save_checkpoint(self.dir, state)
 
     def _finish(self, run: TrialRun, t0: float) -> dict[str, Any]:
-        arrays: dict[str, list[np.ndarray]] = {}
-        for name, out in run.final_outputs.items():
-            n = len(out["idx"])
-            arrays.setdefault("split", []).append(np.array([name] * n))
-            for k in ("idx", "label", "pred", "score", "correct", "loss"):
-                if k in out:
-                    arrays.setdefault(k, []).append(out[k])
-        atomic_write(self.dir / PREDICTIONS, lambda f: np.savez(f, **{k: np.concatenate(v) for k, v in arrays.items()}),
-                     mode="wb")  # fmt: skip
-        weights = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
-        atomic_write(self.dir / WEIGHTS, lambda f: torch.save(weights, f), mode="wb")
+        records.write_predictions(self.dir, run.final_outputs)
+        records.write_weights(self.dir, run.model.state_dict())
         final = {
             "status": "done",
             "hash": self.spec.hash,
@@ -316,9 +286,9 @@ class Trainer:
             if canonical_json(final["record"]) != before:
                 # end-of-trial statistics (drift, ...) join the last evaluation record, in results.jsonl too
                 run.records[-1] = final["record"]
-                write_jsonl(self.dir / RESULTS, run.records)
-        write_json(self.dir / FINAL, final)
-        (self.dir / CHECKPOINT).unlink(missing_ok=True)
+                records.write_results(self.dir, run.records)
+        records.write_final(self.dir, final)
+        records.remove_checkpoint(self.dir)
         return final
 
 

@@ -413,7 +413,7 @@ class ImageFolderDataset(ShiftDataset):
         self.input_shape = (3, res, res)
         train_tf = train_transform(res) if o["augment"] else None
         eval_tf = eval_transform(res)
-        self.environments, self._paths = [], []
+        self.environments, self._paths, assigned = [], [], []
         for i, (name, d, found) in enumerate(zip(self.environment_names(o), domains, per_domain)):
             paths = [p for c in self.classes for p in found.get(c, [])]
             labels = torch.tensor([k for k, c in enumerate(self.classes) for _ in found.get(c, [])])
@@ -426,11 +426,17 @@ class ImageFolderDataset(ShiftDataset):
                 if len(rows) == 0:
                     raise UserError(f"{self.registry_name}: domain {d} has no '{part}' images with holdout_fraction "
                                     f"{o['holdout_fraction']}; add images or change holdout_fraction")
+                assigned.append((f"{i}/{part}", ",".join(map(str, rows.tolist()))))
                 sub = [paths[r] for r in rows]
                 loader = image_loader(self.files, sub, train_tf, eval_tf)
                 splits[part] = LazySplit(loader, {"y": labels[rows], "idx": torch.as_tensor(rows, dtype=torch.int64)})
             self.environments.append(Environment(name, splits))
-        self._version = self.files.version(self._paths)
+        # the version covers the files' content and which rows each in/out split holds (the data seed and
+        # holdout_fraction redraw those): sha256 over both digests, each kept beside it
+        files = self.files.version(self._paths)
+        splits = digest_pairs(assigned)
+        self._version = {**files, "sha256": digest_pairs([("files", files["sha256"]), ("splits", splits)]),
+                         "files_sha256": files["sha256"], "splits_sha256": splits}
 
     def version(self) -> str:
         return version_string(self._version)

@@ -424,8 +424,11 @@ class WildsDataset(ShiftDataset):
             warnings.simplefilter("ignore")
             results, _ = self.wds.eval(torch.as_tensor(outputs["pred"]).long(), self.wds.y_array[idx].long(),
                                        self.wds.metadata_array[idx])  # fmt: skip
+        # WILDS reports 0.0 for a group the split has no example of (with count 0): such a metric is dropped, not a
+        # claim of 0% on data the split does not hold
+        empty = [k[len("count_"):] for k, v in results.items() if k.startswith("count_") and float(v) == 0]
         for k, v in results.items():
-            if not k.startswith("count_"):
+            if not k.startswith("count_") and not any(k.endswith(f"_{g}") for g in empty):
                 metrics[_KEY.sub("_", k)] = float(v)
         worst = _WORST.get(self.SPEC.name, "acc_wg")
         if worst in results:

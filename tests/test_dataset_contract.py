@@ -156,17 +156,6 @@ def built(tmp_path_factory) -> Built:
 def defect(test: str, name: str) -> str | None:
     """Why a contract case of a registered dataset is known to fail (a real defect, left to the dataset's owner), or
     None. Marked ``xfail(strict=True)``: fixing the dataset makes the case pass, and then this entry must go."""
-    from shiftbench.datasets.image_folder import ImageFolderDataset
-
-    cls = DATASETS.get(name)
-    if test == "accuracies" and name in ("wilds:camelyon17", "wilds:fmow"):
-        return ("WildsDataset.evaluate keeps WILDS' acc_<group> for groups with no example in the split (WILDS reports "
-                "0.0 with count 0; the counts are dropped), so a split's record claims 0% accuracy on groups it does "
-                "not hold (camelyon17: slides of other hospitals; fmow: other years)")
-    if test == "version" and issubclass(cls, ImageFolderDataset):
-        return ("image-folder versions hash the files only, so the data seed, which redraws every domain's in/out "
-                "split, leaves the version unchanged (the generated datasets and preference_files hash their split "
-                "tensors and change)")
     return None
 
 

@@ -25,7 +25,8 @@ import torch
 from shiftbench.config import TrialSpec, supports_task
 from shiftbench.errors import UserError
 from shiftbench.registry import DATASETS, METHODS, TASKS
-from shiftbench.trainer import CHECKPOINT, WEIGHTS, Interrupted, RunOptions, Trainer, run_trial
+from shiftbench.records import CHECKPOINT, WEIGHTS
+from shiftbench.trainer import Interrupted, RunOptions, Trainer, run_trial
 
 TINY: dict[str, list[tuple[str, dict]]] = {
     "classification": [("colored_digits", {"env_size": 120, "resolution": 8}),
@@ -87,9 +88,6 @@ def test_every_declared_task_type_is_registered_and_every_tiny_dataset_is_of_its
         {(task, task) for task in TINY}  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason="the task registry loads only shiftbench.tasks; the coordination task type "
-                   "registers when shiftbench.datasets.coordination is imported, so TASKS.names() in a fresh process "
-                   "lacks it (and a contract parametrised over it alone would drop the coordination cases)")
 def test_the_task_registry_lists_every_task_type_in_a_fresh_process():
     code = ("from shiftbench.registry import TASKS, DATASETS; before = TASKS.names(); "
             "print(before == sorted({DATASETS.get(d).TASK for d in DATASETS.names()} | set(TASKS.names())), before)")

@@ -26,7 +26,8 @@ from shiftbench import mlflow_store, tracking
 from shiftbench.config import SweepSpec
 from shiftbench.locks import FileLock
 from shiftbench.sweep import run_sweep, trial_dir, trial_lock
-from shiftbench.trainer import FINAL, RunOptions, run_trial
+from shiftbench.records import FINAL
+from shiftbench.trainer import RunOptions, run_trial
 
 SUITE = """\
 name: {name}

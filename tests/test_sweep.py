@@ -9,7 +9,8 @@ import pytest
 from shiftbench.config import SweepSpec, load_suite
 from shiftbench.errors import UserError
 from shiftbench.sweep import prepare_out, run_sweep, trial_dir
-from shiftbench.trainer import FINAL, Interrupted, RunOptions, run_trial
+from shiftbench.records import FINAL
+from shiftbench.trainer import Interrupted, RunOptions, run_trial
 
 
 def tiny_sweep(small, **kw) -> SweepSpec:

@@ -12,7 +12,8 @@ from shiftbench.config import TrialSpec, supports_task
 from shiftbench.errors import UserError
 from shiftbench.methods.groups import NeedsGroups
 from shiftbench.registry import METHODS
-from shiftbench.trainer import CHECKPOINT, FAILED, FINAL, Interrupted, RunOptions, run_trial, trial_status
+from shiftbench.records import CHECKPOINT, FAILED, FINAL, trial_status
+from shiftbench.trainer import Interrupted, RunOptions, run_trial
 
 SMALL_DATASETS = ["colored_digits", "rotated_digits"]
 """Neither has per-example groups: the group methods (``NeedsGroups``) refuse them (tests/test_zoo_subpop.py checks

@@ -1,7 +1,7 @@
 """The ``coordination`` task type: an example is a partner, its score is the return the learner earns with it.
 
-Registered from this module, which the coordination datasets import (the task registry's built-ins live in
-``shiftbench.tasks``). Scores are produced by playing, which only a coordination method can do (it holds the
+The task registry loads this module beside ``shiftbench.tasks`` (registry.TASKS), so the type is listed in any
+process, whether or not a coordination dataset was imported. Scores are produced by playing, which only a coordination method can do (it holds the
 learner and the game); this task turns them into the harness's per-example outputs:
 
 - ``score``: the mean return with the partner;
