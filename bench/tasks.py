@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +39,21 @@ class Task:
     def outputs(self, scores: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """Per-example ``loss``, ``correct``, ``pred`` and ``score`` for evaluation records."""
         raise NotImplementedError
+
+    def split_outputs(self, scored) -> dict[str, np.ndarray]:
+        """One split's per-example outputs from its ``(batch, scores)`` pairs, in batch order: :meth:`outputs` plus
+        ``idx`` and ``label`` (when the batch has ``y``), as NumPy arrays (``loss``, ``correct``, ``score`` in
+        float32) -- what ``ShiftDataset.evaluate`` reads and predictions.npz keeps."""
+        parts: dict[str, list[torch.Tensor]] = {}
+        for b, scores in scored:
+            out = self.outputs(scores, b)
+            out["idx"] = b["idx"]
+            if "y" in b:
+                out["label"] = b["y"]
+            for k, v in out.items():
+                parts.setdefault(k, []).append(v)
+        return {k: torch.cat(v).float().cpu().numpy() if k in ("loss", "correct", "score")
+                else torch.cat(v).cpu().numpy() for k, v in parts.items()}  # fmt: skip
 
 
 TASKS.base = Task

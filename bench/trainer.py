@@ -126,27 +126,25 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------------------------
     def evaluate(self, run: TrialRun, keep_outputs: bool = False) -> dict[str, float]:
+        """The evaluation record's metrics (``<split>_<metric>``) of every evaluation split; with ``keep_outputs``
+        the per-example outputs are kept in ``run.final_outputs`` for predictions.npz."""
+        record: dict[str, float] = {}
+        for name, outputs in self.split_outputs(run).items():
+            for metric, value in run.dataset.evaluate(name, outputs).items():
+                record[metric_key(name, metric)] = value
+            if keep_outputs:
+                run.final_outputs[name] = outputs
+        return record
+
+    def split_outputs(self, run: TrialRun) -> dict[str, dict[str, Any]]:
+        """Every evaluation split's per-example outputs (``Task.split_outputs``) from the method's ``scores``."""
         alg, task = run.algorithm, run.task
         alg.eval()
-        record: dict[str, float] = {}
         with torch.inference_mode(), self._autocast(run.device):
-            for name, split in self.eval_splits.items():
-                parts: dict[str, list[torch.Tensor]] = {}
-                for b in split.eval_batches(self.opt.eval_batch_size):
-                    out = task.outputs(alg.scores(b), b)
-                    out["idx"] = b["idx"]
-                    if "y" in b:
-                        out["label"] = b["y"]
-                    for k, v in out.items():
-                        parts.setdefault(k, []).append(v)
-                outputs = {k: torch.cat(v).float().cpu().numpy() if k in ("loss", "correct", "score")
-                           else torch.cat(v).cpu().numpy() for k, v in parts.items()}  # fmt: skip
-                for metric, value in run.dataset.evaluate(name, outputs).items():
-                    record[metric_key(name, metric)] = value
-                if keep_outputs:
-                    run.final_outputs[name] = outputs
+            out = {name: task.split_outputs((b, alg.scores(b)) for b in split.eval_batches(self.opt.eval_batch_size))
+                   for name, split in self.eval_splits.items()}  # fmt: skip
         alg.train()
-        return record
+        return out
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
