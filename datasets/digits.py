@@ -119,6 +119,16 @@ def color_digits(
     return {"x": x, "y": y, "clean_label": clean, "color": color}
 
 
+def colored_environment(label_noise: float) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Generator], Tensors]:
+    """Colored MNIST's per-environment maker ``(i, images, digits, generator) -> tensors``: environment ``i``
+    coloured with ``COLOR_FLIP_PROBS[i]`` (:func:`color_digits`), its digits kept as ``digit``."""
+
+    def make(i: int, x: torch.Tensor, digits: torch.Tensor, g: torch.Generator) -> Tensors:
+        return {**color_digits(x, digits, COLOR_FLIP_PROBS[i], float(label_noise), g), "digit": digits}
+
+    return make
+
+
 def warp(images: torch.Tensor, theta: torch.Tensor, size: int | None = None) -> torch.Tensor:
     """Resamples images through per-image affine maps (bilinear, zero outside), vectorised.
 
@@ -386,12 +396,9 @@ class ColoredDigits(CachedShiftDataset):
     def build(  # type: ignore[override]
         env_size: int, holdout_fraction: float, label_noise: float, noise: float, resolution: int, seed: int
     ) -> EnvData:
-        def make(i: int, x: torch.Tensor, digits: torch.Tensor, g: torch.Generator) -> Tensors:
-            return {**color_digits(x, digits, COLOR_FLIP_PROBS[i], label_noise, g), "digit": digits}
-
         return _enlarged_environments(
             COLORED_ENVIRONMENTS, int(seed), int(env_size), float(holdout_fraction), int(resolution), float(noise),
-            make,
+            colored_environment(label_noise),
         )  # fmt: skip
 
 

@@ -28,7 +28,6 @@ import torch
 
 from shiftbench.data import HOLDOUT_FRACTION, SEED, holdout_split
 from shiftbench.datasets.digits import (
-    COLOR_FLIP_PROBS,
     COLORED_ENVIRONMENTS,
     DIGITS_OPTIONS,
     LABEL_NOISE_OPTION,
@@ -37,7 +36,7 @@ from shiftbench.datasets.digits import (
     CachedShiftDataset,
     EnvData,
     Tensors,
-    color_digits,
+    colored_environment,
     resize,
     rotate,
     split_environments,
@@ -272,11 +271,8 @@ class ColoredMNIST(_MNISTDataset):
     def build(  # type: ignore[override]
         files: tuple, holdout_fraction: float, label_noise: float, n_examples: int, resolution: int, seed: int
     ) -> EnvData:
-        def make(i: int, x: torch.Tensor, digits: torch.Tensor, g: torch.Generator) -> Tensors:
-            return {**color_digits(x, digits, COLOR_FLIP_PROBS[i], float(label_noise), g), "digit": digits}
-
         n_envs = len(COLORED_ENVIRONMENTS)
-        args = (int(seed), float(holdout_fraction), int(resolution), int(n_examples), make)
+        args = (int(seed), float(holdout_fraction), int(resolution), int(n_examples), colored_environment(label_noise))
         return tuple(zip(COLORED_ENVIRONMENTS, _mnist_environments(files, n_envs, *args)))
 
 

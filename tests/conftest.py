@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tests' shared helpers (methodkit)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 # Small versions of the embedded datasets: the protocol is the same, only sizes shrink.

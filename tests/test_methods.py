@@ -27,27 +27,10 @@ from shiftbench.models import build_model
 from shiftbench.registry import METHODS
 from shiftbench.tasks import Classification, Preference
 
+from methodkit import Linear, defaults
+
 R0 = math.log(1 + math.exp(-1))
 R1 = math.log(1 + math.e)
-
-
-def defaults(cls, **overrides) -> dict:
-    """The default hyperparameters of ``cls`` with ``overrides``."""
-    return {**{k: v.default for k, v in cls.hparam_space().items()}, **overrides}
-
-
-class Linear(nn.Module):
-    """featurizer (identity) -> bias-free linear head, weights set by hand."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.featurizer = nn.Identity()
-        self.head = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-        with torch.no_grad():
-            self.head.weight.copy_(weight)
-
-    def forward(self, x):
-        return self.head(self.featurizer(x))
 
 
 def identity_envs() -> list[dict]:

@@ -37,40 +37,7 @@ from shiftbench.models import Model, build_model, feature_width
 from shiftbench.registry import METHODS
 from shiftbench.tasks import Classification, Preference
 
-
-def defaults(cls, **overrides) -> dict:
-    return {**{k: v.default for k, v in cls.hparam_space().items()}, **overrides}
-
-
-class Linear(nn.Module):
-    """featurizer (identity) -> bias-free linear head, weights set by hand."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.featurizer = nn.Identity()
-        self.head = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-        with torch.no_grad():
-            self.head.weight.copy_(weight)
-
-    def forward(self, x):
-        return self.head(self.featurizer(x))
-
-
-def make(cls, model=None, n_envs=2, task=None, **overrides):
-    model = Linear(torch.eye(2)) if model is None else model
-    return cls(model, task or Classification(), n_envs, defaults(cls, **overrides))
-
-
-def env_batches(seed: int = 0, n_envs: int = 2, n: int = 6, d: int = 3, k: int = 3) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    return [{"x": torch.randn(n, d, generator=g) + e, "y": torch.randint(0, k, (n,), generator=g),
-             "idx": torch.arange(n)} for e in range(n_envs)]  # fmt: skip
-
-
-def pref_batches(seed: int = 0, n_envs: int = 2, n: int = 5, d: int = 4) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    return [{"chosen": torch.randn(n, d, generator=g) + e, "rejected": torch.randn(n, d, generator=g),
-             "idx": torch.arange(n)} for e in range(n_envs)]  # fmt: skip
+from methodkit import Linear, env_batches, make, pref_batches
 
 
 DOMAINBED = {

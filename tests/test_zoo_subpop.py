@@ -33,19 +33,7 @@ from shiftbench.methods.sqrtreweight import SqrtReWeight
 from shiftbench.registry import DATASETS, METHODS
 from shiftbench.tasks import Classification
 
-
-class Linear(nn.Module):
-    """featurizer (identity) -> bias-free linear head with the given weights."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.featurizer = nn.Identity()
-        self.head = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-        with torch.no_grad():
-            self.head.weight.copy_(weight)
-
-    def forward(self, x):
-        return self.head(self.featurizer(x))
+from methodkit import Linear
 
 
 def split(x, y, group, start=0) -> TensorSplit:
