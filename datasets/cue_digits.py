@@ -139,11 +139,10 @@ class CueDigits(CachedShiftDataset):
     HPARAMS: ClassVar[dict[str, HParam]] = MLP_HPARAMS
     INPUT_RANGE = (0.0, 1.0)
     num_classes = NUM_CLASSES
+    CHANNELS = 1
 
     def __init__(self, root: str | None = None, options: Mapping[str, Any] | None = None, download: bool = False):
         super().__init__(root, options, download)
-        r = int(self.options["resolution"])
-        self.input_shape = (1, r, r)
         self._variants = {f"env1_{part}": (s.tensors["idx"].numpy(), s.tensors["variant"].numpy())
                           for part, s in self.environments[1].splits.items()}
 

@@ -284,10 +284,16 @@ class CachedShiftDataset(ShiftDataset):
     (treat them as read-only); each gets its own :class:`TensorSplit` objects.
     """
 
+    CHANNELS: ClassVar[int | None] = None
+    """Image datasets: the channel count; ``input_shape`` is then ``(CHANNELS, resolution, resolution)``."""
+
     def __init__(self, root: str | None = None, options: Mapping[str, Any] | None = None, download: bool = False):
         super().__init__(root, options, download)
         envs, self._version = _build_cached(type(self).build, self.build_args())
         self.environments = [Environment(name, {k: TensorSplit(t) for k, t in parts.items()}) for name, parts in envs]
+        if self.CHANNELS is not None:
+            r = int(self.options["resolution"])
+            self.input_shape = (self.CHANNELS, r, r)
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:
@@ -386,11 +392,7 @@ class ColoredDigits(CachedShiftDataset):
     OPTIONS: ClassVar[dict[str, Setting]] = {**DIGITS_OPTIONS, "env_size": ENV_SIZE, "label_noise": LABEL_NOISE_OPTION}
     HPARAMS: ClassVar[dict[str, HParam]] = MLP_HPARAMS
     num_classes = 2
-
-    def __init__(self, root: str | None = None, options: Mapping[str, Any] | None = None, download: bool = False):
-        super().__init__(root, options, download)
-        r = int(self.options["resolution"])
-        self.input_shape = (2, r, r)
+    CHANNELS = 2
 
     @staticmethod
     def build(  # type: ignore[override]
@@ -423,11 +425,7 @@ class RotatedDigits(CachedShiftDataset):
     OPTIONS: ClassVar[dict[str, Setting]] = {**DIGITS_OPTIONS, "env_size": ENV_SIZE.with_default(2000)}
     HPARAMS: ClassVar[dict[str, HParam]] = MLP_HPARAMS
     num_classes = 10
-
-    def __init__(self, root: str | None = None, options: Mapping[str, Any] | None = None, download: bool = False):
-        super().__init__(root, options, download)
-        r = int(self.options["resolution"])
-        self.input_shape = (1, r, r)
+    CHANNELS = 1
 
     @staticmethod
     def build(  # type: ignore[override]

@@ -261,11 +261,7 @@ class ColoredMNIST(_MNISTDataset):
     DEFAULT_TEST_ENVS = (2,)
     OPTIONS: ClassVar[dict[str, Setting]] = {**MNIST_OPTIONS, "label_noise": LABEL_NOISE_OPTION}
     num_classes = 2
-
-    def __init__(self, root: str | None = None, options: Mapping[str, Any] | None = None, download: bool = False):
-        super().__init__(root, options, download)
-        r = int(self.options["resolution"])
-        self.input_shape = (2, r, r)
+    CHANNELS = 2
 
     @staticmethod
     def build(  # type: ignore[override]
@@ -288,11 +284,7 @@ class RotatedMNIST(_MNISTDataset):
     DEFAULT_TEST_ENVS = (0,)
     OPTIONS: ClassVar[dict[str, Setting]] = dict(MNIST_OPTIONS)
     num_classes = 10
-
-    def __init__(self, root: str | None = None, options: Mapping[str, Any] | None = None, download: bool = False):
-        super().__init__(root, options, download)
-        r = int(self.options["resolution"])
-        self.input_shape = (1, r, r)
+    CHANNELS = 1
 
     @staticmethod
     def build(  # type: ignore[override]

@@ -97,10 +97,10 @@ class SubpopDigits(CachedShiftDataset):
             return ["test", *(f"train:{g}" for g in GROUP_NAMES)]
         return list(cls.ENVIRONMENTS)
 
+    CHANNELS = 2
+
     def __init__(self, root: str | None = None, options: Mapping[str, Any] | None = None, download: bool = False):
         super().__init__(root, options, download)
-        r = int(self.options["resolution"])
-        self.input_shape = (2, r, r)
         if self.options["group_envs"]:
             test, train = self.environments
             self.environments = [test] + [Environment(f"train:{name}", {
