@@ -44,9 +44,14 @@ class Task:
         """One split's per-example outputs from its ``(batch, scores)`` pairs, in batch order: :meth:`outputs` plus
         ``idx`` and ``label`` (when the batch has ``y``), as NumPy arrays (``loss``, ``correct``, ``score`` in
         float32) -- what ``ShiftDataset.evaluate`` reads and predictions.npz keeps."""
+        return self.collect((b, self.outputs(scores, b)) for b, scores in scored)
+
+    @staticmethod
+    def collect(pairs) -> dict[str, np.ndarray]:
+        """:meth:`split_outputs` from ``(batch, outputs of the batch)`` pairs whose outputs are already computed."""
         parts: dict[str, list[torch.Tensor]] = {}
-        for b, scores in scored:
-            out = self.outputs(scores, b)
+        for b, out in pairs:
+            out = dict(out)
             out["idx"] = b["idx"]
             if "y" in b:
                 out["label"] = b["y"]

@@ -123,6 +123,32 @@ def test_pack_equals_trials_alone(method, tmp_path):
           f"largest final accuracy difference {max(w[1] for w in worst):.3f} points")
 
 
+def test_vectorised_evaluation_equals_each_trials_own(tmp_path):
+    from shiftbench.pack.evaluate import eval_reason, evaluate_together
+    from shiftbench.pack.functional import stack_params
+    from shiftbench.trainer import Trainer
+
+    specs = make_specs("erm")  # other seeds (so other data), one holding out another environment
+    trainers = [Trainer(s, tmp_path / s.short_hash, RunOptions(device="cpu", eval_batch_size=50)) for s in specs]
+    runs = [t._build() for t in trainers]
+    assert eval_reason(runs, trainers) is None
+    params = stack_params([r.model for r in runs])
+    together = evaluate_together(runs, trainers, params, runs[0].model, 50, amp=False)  # 16 rows per member
+    worst = 0.0
+    for t, r, got in zip(trainers, runs, together):
+        alone = t.split_outputs(r)
+        assert list(got) == list(alone) == list(t.eval_splits)
+        for name in alone:
+            assert sorted(got[name]) == sorted(alone[name])
+            for key in ("idx", "label", "pred", "correct"):
+                assert np.array_equal(got[name][key], alone[name][key]), (name, key)
+            for key in ("loss", "score"):
+                np.testing.assert_allclose(got[name][key], alone[name][key], rtol=1e-5, atol=1e-6)
+                worst = max(worst, float(np.abs(got[name][key] - alone[name][key]).max()))
+        assert r.dataset.evaluate(name, got[name]) == r.dataset.evaluate(name, alone[name])
+    print(f"\nvectorised evaluation vs each trial's own: largest loss/score difference {worst:.2e}")
+
+
 def test_one_diverging_trial_fails_alone(tmp_path):
     specs = [spec("erm", seed=0, steps=21), spec("erm", seed=1, steps=21, lr=1e12)]
     solo = run_trial(specs[1], tmp_path / "solo", RunOptions(device="cpu"))

@@ -29,6 +29,7 @@ from ..config import TrialSpec
 from ..errors import TrialFailed
 from ..trainer import Trainer
 from .adam import StackedAdam
+from .evaluate import eval_reason, evaluate_together
 from .functional import model_reason, stack_params, stack_trees, vectorised_step, write_params
 
 
@@ -41,10 +42,19 @@ class _Parked(Exception):
 
 
 class _Member(Trainer):
-    """A trial of a pack: ``Trainer.run`` up to the training loop, which parks instead of training."""
+    """A trial of a pack: ``Trainer.run`` up to the training loop, which parks instead of training; its evaluation
+    takes the outputs the pack computed for all members (``precomputed``) when there are any."""
+
+    precomputed: dict[str, dict[str, Any]] | None = None
 
     def _loop(self, run, start, t0):
         raise _Parked(run, start, t0)
+
+    def split_outputs(self, run):
+        if self.precomputed is None:
+            return super().split_outputs(run)
+        out, self.precomputed = self.precomputed, None
+        return out
 
 
 @dataclass
@@ -186,14 +196,15 @@ def _train_pack(members: list[_Slot], options: RunOptions, errors: list) -> None
         cur = min(s.step for s in active)
         cohort = [s for s in active if s.step == cur]
         end = _segment_end(cur, cohort[0].spec)
-        _train_segment(cohort, cur, end, options)
+        params = _train_segment(cohort, cur, end, options)
+        _evaluate_cohort(cohort, params, options)
         for s in cohort:
             _after_segment(s, end, errors)
 
 
-def _train_segment(cohort: list[_Slot], start: int, end: int, options: RunOptions) -> None:
+def _train_segment(cohort: list[_Slot], start: int, end: int, options: RunOptions) -> dict[str, torch.Tensor]:
     """Steps ``start..end`` of every member at once; leaves each member's model, Adam and method state updated and
-    its step statistics' sums in ``slot.sums``."""
+    its step statistics' sums in ``slot.sums``; returns the members' parameters, stacked."""
     t_start = time.time()
     runs = [s.run for s in cohort]
     algs = [r.algorithm for r in runs]
@@ -229,6 +240,18 @@ def _train_segment(cohort: list[_Slot], start: int, end: int, options: RunOption
         s.sums = {n: v[k] for n, v in sums.items()}
         s.n = end + 1 - start
         s.step_time = share
+    return params
+
+
+def _evaluate_cohort(cohort: list[_Slot], params: dict[str, torch.Tensor], options: RunOptions) -> None:
+    """Hands every member the outputs of its evaluation, computed for all at once (``evaluate_together``), unless
+    the cohort is one trial or its evaluation cannot be vectorised (``eval_reason``): then each evaluates alone."""
+    runs, trainers = [s.run for s in cohort], [s.trainer for s in cohort]
+    if len(cohort) < 2 or eval_reason(runs, trainers) is not None:
+        return
+    outputs = evaluate_together(runs, trainers, params, runs[0].model, options.eval_batch_size, options.amp)
+    for s, out in zip(cohort, outputs):
+        s.trainer.precomputed = out
 
 
 def _after_segment(slot: _Slot, step: int, errors: list) -> None:
@@ -250,3 +273,5 @@ def _after_segment(slot: _Slot, step: int, errors: list) -> None:
     except Exception as e:  # noqa: BLE001 -- this trial raises as it would alone; the pack goes on
         slot.done = True
         errors.append((slot.index, e))
+    finally:
+        tr.precomputed = None  # unused when the trial failed before its evaluation
