@@ -57,8 +57,13 @@ class Task:
                 out["label"] = b["y"]
             for k, v in out.items():
                 parts.setdefault(k, []).append(v)
-        return {k: torch.cat(v).float().cpu().numpy() if k in ("loss", "correct", "score")
-                else torch.cat(v).cpu().numpy() for k, v in parts.items()}  # fmt: skip
+        return Task.to_numpy({k: torch.cat(v) for k, v in parts.items()})
+
+    @staticmethod
+    def to_numpy(outputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """A split's output tensors as NumPy arrays, ``loss``, ``correct`` and ``score`` in float32."""
+        return {k: v.float().cpu().numpy() if k in ("loss", "correct", "score") else v.cpu().numpy()
+                for k, v in outputs.items()}  # fmt: skip
 
 
 TASKS.base = Task

@@ -112,7 +112,11 @@ def test_stacked_adam_matches_torch_adam_on_every_slice():
 
 
 @pytest.mark.parametrize("method", list(PACKS))
-def test_pack_equals_trials_alone(method, tmp_path):
+def test_pack_equals_trials_alone(method, tmp_path, monkeypatch):
+    from shiftbench.pack import evaluate
+
+    if method in ("erm", "irm"):  # the vectorised evaluation (CUDA's default) through a whole pack, on the CPU
+        monkeypatch.setattr(evaluate, "VECTORISED_ON", ("cuda", "cpu"))
     specs = make_specs(method)
     assert len({pack_key(s) for s in specs}) == 1
     solo = [run_trial(s, tmp_path / "solo" / s.short_hash, RunOptions(device="cpu")) for s in specs]
@@ -123,10 +127,13 @@ def test_pack_equals_trials_alone(method, tmp_path):
           f"largest final accuracy difference {max(w[1] for w in worst):.3f} points")
 
 
-def test_vectorised_evaluation_equals_each_trials_own(tmp_path):
+def test_vectorised_evaluation_equals_each_trials_own(tmp_path, monkeypatch):
+    from shiftbench.pack import evaluate
     from shiftbench.pack.evaluate import eval_reason, evaluate_together
     from shiftbench.pack.functional import stack_params
     from shiftbench.trainer import Trainer
+
+    monkeypatch.setattr(evaluate, "VECTORISED_ON", ("cuda", "cpu"))  # CUDA only by default: slower on a CPU
 
     specs = make_specs("erm")  # other seeds (so other data), one holding out another environment
     trainers = [Trainer(s, tmp_path / s.short_hash, RunOptions(device="cpu", eval_batch_size=50)) for s in specs]

@@ -17,8 +17,12 @@ import torch
 class StackedAdam:
     """Adam state for stacked parameters ``{name: (K, ...)}``.
 
+    The parameters and both moments live in one ``(K, P)`` buffer each (P: the parameter count of one model), and
+    ``params``' entries are replaced by views of it, so a step is a dozen tensor operations whatever the number of
+    parameter tensors (the per-parameter loop of torch's single-tensor Adam, once per slice, is what a pack saves).
+
     Args:
-        params: the stacked parameters, updated in place by ``step``.
+        params: the stacked parameters; its entries become views of the buffer ``step`` updates in place.
         lr, weight_decay, beta1, beta2, eps: ``(K,)`` float64 tensors (one value per slice).
         exp_avg, exp_avg_sq: the moment estimates (zeros when None).
         steps: ``(K,)`` float64 step counts (zeros when None).
@@ -27,18 +31,26 @@ class StackedAdam:
     def __init__(self, params: dict[str, torch.Tensor], lr, weight_decay, beta1, beta2, eps,
                  exp_avg: dict[str, torch.Tensor] | None = None, exp_avg_sq: dict[str, torch.Tensor] | None = None,
                  steps: torch.Tensor | None = None):  # fmt: skip
-        self.params = params
         self.hyper = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in
                       dict(lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps).items()}  # fmt: skip
         k = len(self.hyper["lr"])
-        self.exp_avg = exp_avg if exp_avg is not None else {n: torch.zeros_like(p) for n, p in params.items()}
-        self.exp_avg_sq = exp_avg_sq if exp_avg_sq is not None else {n: torch.zeros_like(p) for n, p in params.items()}
+        self.names = list(params)
+        self.flat, self.params = self._flatten(params, params, k)
+        self.flat_m, self.exp_avg = self._flatten(exp_avg, params, k)
+        self.flat_v, self.exp_avg_sq = self._flatten(exp_avg_sq, params, k)
+        params.update(self.params)
         self.steps = steps if steps is not None else torch.zeros(k, dtype=torch.float64)
 
-    @staticmethod
-    def _per_slice(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """``(K,)`` values shaped to broadcast over ``like`` (K, ...), in its dtype and device."""
-        return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+    def _flatten(self, tensors: dict[str, torch.Tensor] | None, like: dict[str, torch.Tensor], k: int):
+        """``tensors`` (zeros when None) copied into one ``(K, P)`` buffer, and ``{name: view of it}``."""
+        flat = torch.cat([(tensors[n] if tensors is not None else torch.zeros_like(like[n])).reshape(k, -1)
+                          for n in self.names], dim=1)  # fmt: skip
+        views, start = {}, 0
+        for n in self.names:
+            size = like[n][0].numel()
+            views[n] = flat[:, start:start + size].view(like[n].shape)
+            start += size
+        return flat, views
 
     def reset(self, mask: torch.Tensor | bool) -> None:
         """Forgets the state of the slices in ``mask`` (as ``optimizer.state.clear()`` does for one trial)."""
@@ -46,34 +58,33 @@ class StackedAdam:
             return
         keep = ~torch.as_tensor(mask, dtype=torch.bool).cpu()
         self.steps = self.steps * keep
-        for d in (self.exp_avg, self.exp_avg_sq):
-            for n, v in d.items():
-                d[n] = v * self._per_slice(keep, v)
+        column = keep.to(device=self.flat.device, dtype=self.flat.dtype)[:, None]
+        self.flat_m.mul_(column)
+        self.flat_v.mul_(column)
 
-    def _coef(self, values: torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    def _coef(self, values: torch.Tensor) -> float | torch.Tensor:
         """A per-slice coefficient: a Python float when every slice has the same value (as torch applies it),
-        else ``(K, 1, ...)`` shaped over ``like``."""
+        else a ``(K, 1)`` column in the buffer's dtype and device."""
         if bool((values == values[0]).all()):
             return float(values[0])
-        return self._per_slice(values, like)
+        return values.to(device=self.flat.device, dtype=self.flat.dtype)[:, None]
 
     @torch.no_grad()
     def step(self, grads: dict[str, torch.Tensor]) -> None:
-        """One Adam update of every slice; ``grads`` (same layout as the parameters) is consumed."""
+        """One Adam update of every slice (``grads`` in the parameters' layout)."""
         h = self.hyper
         steps = self.steps + 1
         # torch computes the bias corrections in Python floats (float64) and applies them as scalars
         bc2_sqrt = (1 - h["beta2"] ** steps).sqrt()
         step_size = h["lr"] / (1 - h["beta1"] ** steps)
-        for n, p in self.params.items():
-            g = grads[n]
-            if bool((h["weight_decay"] != 0).any()):
-                g = g.add_(p * self._coef(h["weight_decay"], p))
-            m, v = self.exp_avg[n], self.exp_avg_sq[n]
-            m.lerp_(g, self._coef(1 - h["beta1"], p))
-            v.mul_(self._coef(h["beta2"], p)).add_(g.mul_(g).mul_(self._coef(1 - h["beta2"], p)))
-            denom = v.sqrt().div_(self._coef(bc2_sqrt, p)).add_(self._coef(h["eps"], p))
-            p.sub_(torch.div(m, denom).mul_(self._coef(step_size, p)))
+        k, p, m, v = len(steps), self.flat, self.flat_m, self.flat_v
+        g = torch.cat([grads[n].reshape(k, -1) for n in self.names], dim=1)
+        if bool((h["weight_decay"] != 0).any()):
+            g.add_(p * self._coef(h["weight_decay"]))
+        m.lerp_(g, self._coef(1 - h["beta1"]))
+        v.mul_(self._coef(h["beta2"])).add_(g.mul_(g).mul_(self._coef(1 - h["beta2"])))
+        denom = v.sqrt().div_(self._coef(bc2_sqrt)).add_(self._coef(h["eps"]))
+        p.sub_(torch.div(m, denom).mul_(self._coef(step_size)))
         self.steps = steps
 
     # -- to and from torch.optim.Adam ----------------------------------------------------------------------------
