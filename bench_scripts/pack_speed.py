@@ -1,16 +1,25 @@
 """Trials per hour with and without packing (issue 18): ``--pack off`` against ``--pack auto``, side by side.
 
-The sweep: colored_digits, ERM, IRM, V-REx and GroupDRO x ``--draws`` random-search draws x ``--seeds`` seeds, with
-the architecture and batch size fixed (``mlp_width`` 256, ``mlp_depth`` 2, no dropout, batch 64) so that trials
-share a shape; learning rate, weight decay and each method's own hyperparameters are drawn per trial. ``off`` runs
-the trials one after another with ``run_trial`` in this process; ``auto`` buckets them (``group_trials``) into
-packs of ``choose_k`` and runs each with ``run_pack``. Both sides use the same process, threads and prebuilt data,
-and the script checks that their final accuracies agree. On CPU always, and on CUDA as well when one is present.
+Four sweeps (``--sweeps``; each side runs in this process, with the same threads and prebuilt data, and the script
+checks that their final accuracies agree):
+
+- ``shared64`` and ``shared256``: colored_digits, ERM, IRM, V-REx and GroupDRO x ``--draws`` random-search draws x
+  ``--seeds`` seeds, the architecture and batch size fixed (``mlp_width`` 64 or 256, ``mlp_depth`` 2, no dropout,
+  batch 64) so that trials share a shape; learning rate, weight decay and each method's own hyperparameters are
+  drawn per trial. The 3x CPU goal is for sweeps like these.
+- ``domainbed``: the same four methods with DomainBed's whole random search (batch size 2^3-2^9, ``mlp_width``
+  2^6-2^10, ``mlp_depth`` 1-3, dropout 0/0.1/0.5), so draws differ in shape: packs are the buckets of equal shape,
+  and a trial with dropout trains alone.
+- ``quickstart``: the ``quickstart`` suite as it is (both datasets, its callbacks: drift tests and attestation).
+
+``off`` runs the trials one after another with ``run_trial``; ``auto`` buckets them (``group_trials``) into packs of
+``choose_k`` and runs each with ``run_pack``. On CPU always, and on CUDA as well when one is present.
 
 Memory per packed trial: the measured peak growth of the process (RSS on CPU, allocated device memory on CUDA)
 while the packs ran, divided by K, beside the optimiser-state floor (parameters, gradients, two Adam moments).
 
-    python bench_scripts/pack_speed.py            # 4 methods x 2 draws x 3 seeds, 501 steps
+    python bench_scripts/pack_speed.py            # all four sweeps (about 20 minutes on 2 CPU cores)
+    python bench_scripts/pack_speed.py --sweeps shared64 --draws 16
     python bench_scripts/pack_speed.py --quick    # a few seconds (what the tests run)
 """
 
@@ -40,9 +49,22 @@ FIXED = {"batch_size": 64, "mlp_width": 256, "mlp_depth": 2, "mlp_dropout": 0.0}
 
 
 def sweep(draws: int, seeds: int, steps: int, eval_every: int, options: dict, fixed: dict) -> list[TrialSpec]:
+    """colored_digits x METHODS x draws x seeds; ``fixed`` hyperparameters are not drawn (draw 0 is the defaults,
+    as in DomainBed)."""
     return [TrialSpec.resolve("colored_digits", m, seed=s, hparams_seed=h, steps=steps, eval_every=eval_every,
                               hparams=fixed, dataset_options=options)
             for m in METHODS for h in range(draws) for s in range(seeds)]  # fmt: skip
+
+
+def quickstart() -> list[TrialSpec]:
+    """The quickstart suite's trials; its attestations are signed with a key made for this run (a fresh
+    SHIFTBENCH_HOME), not the user's."""
+    import os
+
+    from shiftbench.config import load_suite
+
+    os.environ["SHIFTBENCH_HOME"] = tempfile.mkdtemp(prefix="pack_speed_home_")
+    return load_suite("quickstart").trials()
 
 
 class PeakRSS:
@@ -74,7 +96,7 @@ def final_accs(out: Path, specs) -> dict[str, float]:
     return accs
 
 
-def bench(device: str, specs, k: int | None) -> dict:
+def bench(device: str, specs, k: int | None, name: str = "") -> dict:
     opts = RunOptions(device=device, checkpoint_interval=1e9)
     for s in specs:  # data built before either side is timed (both reuse the process's cache)
         load_dataset(s.dataset, s.dataset_options)
@@ -102,18 +124,20 @@ def bench(device: str, specs, k: int | None) -> dict:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     params, _ = trial_cost(specs[0])
-    return {"device": device, "trials": len(specs), "k": k, "packs": len(groups), "off_s": t_off, "pack_s": t_pack,
+    return {"sweep": name, "device": device, "trials": len(specs), "k": k, "packs": len(groups), "off_s": t_off, "pack_s": t_pack,
             "mem_per_trial_mb": grown / max(len(groups[0]), 1) / 2**20, "state_mb": 16 * params / 2**20,
             "acc_diff_pts": worst}  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| device | trials | mode | K | wall s | trials/hour | × off | memory / packed trial (MB) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = ["| sweep | device | trials | mode | K | packs | wall s | trials/hour | × off | memory / packed trial (MB) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
         off, pack = 3600 * r["trials"] / r["off_s"], 3600 * r["trials"] / r["pack_s"]
-        lines.append(f"| {r['device']} | {r['trials']} | off | 1 | {r['off_s']:.1f} | {off:.0f} | 1.00 | |")
-        lines.append(f"| {r['device']} | {r['trials']} | auto | {r['k']} | {r['pack_s']:.1f} | {pack:.0f} | "
+        lines.append(f"| {r['sweep']} | {r['device']} | {r['trials']} | off | 1 | | {r['off_s']:.1f} | {off:.0f} | "
+                     "1.00 | |")
+        lines.append(f"| {r['sweep']} | {r['device']} | {r['trials']} | auto | {r['k']} | {r['packs']} | "
+                     f"{r['pack_s']:.1f} | {pack:.0f} | "
                      f"{pack / off:.2f} | {r['mem_per_trial_mb']:.1f} peak growth / K "
                      f"({r['state_mb']:.1f} params+grads+Adam) |")  # fmt: skip
     return "\n".join(lines)
@@ -122,12 +146,12 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a tiny sweep (8 trials, 21 steps, small data)")
-    ap.add_argument("--draws", type=int, default=2, help="random-search draws per method (default: 2)")
+    ap.add_argument("--sweeps", default="shared64,shared256,domainbed,quickstart",
+                    help="comma-separated: shared64, shared256, domainbed, quickstart (default: all)")
+    ap.add_argument("--draws", type=int, default=6, help="random-search draws per method (default: 6)")
     ap.add_argument("--seeds", type=int, default=3, help="trial seeds (default: 3)")
     ap.add_argument("--steps", type=int, default=501, help="training steps per trial (default: 501)")
     ap.add_argument("--eval-every", type=int, default=100, help="evaluation period (default: 100)")
-    ap.add_argument("--width", type=int, default=FIXED["mlp_width"], help="mlp_width of every trial (default: 256)")
-    ap.add_argument("--batch-size", type=int, default=FIXED["batch_size"], help="batch size (default: 64)")
     ap.add_argument("--k", type=int, default=None, help="pack size (default: choose_k, as --pack auto)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
@@ -135,15 +159,29 @@ def main(argv=None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        specs = sweep(1, 2, 21, 10, {"env_size": 400, "resolution": 8}, {**FIXED, "mlp_width": 32, "batch_size": 16})
+        sweeps = {"quick": sweep(1, 2, 21, 10, {"env_size": 400, "resolution": 8},
+                                 {**FIXED, "mlp_width": 32, "batch_size": 16})}  # fmt: skip
     else:
-        fixed = {**FIXED, "mlp_width": args.width, "batch_size": args.batch_size}
-        specs = sweep(args.draws, args.seeds, args.steps, args.eval_every, {}, fixed)
+        make = {
+            "shared64": lambda: sweep(args.draws, args.seeds, args.steps, args.eval_every, {}, {**FIXED, "mlp_width": 64}),
+            "shared256": lambda: sweep(args.draws, args.seeds, args.steps, args.eval_every, {}, FIXED),
+            "domainbed": lambda: sweep(args.draws, args.seeds, args.steps, args.eval_every, {}, {}),
+            "quickstart": quickstart,
+        }  # fmt: skip
+        names = [n.strip() for n in args.sweeps.split(",") if n.strip()]
+        unknown = [n for n in names if n not in make]
+        if unknown:
+            ap.error(f"unknown sweep {unknown[0]!r}; choose from {', '.join(make)}")
+        sweeps = {n: make[n]() for n in names}
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
-    rows = [bench(d, specs, args.k) for d in devices]
+    rows = []
+    for d in devices:
+        for name, specs in sweeps.items():
+            rows.append(bench(d, specs, args.k, name))
+            print(table(rows[-1:]), flush=True)
     print(table(rows))
     for r in rows:
-        print(f"{r['device']}: auto chose K={r['k']} ({r['packs']} packs); largest final-accuracy difference "
+        print(f"{r['sweep']} on {r['device']}: auto chose K={r['k']} ({r['packs']} packs); largest final-accuracy difference "
               f"packed vs off: {r['acc_diff_pts']:.3f} points; torch threads {torch.get_num_threads()}")
     return rows
 
