@@ -34,8 +34,9 @@ class RunOptions:
     """Folder with real datasets."""
     download: bool = False
     """Allow loaders to download missing files."""
-    eval_batch_size: int = 2048
-    """Batch size of evaluation passes."""
+    eval_batch_size: int | None = None
+    """Batch size of evaluation passes; None: chosen from the model and device (``models.eval_batch_for``:
+    2,048 for the digits MLPs on a CPU, 160 for the MNIST CNN)."""
     retry_failed: bool = False
     """Run a trial again even if it failed before."""
     checkpoint_interval: float = 30.0
@@ -122,6 +123,9 @@ class TrialRun:
     final_outputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     step: int | None = None
     """The training step in progress (None before the first)."""
+    eval_batch_size: int = 2048
+    """The batch size of this trial's evaluation passes (``RunOptions.eval_batch_size`` or the one chosen for its
+    model and device); callbacks that evaluate use it too."""
 
     @property
     def task(self):

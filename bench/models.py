@@ -101,6 +101,48 @@ class MNISTCNN(nn.Module):
         return self.net(x)
 
 
+EVAL_MEMORY = {"cpu": 96 << 20, "cuda": 1 << 30}
+"""Bytes of live activations an evaluation batch may take (``eval_batch_for``): on a CPU well inside the caches
+and the allocator's reuse (batches of 2,048 MNIST-CNN images, about 400 MB per activation, page-faulted their
+buffers in each pass), on a GPU enough rows to keep it busy."""
+EVAL_BATCH_RANGE = {"cpu": (32, 2048), "cuda": (256, 8192)}
+"""The smallest and largest evaluation batch ``eval_batch_for`` picks, per device type."""
+
+
+def eval_batch_for(model: nn.Module, example: torch.Tensor, device: torch.device | str = "cpu") -> int:
+    """An evaluation batch size for ``model`` on ``device``, from its activations rather than one constant.
+
+    One forward pass on ``example`` (one input row, any batch of it: its first dimension is the batch) measures the
+    largest activation any module outputs, per example; a batch is the number of rows whose three largest-sized
+    buffers (an input, an output and a workspace) fit in ``EVAL_MEMORY``, clamped to ``EVAL_BATCH_RANGE`` and
+    rounded down to a multiple of 32. A model the probe cannot run gets the largest batch of the range.
+    """
+    kind = torch.device(device).type if not isinstance(device, torch.device) else device.type
+    kind = kind if kind in EVAL_MEMORY else "cuda"
+    lo, hi = EVAL_BATCH_RANGE[kind]
+    rows = len(example)
+    largest = [example[0].numel() * example.element_size()]
+
+    def hook(_module, _inputs, output):
+        if torch.is_tensor(output) and output.dim() > 0 and len(output) == rows:
+            largest.append(output[0].numel() * output.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(example)
+    except Exception:  # noqa: BLE001 -- a model that needs more than one tensor: fall back to the range's top
+        return hi
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    per_example = 3 * max(largest)
+    return max(lo, min(hi, EVAL_MEMORY[kind] // max(per_example, 1) // 32 * 32))
+
+
 def build_model(name: str, input_shape, n_outputs: int, hparams: dict) -> Model:
     """Builds ``MODELS[name]`` with the hyperparameters it accepts (``mlp_width`` -> ``width``, ...)."""
     import inspect

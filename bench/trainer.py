@@ -22,7 +22,7 @@ from .data import ShiftDataset, Split, input_range, load_dataset  # noqa: F401
 from .errors import TrialFailed, UserError
 from .hparams import seed_hash
 from .io import CreatedDirs
-from .models import build_model
+from .models import build_model, eval_batch_for
 from .provenance import code_version
 from . import records
 from .records import env_split, metric_key, trial_status  # noqa: F401 (importable from here)
@@ -58,6 +58,9 @@ class Trainer:
         self.stream_seeds = [seed_hash(spec.seed, "stream", n) for n in self.train_names]
         self.batch_keys = tuple(dict.fromkeys(task.batch_keys + algorithm.BATCH_KEYS))
         run = TrialRun(spec, self.dir, dataset, algorithm, device, self.opt)
+        probe = next((next(s.eval_batches(2))[task.input_keys[0]] for s in self.eval_splits.values() if len(s)), None)
+        run.eval_batch_size = self.opt.eval_batch_size or (eval_batch_for(model, probe, device) if probe is not None
+                                                           else 2048)  # fmt: skip
         context = MethodContext(
             train_env_names=self.train_names,
             # training ``in`` splits too: a dataset may not evaluate them (WILDS), but methods count and resample them
@@ -141,7 +144,7 @@ class Trainer:
         alg, task = run.algorithm, run.task
         alg.eval()
         with torch.inference_mode(), self._autocast(run.device):
-            out = {name: task.split_outputs((b, alg.scores(b)) for b in split.eval_batches(self.opt.eval_batch_size))
+            out = {name: task.split_outputs((b, alg.scores(b)) for b in split.eval_batches(run.eval_batch_size))
                    for name, split in self.eval_splits.items()}  # fmt: skip
         alg.train()
         return out

@@ -139,3 +139,20 @@ def test_bad_trial_input_is_one_clear_error(kwargs, message):
     args = {"dataset": "colored_digits", "method": "erm", **kwargs}
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         TrialSpec.resolve(args.pop("dataset"), args.pop("method"), **args)
+
+
+def test_the_evaluation_batch_follows_the_model_and_device(tmp_path):
+    from shiftbench.models import EVAL_MEMORY, build_model, eval_batch_for
+    from shiftbench.trainer import Trainer
+
+    cnn = build_model("mnist_cnn", (2, 28, 28), 2, {})
+    # its largest activation is conv1's 64 x 28 x 28 float32 per image; three such buffers per row in 96 MiB
+    per_row = 3 * 64 * 28 * 28 * 4
+    assert eval_batch_for(cnn, torch.zeros(2, 2, 28, 28), "cpu") == EVAL_MEMORY["cpu"] // per_row // 32 * 32 == 160
+    assert eval_batch_for(cnn, torch.zeros(2, 2, 28, 28), "cuda") == EVAL_MEMORY["cuda"] // per_row // 32 * 32
+    mlp = build_model("mlp", (2, 16, 16), 2, {"mlp_width": 64, "mlp_depth": 2, "mlp_dropout": 0.0})
+    assert eval_batch_for(mlp, torch.zeros(2, 2, 16, 16), "cpu") == 2048  # the range's top: the digits MLPs keep 2,048
+    spec = TrialSpec.resolve("colored_digits", "erm", steps=1, eval_every=1,
+                             dataset_options={"env_size": 100, "resolution": 8})  # fmt: skip
+    assert Trainer(spec, tmp_path / "a", RunOptions(device="cpu"))._build().eval_batch_size == 2048
+    assert Trainer(spec, tmp_path / "b", RunOptions(device="cpu", eval_batch_size=50))._build().eval_batch_size == 50

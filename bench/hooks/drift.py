@@ -194,7 +194,7 @@ class DriftCallback(Callback):
         """Reduced inputs, penultimate features, outputs and (classification) predictions of one sample."""
         alg, task = run.algorithm, run.task
         classification = run.dataset.TASK == "classification"
-        bs = run.options.eval_batch_size
+        bs = run.eval_batch_size
         n = len(batch["idx"]) if "idx" in batch else len(batch[keys[0]])
         feats, outs = [], []
         was_training = alg.training

@@ -112,7 +112,7 @@ class RobustEval(Callback):
                 g = torch.Generator(device=run.device)
                 g.manual_seed(seed_hash(run.spec.seed, NAME, key, record.get("step"), split_name))
                 correct, losses, seen = [], [], 0
-                for b in split.eval_batches(min(n_max or run.options.eval_batch_size, run.options.eval_batch_size)):
+                for b in split.eval_batches(min(n_max or run.eval_batch_size, run.eval_batch_size)):
                     b = {k: v.to(run.device) for k, v in b.items()}
                     if n_max:
                         b = {k: v[: n_max - seen] for k, v in b.items()}

@@ -249,7 +249,7 @@ def _evaluate_cohort(cohort: list[_Slot], params: dict[str, torch.Tensor], optio
     runs, trainers = [s.run for s in cohort], [s.trainer for s in cohort]
     if len(cohort) < 2 or eval_reason(runs, trainers) is not None:
         return
-    outputs = evaluate_together(runs, trainers, params, runs[0].model, options.eval_batch_size, options.amp)
+    outputs = evaluate_together(runs, trainers, params, runs[0].model, runs[0].eval_batch_size, options.amp)
     for s, out in zip(cohort, outputs):
         s.trainer.precomputed = out
 
