@@ -36,7 +36,7 @@ class RunOptions:
     """Allow loaders to download missing files."""
     eval_batch_size: int | None = None
     """Batch size of evaluation passes; None: chosen from the model and device (``models.eval_batch_for``:
-    2,048 for the digits MLPs on a CPU, 160 for the MNIST CNN)."""
+    2,048 for the digits MLPs on a CPU, 64 for the MNIST CNN)."""
     retry_failed: bool = False
     """Run a trial again even if it failed before."""
     checkpoint_interval: float = 30.0
