@@ -110,17 +110,19 @@ EVAL_BATCH_RANGE = {"cpu": (32, 2048), "cuda": (256, 8192)}
 """The smallest and largest evaluation batch ``eval_batch_for`` picks, per device type."""
 
 
-def eval_batch_for(model: nn.Module, example: torch.Tensor, device: torch.device | str = "cpu") -> int:
+def eval_batch_for(model: nn.Module, example: torch.Tensor | None, device: torch.device | str = "cpu") -> int:
     """An evaluation batch size for ``model`` on ``device``, from its activations rather than one constant.
 
     One forward pass on ``example`` (one input row, any batch of it: its first dimension is the batch) measures the
     largest activation any module outputs, per example; a batch is the number of rows whose three largest-sized
     buffers (an input, an output and a workspace) fit in ``EVAL_MEMORY``, clamped to ``EVAL_BATCH_RANGE`` and
-    rounded down to a multiple of 32. A model the probe cannot run gets the largest batch of the range.
+    rounded down to a multiple of 32. A model the probe cannot run, or no ``example``, gets the range's largest.
     """
     kind = torch.device(device).type if not isinstance(device, torch.device) else device.type
     kind = kind if kind in EVAL_MEMORY else "cuda"
     lo, hi = EVAL_BATCH_RANGE[kind]
+    if example is None:
+        return hi
     rows = len(example)
     largest = [example[0].numel() * example.element_size()]
 

@@ -59,8 +59,7 @@ class Trainer:
         self.batch_keys = tuple(dict.fromkeys(task.batch_keys + algorithm.BATCH_KEYS))
         run = TrialRun(spec, self.dir, dataset, algorithm, device, self.opt)
         probe = next((next(s.eval_batches(2))[task.input_keys[0]] for s in self.eval_splits.values() if len(s)), None)
-        run.eval_batch_size = self.opt.eval_batch_size or (eval_batch_for(model, probe, device) if probe is not None
-                                                           else 2048)  # fmt: skip
+        run.eval_batch_size = self.opt.eval_batch_size or eval_batch_for(model, probe, device)
         context = MethodContext(
             train_env_names=self.train_names,
             # training ``in`` splits too: a dataset may not evaluate them (WILDS), but methods count and resample them
