@@ -57,6 +57,8 @@ EXPERIMENT_KIND = "custom_model_development"
 """Its value for model training (the UI's other main value is ``genai_development``)."""
 LOCKED_PATIENCE_S = 300.0
 """How long a call refused with "database is locked" is retried before the error is let through."""
+DATASET_RACE_TRIES = 3
+"""How often a dataset input is logged when another writer keeps inserting the same dataset first."""
 
 _SKIPPED_FILES = {CHECKPOINT}
 """Trial files that are never mirrored: the checkpoint is working state, not a result."""
@@ -207,6 +209,12 @@ def _is_locked(error: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def _lost_dataset_race(error: BaseException) -> bool:
+    """Whether ``error`` is MLflow's dataset insert failing on its unique key (another writer inserted it first)."""
+    text = str(error)
+    return "UNIQUE constraint failed: datasets." in text or ("duplicate key" in text and "datasets" in text)
 
 
 def _retry(call: Callable[..., Any], *args: Any, patience: float = LOCKED_PATIENCE_S, **kwargs: Any) -> Any:
@@ -562,7 +570,17 @@ class Tracker:
         )
         dataset = MetaDataset(source, name=str(spec.get("dataset", "dataset")), digest=version[:_MAX_DIGEST])
         entity = Dataset(**dataset.to_dict())
-        self.client.log_inputs(run_id, [DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
+        inputs = [DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])]
+        for attempt in range(DATASET_RACE_TRIES):
+            try:
+                self.client.log_inputs(run_id, inputs)
+                return
+            except Exception as e:
+                # MLflow looks the dataset up, then inserts it: two drivers logging the same dataset into one
+                # experiment at once can both miss it, and the later insert fails on the unique key. The row now
+                # exists, so the next try finds it and only links it to this run.
+                if not _lost_dataset_race(e) or attempt == DATASET_RACE_TRIES - 1:
+                    raise
 
     def _log_files(self, run_id: str, trial: Path) -> None:
         """Copy the trial's files (spec, records, end marker, predictions, model, ...) as the run's artifacts."""

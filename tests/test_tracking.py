@@ -284,3 +284,37 @@ def test_tag_values_are_plain_text(tracker: tracking.Tracker) -> None:
     assert run.data.tags["shiftbench.env_names"] == '["0°","15°","−90%"]'
     source = json.loads(run.inputs.dataset_inputs[0].dataset.source)
     assert source["tags"]["shiftbench.env_names"] == '["0°","15°","−90%"]'
+
+
+def test_dataset_insert_lost_to_another_driver_is_tried_again(
+    tracker: tracking.Tracker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two drivers on one server can both miss the dataset row and insert it; the later one must link it, not die."""
+    from mlflow.exceptions import MlflowException
+
+    real = tracker.client.log_inputs
+    calls: list[int] = []
+
+    def lost_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:  # the text MLflow's server answered with in the race CI hit
+            raise MlflowException("BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint failed: datasets."
+                                  "experiment_id, datasets.name, datasets.digest")  # fmt: skip
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracker.client, "log_inputs", lost_once)
+    trial = write_trial(tracker.out_dir, "dataset-race")
+    run_id = tracker.mirror_trial(trial)
+    assert len(calls) == 2
+    (dataset_input,) = tracker.client.get_run(run_id).inputs.dataset_inputs
+    assert dataset_input.dataset.digest == DATA_VERSION[:36]
+
+    def other_error(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        raise MlflowException("BAD_REQUEST: something else")
+
+    monkeypatch.setattr(tracker.client, "log_inputs", other_error)
+    calls.clear()
+    with pytest.raises(MlflowException, match="something else"):
+        tracker.mirror_trial(write_trial(tracker.out_dir, "dataset-other-error"))
+    assert len(calls) == 1
