@@ -34,6 +34,14 @@ class Split:
         gathered (None: all)."""
         raise NotImplementedError
 
+    def batches_at(self, steps: range, batch_size: int, seed: int, keys: tuple[str, ...] | None = None,
+                   out: Batch | None = None) -> Batch:  # fmt: skip
+        """``batch_at`` for every step of ``steps``, stacked: each entry has a leading dimension of ``len(steps)``
+        (what a pack gathers for many steps at once); with ``out``, written into its tensors of that shape."""
+        per = [self.batch_at(k, batch_size, seed, keys) for k in steps]
+        stacked = {key: torch.stack([b[key] for b in per]) for key in per[0]}
+        return stacked if out is None else {key: out[key].copy_(v) for key, v in stacked.items()}
+
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:
         raise NotImplementedError
 
@@ -68,17 +76,32 @@ class TensorSplit(Split):
     def device(self) -> torch.device:
         return next(iter(self.tensors.values())).device
 
-    def batch_at(self, k: int, batch_size: int, seed: int, keys: tuple[str, ...] | None = None) -> Batch:
+    def _batch_index(self, k: int, batch_size: int, seed: int) -> torch.Tensor:
+        """The rows of the k-th batch: the k-th ``batch_size`` slice of the seeded permutation of its epoch."""
         if batch_size <= 0 or self.n == 0:
             # hyperparameters are validated when the spec is resolved; this guards direct callers
             raise ValueError(f"batch_size must be positive and the split non-empty (got {batch_size}, n={self.n})")
         bs = min(batch_size, self.n)
-        per_epoch = self.n // bs
-        epoch, pos = divmod(k, per_epoch)
-        idx = self._perm(seed, epoch)[pos * bs : (pos + 1) * bs]
-        if keys is None:
-            keys = tuple(self.tensors)
+        epoch, pos = divmod(k, self.n // bs)
+        return self._perm(seed, epoch)[pos * bs : (pos + 1) * bs]
+
+    def _gather(self, idx: torch.Tensor, keys: tuple[str, ...] | None) -> Batch:
+        keys = tuple(self.tensors) if keys is None else keys
         return {key: torch.index_select(self.tensors[key], 0, idx) for key in keys if key in self.tensors}
+
+    def batch_at(self, k: int, batch_size: int, seed: int, keys: tuple[str, ...] | None = None) -> Batch:
+        return self._gather(self._batch_index(k, batch_size, seed), keys)
+
+    def batches_at(self, steps: range, batch_size: int, seed: int, keys: tuple[str, ...] | None = None,
+                   out: Batch | None = None) -> Batch:  # fmt: skip
+        """One gather per entry for all the steps (the same rows as ``batch_at`` step by step), straight into
+        ``out`` when given."""
+        idx = torch.cat([self._batch_index(k, batch_size, seed) for k in steps])
+        if out is None:
+            return {key: t.view(len(steps), -1, *t.shape[1:]) for key, t in self._gather(idx, keys).items()}
+        for key, t in out.items():
+            torch.index_select(self.tensors[key], 0, idx, out=t.view(-1, *t.shape[2:]))
+        return out
 
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:
         for i in range(0, self.n, batch_size):

@@ -506,3 +506,23 @@ def test_prepare_copies_the_mnist_files_so_a_sweep_reads_the_prepared_folder(tmp
     assert not (out / "unrelated.bin").exists()
     a, b = ColoredMNIST(root=str(src)), ColoredMNIST(root=str(out))
     assert a.version() == b.version()  # the prepared copy is the same data
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["tensor-split", "base-class"])
+def test_batches_at_are_batch_at_stacked_across_epochs(generic):
+    """A pack gathers many steps at once: the rows must be those of batch_at step by step, across epoch ends."""
+    from shiftbench.data import Split
+
+    split = TensorSplit({"x": torch.arange(70.0).view(35, 2), "y": torch.arange(35), "idx": torch.arange(35) + 100})
+    gather = (lambda *a, **k: Split.batches_at(split, *a, **k)) if generic else split.batches_at
+    steps = range(2, 9)  # 35 // 8 = 4 batches per epoch: steps 4 and 8 start new epochs
+    together = gather(steps, 8, 5, ("x", "y"))
+    assert set(together) == {"x", "y"} and together["x"].shape == (7, 8, 2) and together["y"].shape == (7, 8)
+    for j, k in enumerate(steps):
+        alone = split.batch_at(k, 8, 5, ("x", "y"))
+        assert torch.equal(together["x"][j], alone["x"]) and torch.equal(together["y"][j], alone["y"])
+    firsts = [set(together["y"][j].tolist()) for j in range(2)]
+    assert firsts[0].isdisjoint(firsts[1])  # one epoch draws without replacement
+    out = {"x": torch.full((2, 7, 8, 2), -1.0)[1], "y": torch.zeros(7, 8, dtype=torch.long)}  # a pack's buffer row
+    written = gather(steps, 8, 5, ("x", "y"), out)
+    assert written["x"] is out["x"] and torch.equal(out["x"], together["x"]) and torch.equal(out["y"], together["y"])

@@ -82,13 +82,17 @@ def compare(solo_dir, pack_dir) -> tuple[float, float]:
     return loss_rel, acc_pts
 
 
-def test_stacked_adam_matches_torch_adam_on_every_slice():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "columns"])
+def test_stacked_adam_matches_torch_adam_on_every_slice(fused, monkeypatch):
+    if not fused:
+        monkeypatch.setattr("shiftbench.pack.adam.FUSED", set())
     torch.manual_seed(0)
     lrs, wds = [1e-3, 3e-2, 1e-1], [0.0, 1e-2, 1e-4]
     ps = [torch.randn(4, 5, requires_grad=True) for _ in lrs]
     opts = [torch.optim.Adam([p], lr=lr, weight_decay=wd) for p, lr, wd in zip(ps, lrs, wds)]
     stacked = {"w": torch.stack([p.detach().clone() for p in ps])}
     adam = StackedAdam.from_optimizers(stacked, opts, [[p] for p in ps])
+    assert adam.fused is fused
     worst = 0.0
     for t in range(60):
         if t == 20:  # slice 1 alone forgets its state, as AnnealedPenalty's reset does
@@ -108,7 +112,8 @@ def test_stacked_adam_matches_torch_adam_on_every_slice():
     for o, f, p in zip(opts, fresh, ps):
         assert float(f.state[p]["step"]) == float(o.state[p]["step"])
         assert torch.allclose(f.state[p]["exp_avg_sq"], o.state[p]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
-    print(f"\nStackedAdam vs torch.optim.Adam, 60 steps: largest parameter difference {worst:.2e}")
+    print(f"\nStackedAdam ({'fused' if fused else 'columns'}) vs torch.optim.Adam, 60 steps: largest parameter "
+          f"difference {worst:.2e}")
 
 
 @pytest.mark.parametrize("method", list(PACKS))

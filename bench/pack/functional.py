@@ -59,19 +59,25 @@ def stack_trees(trees: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def vectorised_step(objective: Callable, task, template: nn.Module) -> Callable:
     """``(params, minibatches, hp, state, step) -> (grads, loss, stats, new_state)``, all stacked over K.
 
-    ``objective`` is a method's pure step loss (``Algorithm.objective``); each slice's gradient is that of its own
-    loss, as ``loss.backward()`` gives it in a trial alone.
+    ``objective`` is a method's pure step loss (``Algorithm.objective``). The K losses come from one ``vmap`` of it
+    over the slices; the gradients from one ordinary backward pass of their sum. Slice k's parameters enter only
+    loss k, so its gradient is that of its own loss, as ``loss.backward()`` gives it in a trial alone (the sum's
+    backward hands each loss a gradient of exactly 1). On this project's CPU that was 1.3-1.6x faster per step
+    than ``vmap(grad(...))`` (which threads a gradient transform through every operation of every slice) at K = 18,
+    with bit-identical gradients for ERM and IRM; IRM's inner ``torch.func.grad`` stays differentiable under it.
     """
 
     def one(params, minibatches, hp, state, step):
         model = FunctionalModel(template, params)
         loss, stats, new_state = objective(lambda b: task.scores(model, b), minibatches, step, hp, state)
-        return loss, ({k: v.detach() for k, v in stats.items()}, new_state)
+        return loss, {k: v.detach() for k, v in stats.items()}, new_state
 
-    grad_fn = torch.func.vmap(torch.func.grad_and_value(one, has_aux=True), in_dims=(0, 0, 0, 0, None))
+    forward = torch.func.vmap(one, in_dims=(0, 0, 0, 0, None))
 
     def run(params, minibatches, hp, state, step):
-        grads, (loss, (stats, new_state)) = grad_fn(params, minibatches, hp, state, step)
-        return grads, loss, stats, new_state
+        leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+        loss, stats, new_state = forward(leaves, minibatches, hp, state, step)
+        grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
+        return dict(zip(leaves, grads)), loss.detach(), stats, {k: v.detach() for k, v in new_state.items()}
 
     return run
