@@ -290,21 +290,18 @@ def pack_jobs(pending: list[TrialSpec], out: Path, options: dict, pack: str | in
     """The launcher jobs of ``pending`` under ``--pack``: each group of trials that can share a program
     (``shiftbench.pack.group_trials``), cut into packs of K (``auto``: ``choose_k``), becomes one job; a trial
     alone in its group stays a one-trial job. Order: the driver's, by each job's first trial."""
-    from .pack import choose_k, group_trials
+    from .pack import packs_of
 
     jobs = []
-    for group in group_trials(pending):
-        k = int(pack) if pack != "auto" else choose_k(group, options.get("device", "auto"))
-        for i in range(0, len(group), max(1, k)):
-            chunk = group[i : i + max(1, k)]
-            if len(chunk) == 1:
-                t = chunk[0]
-                jobs.append(Job(t.hash, t.to_dict(), str(trial_dir(out, t)), options, str(trial_lock(out, t))))
-            else:
-                members = [(t, trial_dir(out, t), trial_lock(out, t)) for t in chunk]
-                key = "pack:" + ",".join(t.short_hash for t in chunk)
-                jobs.append(Job(key, pack_job_spec(members), str(Path(out) / TRIALS), options,
-                                str(Path(out) / LOCK_DIR / "pack.lock")))
+    for chunk in packs_of(pending, pack, options.get("device", "auto")):
+        if len(chunk) == 1:
+            t = chunk[0]
+            jobs.append(Job(t.hash, t.to_dict(), str(trial_dir(out, t)), options, str(trial_lock(out, t))))
+        else:
+            members = [(t, trial_dir(out, t), trial_lock(out, t)) for t in chunk]
+            key = "pack:" + ",".join(t.short_hash for t in chunk)
+            jobs.append(Job(key, pack_job_spec(members), str(Path(out) / TRIALS), options,
+                            str(Path(out) / LOCK_DIR / "pack.lock")))
     order = {t.hash: i for i, t in enumerate(pending)}
     first = lambda j: order[TrialSpec.from_dict(j.spec["pack"][0]["spec"]).hash] if "pack" in j.spec \
         else order[j.key]  # noqa: E731

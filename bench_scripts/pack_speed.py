@@ -12,8 +12,9 @@ checks that their final accuracies agree):
   and a trial with dropout trains alone.
 - ``quickstart``: the ``quickstart`` suite as it is (both datasets, its callbacks: drift tests and attestation).
 
-``off`` runs the trials one after another with ``run_trial``; ``auto`` buckets them (``group_trials``) into packs of
-``choose_k`` and runs each with ``run_pack``. On CPU always, and on CUDA as well when one is present.
+``off`` runs the trials one after another with ``run_trial``; ``auto`` cuts them into the packs ``sweep --pack auto``
+trains (``packs_of``: buckets of one shape, each cut at its own ``choose_k``) and runs each with ``run_pack``. On CPU
+always, and on CUDA as well when one is present.
 
 Memory per packed trial: the measured peak growth of the process (RSS on CPU, allocated device memory on CUDA)
 while the packs ran, divided by K, beside the optimiser-state floor (parameters, gradients, two Adam moments).
@@ -40,7 +41,7 @@ import torch
 from shiftbench.callbacks import RunOptions
 from shiftbench.config import TrialSpec
 from shiftbench.data import load_dataset
-from shiftbench.pack import choose_k, group_trials, run_pack
+from shiftbench.pack import packs_of, run_pack
 from shiftbench.pack.group import trial_cost
 from shiftbench.trainer import run_trial
 
@@ -107,8 +108,8 @@ def bench(device: str, specs, k: int | None, name: str = "") -> dict:
         for s in specs:
             run_trial(s, root / "off" / s.short_hash, opts)
         t_off = time.perf_counter() - t
-        k = k or choose_k(specs, device)
-        groups = group_trials(specs, k=k)
+        groups = packs_of(specs, k or "auto", device)  # what `sweep --pack auto|K` trains
+        k = max(len(g) for g in groups)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -125,7 +126,7 @@ def bench(device: str, specs, k: int | None, name: str = "") -> dict:
         shutil.rmtree(root, ignore_errors=True)
     params, _ = trial_cost(specs[0])
     return {"sweep": name, "device": device, "trials": len(specs), "k": k, "packs": len(groups), "off_s": t_off, "pack_s": t_pack,
-            "mem_per_trial_mb": grown / max(len(groups[0]), 1) / 2**20, "state_mb": 16 * params / 2**20,
+            "mem_per_trial_mb": grown / k / 2**20, "state_mb": 16 * params / 2**20,
             "acc_diff_pts": worst}  # fmt: skip
 
 
@@ -152,7 +153,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--seeds", type=int, default=3, help="trial seeds (default: 3)")
     ap.add_argument("--steps", type=int, default=501, help="training steps per trial (default: 501)")
     ap.add_argument("--eval-every", type=int, default=100, help="evaluation period (default: 100)")
-    ap.add_argument("--k", type=int, default=None, help="pack size (default: choose_k, as --pack auto)")
+    ap.add_argument("--k", type=int, default=None, help="pack size (default: each bucket's choose_k, as --pack auto)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
     args = ap.parse_args(argv)
@@ -181,8 +182,9 @@ def main(argv=None) -> list[dict]:
             print(table(rows[-1:]), flush=True)
     print(table(rows))
     for r in rows:
-        print(f"{r['sweep']} on {r['device']}: auto chose K={r['k']} ({r['packs']} packs); largest final-accuracy difference "
-              f"packed vs off: {r['acc_diff_pts']:.3f} points; torch threads {torch.get_num_threads()}")
+        print(f"{r['sweep']} on {r['device']}: auto made {r['packs']} packs, the largest of K={r['k']}; largest "
+              f"final-accuracy difference packed vs off: {r['acc_diff_pts']:.3f} points; torch threads "
+              f"{torch.get_num_threads()}")
     return rows
 
 

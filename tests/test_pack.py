@@ -208,6 +208,21 @@ def test_group_trials_buckets_by_shape():
     assert group_trials([a, b, spec("erm", seed=3)], k=2) == [[a, b], [spec("erm", seed=3)]]
 
 
+def test_auto_packs_each_bucket_at_its_own_k():
+    """One large draw must not shrink the packs of small ones (the benchmark once cut every bucket at the K of the
+    largest model in the sweep)."""
+    from shiftbench.pack import choose_k, packs_of
+
+    small = [spec("erm", seed=s) for s in range(6)]
+    big = [spec("erm", seed=s, mlp_width=1024, mlp_depth=3, batch_size=512) for s in range(6)]
+    k_small, k_big = choose_k(small, "cpu"), choose_k(big, "cpu")
+    assert k_big < 6 <= k_small  # the cost model tells them apart: 4e9 flops per step on a CPU
+    packs = packs_of(small + big, "auto", "cpu")
+    assert packs[0] == small and all(len(p) <= k_big for p in packs[1:])
+    assert sum(packs[1:], []) == big
+    assert packs_of(small + big, 4, "cpu") == [small[:4], small[4:], big[:4], big[4:]]
+
+
 def test_pack_speed_quick_runs_both_sides_and_agrees():
     import importlib.util
     from pathlib import Path

@@ -7,6 +7,6 @@
 from __future__ import annotations
 
 from .engine import member_reason, run_pack
-from .group import choose_k, group_trials, pack_key, spec_reason
+from .group import choose_k, group_trials, pack_key, packs_of, spec_reason
 
-__all__ = ["choose_k", "group_trials", "member_reason", "pack_key", "run_pack", "spec_reason"]
+__all__ = ["choose_k", "group_trials", "member_reason", "pack_key", "packs_of", "run_pack", "spec_reason"]

@@ -80,6 +80,16 @@ def group_trials(specs: Sequence[TrialSpec], k: int | None = None) -> list[list[
     return out
 
 
+def packs_of(specs: Sequence[TrialSpec], pack: str | int = "auto", device: str = "auto") -> list[list[TrialSpec]]:
+    """What ``sweep --pack`` trains: ``group_trials``' buckets, each cut into packs of K (``auto``: ``choose_k`` of
+    that bucket, so one large model does not shrink the packs of small ones); in first-seen order."""
+    out: list[list[TrialSpec]] = []
+    for group in group_trials(specs):
+        k = max(1, int(pack) if pack != "auto" else choose_k(group, device))
+        out += [group[i : i + k] for i in range(0, len(group), k)]
+    return out
+
+
 def trial_cost(spec: TrialSpec) -> tuple[int, int]:
     """(parameters, per-step examples) of a trial, from its spec (without loading data)."""
     import torch
