@@ -19,7 +19,7 @@ always, and on CUDA as well when one is present.
 Memory per packed trial: the measured peak growth of the process (RSS on CPU, allocated device memory on CUDA)
 while the packs ran, divided by K, beside the optimiser-state floor (parameters, gradients, two Adam moments).
 
-    python bench_scripts/pack_speed.py            # all four sweeps (about 20 minutes on 2 CPU cores)
+    python bench_scripts/pack_speed.py            # all four sweeps (about 45 minutes on 2 CPU cores)
     python bench_scripts/pack_speed.py --sweeps shared64 --draws 16
     python bench_scripts/pack_speed.py --quick    # a few seconds (what the tests run)
 """
