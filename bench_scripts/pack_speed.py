@@ -97,6 +97,21 @@ def final_accs(out: Path, specs) -> dict[str, float]:
     return accs
 
 
+def far_apart(root: Path, specs, a: dict[str, float], b: dict[str, float], points: float = 1.0) -> list[str]:
+    """The trials whose final accuracies differ by more than ``points`` between the two sides, each with its
+    method and its final training loss on both sides: a two-class trial whose loss sits at ln 2 = 0.693 has
+    collapsed to chance, and which side of 0 its near-zero logit differences fall is rounding noise."""
+    out = []
+    for s in specs:
+        diffs = [abs(a[x] - b[x]) * 100 for x in a if x.startswith(s.short_hash + "/")]
+        if max(diffs, default=0.0) > points:
+            loss = [json.loads((root / side / s.short_hash / "final.json").read_text())["record"].get("loss")
+                    for side in ("off", "pack")]  # fmt: skip
+            out.append(f"{s.short_hash} {s.method} {max(diffs):.1f} points, final loss off {loss[0]:.4f} / "
+                       f"packed {loss[1]:.4f}")
+    return out
+
+
 def bench(device: str, specs, k: int | None, name: str = "") -> dict:
     opts = RunOptions(device=device, checkpoint_interval=1e9)
     for s in specs:  # data built before either side is timed (both reuse the process's cache)
@@ -122,12 +137,13 @@ def bench(device: str, specs, k: int | None, name: str = "") -> dict:
         grown = (torch.cuda.max_memory_allocated() - base) if device.startswith("cuda") else mem.peak - mem.base
         a, b = final_accs(root / "off", specs), final_accs(root / "pack", specs)
         worst = max(abs(a[x] - b[x]) for x in a) * 100
+        far = far_apart(root, specs, a, b)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     params, _ = trial_cost(specs[0])
     return {"sweep": name, "device": device, "trials": len(specs), "k": k, "packs": len(groups), "off_s": t_off, "pack_s": t_pack,
             "mem_per_trial_mb": grown / k / 2**20, "state_mb": 16 * params / 2**20,
-            "acc_diff_pts": worst}  # fmt: skip
+            "acc_diff_pts": worst, "far_apart": far}  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:
@@ -185,6 +201,8 @@ def main(argv=None) -> list[dict]:
         print(f"{r['sweep']} on {r['device']}: auto made {r['packs']} packs, the largest of K={r['k']}; largest "
               f"final-accuracy difference packed vs off: {r['acc_diff_pts']:.3f} points; torch threads "
               f"{torch.get_num_threads()}")
+        for line in r["far_apart"]:
+            print(f"  more than 1 point apart: {line}")
     return rows
 
 
