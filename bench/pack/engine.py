@@ -50,10 +50,12 @@ class _Member(Trainer):
     def _loop(self, run, start, t0):
         raise _Parked(run, start, t0)
 
-    def minibatch_steps(self, steps: range, batch_size: int) -> list[dict[str, torch.Tensor]]:
-        """``_minibatches`` of every step of ``steps``, each environment's entries stacked over the steps."""
-        return [s.batches_at(steps, batch_size, sd, self.batch_keys)
-                for s, sd in zip(self.train_splits, self.stream_seeds)]  # fmt: skip
+    def minibatch_steps(self, steps: range, batch_size: int, out: list | None = None) -> list[dict[str, torch.Tensor]]:
+        """``_minibatches`` of every step of ``steps``, each environment's entries stacked over the steps (written
+        into ``out[e]``, one dict of tensors per environment, when given)."""
+        outs = out if out is not None else [None] * len(self.train_splits)
+        return [s.batches_at(steps, batch_size, sd, self.batch_keys if o is None else tuple(o), o)
+                for s, sd, o in zip(self.train_splits, self.stream_seeds, outs)]  # fmt: skip
 
     def split_outputs(self, run):
         if self.precomputed is None:
@@ -263,8 +265,7 @@ def _stacked_batches(cohort: list[_Slot], start: int, end: int, bs: int):
     for lo in range(start, end + 1, chunk):
         steps = range(lo, min(lo + chunk, end + 1))
         for m, s in enumerate(cohort):
-            for split, seed, env in zip(s.trainer.train_splits, s.trainer.stream_seeds, buffers):
-                split.batches_at(steps, bs, seed, tuple(env), {k: v[m, : len(steps)] for k, v in env.items()})
+            s.trainer.minibatch_steps(steps, bs, [{k: v[m, : len(steps)] for k, v in env.items()} for env in buffers])
         for j, step in enumerate(steps):
             yield step, [{k: v[:, j] for k, v in env.items()} for env in buffers]
 
