@@ -129,9 +129,7 @@ class TransparencyLog:
         path = self.path / name
         want = b"".join(x + b"\n" for x in keep)
         if path.exists() and path.stat().st_size != len(want):
-            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-            tmp.write_bytes(want)
-            os.replace(tmp, path)
+            atomic_write(path, lambda f: f.write(want), mode="wb")
 
 
 def _head_size(raw: bytes) -> int:
