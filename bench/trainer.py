@@ -22,7 +22,7 @@ from .data import ShiftDataset, Split, input_range, load_dataset  # noqa: F401
 from .errors import TrialFailed, UserError
 from .hparams import seed_hash
 from .io import CreatedDirs
-from .models import build_model, eval_batch_for
+from .models import build_model, eval_batch_for, eval_layout
 from .provenance import code_version
 from . import records
 from .records import env_split, metric_key, trial_status  # noqa: F401 (importable from here)
@@ -141,10 +141,11 @@ class Trainer:
     def split_outputs(self, run: TrialRun) -> dict[str, dict[str, Any]]:
         """Every evaluation split's per-example outputs (``Task.split_outputs``) from the method's ``scores``."""
         alg, task = run.algorithm, run.task
+        layout = eval_layout(run.model, run.device, task.input_keys)
         alg.eval()
         with torch.inference_mode(), self._autocast(run.device):
-            out = {name: task.split_outputs((b, alg.scores(b)) for b in split.eval_batches(run.eval_batch_size))
-                   for name, split in self.eval_splits.items()}  # fmt: skip
+            out = {name: task.split_outputs((b, alg.scores(b)) for b in map(layout, split.eval_batches(
+                run.eval_batch_size))) for name, split in self.eval_splits.items()}  # fmt: skip
         alg.train()
         return out
 

@@ -156,3 +156,37 @@ def test_the_evaluation_batch_follows_the_model_and_device(tmp_path):
                              dataset_options={"env_size": 100, "resolution": 8})  # fmt: skip
     assert Trainer(spec, tmp_path / "a", RunOptions(device="cpu"))._build().eval_batch_size == 2048
     assert Trainer(spec, tmp_path / "b", RunOptions(device="cpu", eval_batch_size=50))._build().eval_batch_size == 50
+
+
+def test_cpu_evaluation_feeds_convolutions_channels_last_with_the_nchw_outputs(tmp_path):
+    from shiftbench.models import build_model, eval_layout
+    from shiftbench.trainer import Trainer
+
+    cnn = build_model("mnist_cnn", (2, 12, 12), 2, {})
+    mlp = build_model("mlp", (2, 12, 12), 2, {"mlp_width": 64, "mlp_depth": 2, "mlp_dropout": 0.0})
+    batch = {"x": torch.randn(3, 2, 12, 12), "y": torch.tensor([0, 1, 0]), "idx": torch.arange(3)}
+    laid = eval_layout(cnn, "cpu", ("x",))(batch)
+    assert laid["x"].is_contiguous(memory_format=torch.channels_last) and not batch["x"].is_contiguous(
+        memory_format=torch.channels_last)
+    assert torch.equal(laid["x"], batch["x"]) and laid["y"] is batch["y"] and laid["idx"] is batch["idx"]
+    assert eval_layout(mlp, "cpu", ("x",))(batch) is batch      # no convolution: as it is
+    assert eval_layout(cnn, "cuda", ("x",))(batch) is batch     # only measured on a CPU
+    spec = TrialSpec.resolve("colored_digits", "erm", model="mnist_cnn", steps=1, eval_every=1,
+                             dataset_options={"env_size": 64, "resolution": 12})  # fmt: skip
+    trainer = Trainer(spec, tmp_path, RunOptions(device="cpu"))
+    run = trainer._build()
+    seen = []
+    first_conv = next(m for m in run.model.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous(
+        memory_format=torch.channels_last)))
+    outputs = trainer.split_outputs(run)
+    assert seen and all(seen)
+    run.model.eval()
+    with torch.inference_mode():  # an NCHW pass over the same splits, computed here
+        for name, split in trainer.eval_splits.items():
+            x = split.tensors["x"]
+            assert not x.is_contiguous(memory_format=torch.channels_last)
+            logits = run.model(x)
+            loss = torch.nn.functional.cross_entropy(logits, split.tensors["y"], reduction="none")
+            np.testing.assert_allclose(outputs[name]["loss"], loss.numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(outputs[name]["pred"], logits.argmax(1).numpy())
