@@ -144,8 +144,8 @@ class Trainer:
         layout = eval_layout(run.model, run.device, task.input_keys)
         alg.eval()
         with torch.inference_mode(), self._autocast(run.device):
-            out = {name: task.split_outputs((b, alg.scores(b)) for b in map(layout, split.eval_batches(
-                run.eval_batch_size))) for name, split in self.eval_splits.items()}  # fmt: skip
+            out = {name: task.split_outputs(((b, alg.scores(b)) for b in map(layout, split.eval_batches(
+                run.eval_batch_size))), len(split)) for name, split in self.eval_splits.items()}  # fmt: skip
         alg.train()
         return out
 

@@ -190,3 +190,27 @@ def test_cpu_evaluation_feeds_convolutions_channels_last_with_the_nchw_outputs(t
             loss = torch.nn.functional.cross_entropy(logits, split.tensors["y"], reduction="none")
             np.testing.assert_allclose(outputs[name]["loss"], loss.numpy(), rtol=1e-5, atol=1e-6)
             np.testing.assert_array_equal(outputs[name]["pred"], logits.argmax(1).numpy())
+
+
+def test_split_outputs_fill_arrays_of_the_split_size_with_what_concatenation_gives():
+    from shiftbench.tasks import Classification, Preference
+
+    g = torch.Generator().manual_seed(0)
+    for task, make in ((Classification(), lambda n: {"x": None, "y": torch.randint(0, 3, (n,), generator=g)}),
+                       (Preference(), lambda n: {"chosen": None, "rejected": None})):  # fmt: skip
+        sizes, scored, start = (64, 64, 7), [], 0
+        for n in sizes:
+            b = {**make(n), "idx": torch.arange(start, start + n)}
+            start += n
+            cols = 3 if isinstance(task, Classification) else 2
+            scored.append((b, torch.randn(n, cols, generator=g)))
+        joined = task.split_outputs(scored)  # no size: one concatenation at the end
+        filled = task.split_outputs(scored, n=sum(sizes))
+        assert filled.keys() == joined.keys() and len(filled["idx"]) == 135
+        for k in joined:
+            assert filled[k].dtype == joined[k].dtype and filled[k].shape == joined[k].shape, k
+            np.testing.assert_array_equal(filled[k], joined[k])
+        np.testing.assert_array_equal(filled["idx"], np.arange(135))
+        assert len(task.split_outputs(scored, n=200)["idx"]) == 135   # fewer rows than announced: those there are
+        with pytest.raises(ValueError, match="more rows"):
+            task.split_outputs(scored, n=100)
