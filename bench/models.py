@@ -105,7 +105,8 @@ EVAL_MEMORY = {"cpu": 40 << 20, "cuda": 1 << 30}
 """Bytes of live activations an evaluation batch may take (``eval_batch_for``): on a CPU little enough to stay in
 the allocator's reuse and near the caches (batches of 2,048 MNIST-CNN images, about 400 MB per activation,
 page-faulted their buffers in each pass; on this project's 2-core machine the MNIST CNN evaluated 609 images/s at
-batch 64 and 440-458 at 160), on a GPU enough rows to keep it busy."""
+batch 64 and 440-458 at 160, 2026-12-03, before ``eval_layout``; docs/packing.md has later figures), on a GPU
+enough rows to keep it busy."""
 EVAL_BATCH_RANGE = {"cpu": (32, 2048), "cuda": (256, 8192)}
 """The smallest and largest evaluation batch ``eval_batch_for`` picks, per device type."""
 
