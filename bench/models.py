@@ -119,7 +119,7 @@ def eval_batch_for(model: nn.Module, example: torch.Tensor | None, device: torch
     buffers (an input, an output and a workspace) fit in ``EVAL_MEMORY``, clamped to ``EVAL_BATCH_RANGE`` and
     rounded down to a multiple of 32. A model the probe cannot run, or no ``example``, gets the range's largest.
     """
-    kind = torch.device(device).type if not isinstance(device, torch.device) else device.type
+    kind = torch.device(device).type
     kind = kind if kind in EVAL_MEMORY else "cuda"
     lo, hi = EVAL_BATCH_RANGE[kind]
     if example is None:
@@ -155,8 +155,7 @@ def eval_layout(model: nn.Module, device: torch.device | str, keys: tuple[str, .
     the images/s of NCHW inputs, whose first convolution (2 -> 64 channels) ran erratically at 3-6x the time of its
     channels-last form. Training batches keep their layout, so training is unchanged. Elsewhere batches pass as they
     are."""
-    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
-    if kind != "cpu" or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+    if torch.device(device).type != "cpu" or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         return lambda batch: batch
 
     def channels_last(batch):

@@ -40,47 +40,42 @@ class Task:
         """Per-example ``loss``, ``correct``, ``pred`` and ``score`` for evaluation records."""
         raise NotImplementedError
 
-    def split_outputs(self, scored, n: int | None = None) -> dict[str, np.ndarray]:
+    def split_outputs(self, scored, n: int) -> dict[str, np.ndarray]:
         """One split's per-example outputs from its ``(batch, scores)`` pairs, in batch order: :meth:`outputs` plus
         ``idx`` and ``label`` (when the batch has ``y``), as NumPy arrays (``loss``, ``correct``, ``score`` in
-        float32) -- what ``ShiftDataset.evaluate`` reads and predictions.npz keeps. ``n``: the split's size, when
-        known (see :meth:`collect`)."""
+        float32) -- what ``ShiftDataset.evaluate`` reads and predictions.npz keeps. ``n``: the split's size (see
+        :meth:`collect`)."""
         return self.collect(((b, self.outputs(scores, b)) for b, scores in scored), n)
 
     @staticmethod
-    def collect(pairs, n: int | None = None) -> dict[str, np.ndarray]:
+    def collect(pairs, n: int) -> dict[str, np.ndarray]:
         """:meth:`split_outputs` from ``(batch, outputs of the batch)`` pairs whose outputs are already computed.
 
-        With ``n`` (the rows to expect) each batch's outputs are copied into arrays of ``n`` rows made at the first
-        batch, so nothing of a batch outlives it. Keeping every batch's small tensors for one concatenation at the
-        end interleaved them with later batches' freed activation buffers: over one pass of 70,000 MNIST-CNN images
-        at batch 64 the C heap's peak grew 180-600 MB above a loop that keeps nothing (measured in-process with
-        /proc's VmHWM; the same loop under ``MALLOC_ARENA_MAX=1`` did not grow), while preallocated arrays stayed
-        within 30 MB of it. Without ``n`` the batches are concatenated at the end."""
-        parts: dict[str, list[torch.Tensor]] = {}
-        arrays: dict[str, np.ndarray] | None = None
+        Each batch's outputs are copied into arrays of ``n`` rows made at the first batch (and cut to the rows the
+        batches held), so nothing of a batch outlives it. Keeping every batch's small tensors for one concatenation
+        at the end interleaved them with later batches' freed activation buffers: over one pass of 70,000 MNIST-CNN
+        images at batch 64 the C heap's peak grew 180-600 MB above a loop that keeps nothing (measured in-process
+        with /proc's VmHWM; the same loop under ``MALLOC_ARENA_MAX=1`` did not grow), while preallocated arrays
+        stayed within 30 MB of it."""
+        arrays: dict[str, np.ndarray] = {}
         rows = 0
         for b, out in pairs:
             out = dict(out)
             out["idx"] = b["idx"]
             if "y" in b:
                 out["label"] = b["y"]
-            if n is None:
-                for k, v in out.items():
-                    parts.setdefault(k, []).append(v)
-                continue
             got = Task.to_numpy(out)
-            if arrays is None:
+            if not arrays:
                 arrays = {k: np.empty((n, *v.shape[1:]), v.dtype) for k, v in got.items()}
             m = len(got["idx"])
-            if rows + m > n or got.keys() != arrays.keys():
-                raise ValueError(f"a split's batches hold more rows than its {n} or other outputs than its first")
+            if rows + m > n:
+                raise ValueError(f"a split's batches hold more rows than the {n} announced")
+            if got.keys() != arrays.keys():
+                raise ValueError(f"a batch's outputs {sorted(got)} are not the first batch's {sorted(arrays)}")
             for k, v in got.items():
                 arrays[k][rows:rows + m] = v
             rows += m
-        if n is None:
-            return Task.to_numpy({k: torch.cat(v) for k, v in parts.items()})
-        return {k: v[:rows] for k, v in (arrays or {}).items()}
+        return {k: v[:rows] for k, v in arrays.items()}
 
     @staticmethod
     def to_numpy(outputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -204,7 +204,9 @@ def test_split_outputs_fill_arrays_of_the_split_size_with_what_concatenation_giv
             start += n
             cols = 3 if isinstance(task, Classification) else 2
             scored.append((b, torch.randn(n, cols, generator=g)))
-        joined = task.split_outputs(scored)  # no size: one concatenation at the end
+        per_batch = [{**task.to_numpy(task.outputs(s, b)), "idx": b["idx"].numpy(),
+                      **({"label": b["y"].numpy()} if "y" in b else {})} for b, s in scored]  # fmt: skip
+        joined = {k: np.concatenate([o[k] for o in per_batch]) for k in per_batch[0]}  # computed here
         filled = task.split_outputs(scored, n=sum(sizes))
         assert filled.keys() == joined.keys() and len(filled["idx"]) == 135
         for k in joined:
